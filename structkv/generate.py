@@ -1,0 +1,168 @@
+"""The generation loop: prefill with a method, then decode on the compressed cache.
+
+Kept apart from the cache (:mod:`structkv.cache`) and from the methods: decoding is identical for
+every method, it only sees whatever K/V each layer kept. New tokens take the positions after the
+prompt's original positions and are appended to every layer unchanged (§5).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from structkv.cache import CompressedKVCache
+from structkv.errors import StructKVError
+from structkv.layers import attend, decoder_layers, final_logits, qkv, rope, sliding_window
+from structkv.methods import Method, get_method
+from structkv.prefill import PrefillStats
+
+
+@torch.inference_mode()
+def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
+    """Append ``token`` at the next position to every layer and return next-token logits ``[V]``."""
+    pos = cache.next_position
+    h = model.model.embed_tokens(torch.tensor([[token]]))
+    cos, sin = rope(model, torch.tensor([pos]), h.dtype)
+    for layer, lc in zip(decoder_layers(model), cache.layers):
+        q, k, v = qkv(layer, layer.input_layernorm(h), cos, sin)
+        lc.append(k, v, pos)
+        mask = None
+        window = sliding_window(layer)
+        if window is not None:
+            kept = lc.kept_positions()
+            if pos - int(kept.min()) >= window:
+                n_rep = q.shape[1] // kept.shape[0]
+                mask = (pos - kept < window).repeat_interleave(n_rep, dim=0)[None, :, None, :]
+        h = h + attend(layer, q, lc.keys(), lc.values(), mask, causal=False)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    cache.next_position = pos + 1
+    return final_logits(model, h[:, -1])[0]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    """Greedy when ``temperature`` <= 0, else nucleus sampling from softmax(logits / T)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stats: PrefillStats
+    decode_s: float
+    text: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(0, len(self.tokens) - 1)  # the first token comes from the prefill logits
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def stats_json(self) -> dict:
+        out = self.stats.to_json()
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        out["new_tokens"] = len(self.tokens)
+        return out
+
+
+def as_method(method: str | Method, model_id: str, **knobs) -> Method:
+    """A method instance with model-dependent defaults (calibration profile) filled in."""
+    if isinstance(method, str):
+        method = get_method(method, **knobs)
+    return method.resolve(model_id)
+
+
+def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        raise StructKVError(
+            f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's "
+            f"context of {limit}; shorten the prompt or lower --max-new-tokens"
+        )
+
+
+@torch.inference_mode()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    method: Method,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: tuple[int, ...] = (),
+) -> Generation:
+    """Prefill ``input_ids`` (``[N]``) with ``method`` and decode up to ``max_new_tokens``."""
+    if max_new_tokens < 1:
+        raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_context(model, int(input_ids.shape[0]), max_new_tokens)
+    result = method.prefill(model, input_ids, extra_capacity=max_new_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [sample(result.logits, temperature, top_p, generator)]
+    start = time.perf_counter()
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
+        logits = decode_step(model, result.cache, tokens[-1])
+        tokens.append(sample(logits, temperature, top_p, generator))
+    return Generation(tokens, result.stats, time.perf_counter() - start)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if not prompt:
+        raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise StructKVError("this tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise StructKVError("the prompt encodes to zero tokens; pass a non-empty prompt")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eos_token_ids(lm) -> tuple[int, ...]:
+    ids = set()
+    for source in (lm.model.config, getattr(lm.model, "generation_config", None), lm.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return tuple(sorted(ids))
+
+
+def generate_text(
+    lm,
+    prompt: str,
+    method: str | Method = "structkv",
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    **knobs,
+) -> Generation:
+    """Tokenise (optionally with the chat template), generate, detokenise."""
+    if lm.tokenizer is None:
+        raise StructKVError(
+            f"model {lm.model_id} has no tokenizer; use generate_ids with token ids"
+        )
+    ids = encode_prompt(lm.tokenizer, prompt, chat)
+    resolved = as_method(method, lm.model_id, **knobs)
+    out = generate_ids(
+        lm.model, ids, resolved, max_new_tokens, temperature, top_p, seed, eos_token_ids(lm)
+    )
+    out.text = lm.tokenizer.decode(out.tokens, skip_special_tokens=True)
+    return out

@@ -1,0 +1,39 @@
+"""Registry of compression methods (kvpress style): one small dataclass per file.
+
+Tests iterate :data:`METHODS`, so a method added here is covered by the shared checks.
+"""
+
+from __future__ import annotations
+
+from structkv.errors import StructKVError
+from structkv.methods.base import Method
+from structkv.methods.fastkv import FastKV
+from structkv.methods.full import Full
+from structkv.methods.gemfilter import GemFilter
+from structkv.methods.pyramidkv import PyramidKV
+from structkv.methods.snapkv import SnapKV
+from structkv.methods.streamingllm import StreamingLLM
+from structkv.methods.structkv import StructKV, StructKVPaper
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (Full, StreamingLLM, SnapKV, PyramidKV, GemFilter, FastKV, StructKVPaper, StructKV)
+}
+
+
+def get_method(name: str, **knobs) -> Method:
+    """Instantiate a registered method; knobs left as None keep the method's defaults."""
+    if name not in METHODS:
+        raise StructKVError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    given = {k: v for k, v in knobs.items() if v is not None}
+    unknown = sorted(set(given) - set(cls.knobs()))
+    if unknown:
+        raise StructKVError(
+            f"method {name} has no parameter {', '.join(unknown)}; its parameters: "
+            f"{', '.join(cls.knobs())}"
+        )
+    return cls(**given)
+
+
+__all__ = ["METHODS", "Method", "get_method"] + [c.__name__ for c in METHODS.values()]

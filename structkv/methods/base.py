@@ -1,0 +1,100 @@
+"""The base class every method extends: a small dataclass of documented knobs plus hooks.
+
+Methods never run layers themselves; :func:`structkv.prefill.run_prefill` calls
+``select_kv`` (which tokens this layer keeps for decoding, §5) and ``propagate`` (whether to
+compact the running sequence now, §4) after every layer. Sharing that loop is what makes the
+comparisons between methods fair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from structkv.errors import StructKVError
+from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
+from structkv.saliency import pool_scores
+from structkv.selection import budget, topk_with_window
+
+
+def check_ratio(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise StructKVError(
+            f"{name} must be in (0, 1], got {value!r}; e.g. --{name.replace('_', '-')} 0.2"
+        )
+
+
+@dataclass
+class Method:
+    """Observation window ``window`` (last w prompt tokens, always kept, never counted against a
+    budget) and max-pooling ``pooling`` kernel over token scores (1 disables; §1)."""
+
+    name: ClassVar[str] = "base"
+    #: Whether the prefill loop must compute window attention, saliency and pivot metrics.
+    needs_saliency: ClassVar[bool] = True
+
+    window: int = 8
+    pooling: int = 7
+
+    @classmethod
+    def knobs(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def validate(self, n_prompt: int) -> None:
+        """Reject bad budgets before any work; the message says which knob and how to fix it."""
+        if n_prompt < 1:
+            raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise StructKVError(f"window must be a positive integer, got {self.window!r}")
+        if self.window >= n_prompt:
+            raise StructKVError(
+                f"window ({self.window}) must be smaller than the prompt ({n_prompt} tokens); "
+                f"use a longer prompt or a smaller --window"
+            )
+        if not isinstance(self.pooling, int) or self.pooling < 1 or self.pooling % 2 == 0:
+            raise StructKVError(f"pooling must be an odd integer >= 1, got {self.pooling!r}")
+        for f in fields(self):
+            if f.name.startswith("r_"):
+                check_ratio(f.name, getattr(self, f.name))
+
+    def resolve(self, model_id: str) -> Method:
+        """Fill model-dependent defaults (StructKV reads its calibration profile here)."""
+        return self
+
+    def begin(self, num_layers: int, n_prompt: int) -> object:
+        """Per-prefill mutable state (the dataclass itself stays a pure configuration)."""
+        return None
+
+    def kv_budget(self, layer: int, num_layers: int, n_prompt: int) -> int | None:
+        """Non-window tokens this layer keeps per KV head; None keeps everything."""
+        return None
+
+    def select_kv(self, view: LayerView, state: object) -> torch.Tensor | None:
+        """§5: per-KV-head top-k of pooled saliency plus the window, ``[G, k + w]``, sorted."""
+        k = self.kv_budget(view.layer, view.num_layers, view.prompt_len)
+        if k is None:
+            return None
+        return topk_with_window(pool_scores(view.saliency_heads, self.pooling), k, self.window)
+
+    def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
+        """§4: indices (into the tokens present) to keep from the next layer on, or None."""
+        return None
+
+    def finish(self, state: object, stats: PrefillStats) -> None:
+        """Record method-specific facts (λ, rule, ...) in the stats."""
+
+    def prefill(self, model, input_ids: torch.Tensor, extra_capacity: int = 0) -> PrefillResult:
+        self.validate(int(input_ids.shape[0]))
+        return run_prefill(model, input_ids, self, extra_capacity)
+
+
+@dataclass
+class SaliencyKVMethod(Method):
+    """A method that keeps ``r_kv`` · N salient tokens per layer and KV head (§5)."""
+
+    r_kv: float = 0.1
+
+    def kv_budget(self, layer: int, num_layers: int, n_prompt: int) -> int | None:
+        return budget(self.r_kv, n_prompt)

@@ -1,0 +1,35 @@
+"""FastKV: token-selective propagation from ONE fixed layer's saliency, then §5 KV selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from structkv.methods.base import SaliencyKVMethod
+from structkv.prefill import LayerView
+from structkv.saliency import pool_scores
+from structkv.selection import budget, topk_with_window
+
+
+@dataclass
+class FastKV(SaliencyKVMethod):
+    """After ``tsp_layer`` (default floor(L/2), the last full-length layer) only ``r_struct`` · N
+    tokens by that layer's pooled saliency, plus the window, run on. No centrality, no pivot."""
+
+    name = "fastkv"
+
+    r_struct: float = 0.2
+    tsp_layer: int | None = None
+
+    def begin(self, num_layers: int, n_prompt: int) -> object:
+        layer = num_layers // 2 if self.tsp_layer is None else self.tsp_layer
+        if not 0 <= layer < num_layers - 1:
+            raise ValueError(f"tsp_layer must be in [0, {num_layers - 2}], got {layer}")
+        return layer
+
+    def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
+        if view.layer != state:
+            return None
+        scores = pool_scores(view.saliency, self.pooling)
+        return topk_with_window(scores, budget(self.r_struct, view.prompt_len), self.window)

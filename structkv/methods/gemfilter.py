@@ -1,0 +1,78 @@
+"""GemFilter: filter tokens with an early layer, then re-run the whole model on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from structkv.methods.base import Method
+from structkv.methods.full import Full
+from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
+from structkv.selection import budget, topk_with_window
+
+
+@dataclass
+class _FilterState:
+    layer: int
+    selected: torch.Tensor | None = field(default=None)
+
+
+@dataclass
+class GemFilter(Method):
+    """Runs layers 0..``filter_layer`` (default floor(0.4 L)), keeps the ``r_kv`` · N tokens the
+    LAST query attends to most there (summed over heads, average-pooled with ``avg_kernel``) plus
+    the window, and re-runs the whole model on those tokens alone with positions restarting at 0.
+    The KV cache is all of that re-run."""
+
+    name = "gemfilter"
+
+    r_kv: float = 0.1
+    filter_layer: int | None = None
+    avg_kernel: int = 5
+
+    def begin(self, num_layers: int, n_prompt: int) -> object:
+        layer = int(0.4 * num_layers) if self.filter_layer is None else self.filter_layer
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"filter_layer must be in [0, {num_layers - 1}], got {layer}")
+        return _FilterState(layer)
+
+    def propagate(self, view: LayerView, state: _FilterState) -> torch.Tensor | None:
+        if view.layer == state.layer:
+            scores = view.attn[:, -1, :].sum(0)
+            pad = self.avg_kernel // 2
+            scores = F.avg_pool1d(
+                scores[None, None], self.avg_kernel, 1, pad, count_include_pad=False
+            )[0, 0]
+            state.selected = topk_with_window(
+                scores, budget(self.r_kv, view.prompt_len), self.window
+            )
+        return None
+
+    def finish(self, state: _FilterState, stats: PrefillStats) -> None:
+        stats.pivot_layer = state.layer
+        if state.selected is not None:
+            stats.propagated_positions = state.selected.tolist()
+
+    def prefill(self, model, input_ids: torch.Tensor, extra_capacity: int = 0) -> PrefillResult:
+        self.validate(int(input_ids.shape[0]))
+        n_prompt = int(input_ids.shape[0])
+        num_layers = len(model.model.layers)
+        layer = self.begin(num_layers, n_prompt).layer
+        first = run_prefill(model, input_ids, self, stop_after=layer)
+        kept = first.stats.propagated_positions
+        second = run_prefill(model, input_ids[kept], Full(window=1), extra_capacity)
+        stats = second.stats
+        stats.method = self.name
+        stats.prompt_tokens = n_prompt
+        stats.pivot_layer = layer
+        stats.propagated_tokens = len(kept)
+        stats.propagated_positions = kept
+        stats.prefill_s += first.stats.prefill_s
+        stats.timings = {"filter_pass": first.stats.prefill_s, "rerun": second.stats.prefill_s}
+        stats.kv_bytes_full = stats.kv_bytes_full * n_prompt // len(kept)
+        stats.compute_fraction = (layer + 1) / num_layers + len(kept) / n_prompt
+        for name in ("entropy", "sparsity", "variance"):
+            setattr(stats, name, getattr(first.stats, name))
+        return PrefillResult(second.cache, second.logits, stats)

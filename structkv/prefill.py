@@ -1,0 +1,185 @@
+"""The shared prefill loop every method runs through, so comparisons between methods are fair.
+
+One pass over the layers. After each layer the method may (a) choose the KV tokens that layer
+keeps for decoding (§5) and (b) once, compact the running sequence to a subset of tokens with
+their original positions (§4). Saliency (§1) and the pivot metrics (§3) are computed here once
+per layer for any method that asks for them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from structkv.cache import CompressedKVCache, LayerCache
+from structkv.layers import (
+    decoder_layers,
+    final_logits,
+    head_dims,
+    prefill_layer,
+    rope,
+    sliding_window,
+)
+from structkv.pivot import attention_metrics, transition_scores
+from structkv.saliency import saliency_per_head, window_attention
+
+
+@dataclass
+class LayerView:
+    """What a method sees after layer ``layer`` ran over ``n`` of the ``prompt_len`` tokens."""
+
+    layer: int
+    num_layers: int
+    prompt_len: int
+    num_kv_heads: int
+    positions: torch.Tensor  # [n] original positions of the tokens present, ascending
+    attn: torch.Tensor | None = None  # [H, w, n] window attention (fp32)
+    saliency_heads: torch.Tensor | None = None  # [G, n]
+    saliency: torch.Tensor | None = None  # [n]
+    metrics: tuple[float, float, float] | None = None  # (entropy, sparsity, variance)
+
+    @property
+    def n(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass
+class PrefillStats:
+    """What a prefill did; ``to_json`` is the CLI's ``stats`` object."""
+
+    method: str
+    prompt_tokens: int
+    num_layers: int
+    pivot_layer: int | None = None
+    pivot_rule: str | None = None
+    lam: float | None = None
+    propagated_tokens: int = 0
+    kv_tokens_per_layer: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    overhead_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    kv_bytes: int = 0
+    kv_bytes_full: int = 0
+    compute_fraction: float = 1.0
+    entropy: list[float] = field(default_factory=list)
+    sparsity: list[float] = field(default_factory=list)
+    variance: list[float] = field(default_factory=list)
+    transition: list[float] = field(default_factory=list)
+    propagated_positions: list[int] | None = None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("propagated_positions")
+        return out
+
+
+@dataclass
+class PrefillResult:
+    cache: CompressedKVCache
+    logits: torch.Tensor  # [V] next-token logits at the last prompt position
+    stats: PrefillStats
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, key: str, start: float) -> float:
+        now = time.perf_counter()
+        self.totals[key] = self.totals.get(key, 0.0) + now - start
+        return now
+
+
+def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x ``[1, G, n, D]``, idx ``[G, K]`` -> ``[1, G, K, D]`` (each head its own tokens)."""
+    return x[0].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))[None]
+
+
+@torch.inference_mode()
+def run_prefill(
+    model,
+    input_ids: torch.Tensor,
+    method,
+    extra_capacity: int = 0,
+    stop_after: int | None = None,
+) -> PrefillResult:
+    """Prefill ``input_ids`` (``[N]``) with ``method``'s hooks; see the module docstring.
+
+    ``extra_capacity`` preallocates that many decode slots per layer. ``stop_after`` ends the pass
+    after that layer (GemFilter's filter pass) and returns empty logits.
+    """
+    t_start = time.perf_counter()
+    timer = _Timer()
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    n_prompt = int(input_ids.shape[0])
+    _, num_kv, head_dim = head_dims(model)
+    state = method.begin(num_layers, n_prompt)
+
+    positions = torch.arange(n_prompt)
+    h = model.model.embed_tokens(input_ids[None])
+    cos, sin = rope(model, positions, h.dtype)
+    caches: list[LayerCache] = []
+    stats = PrefillStats(method.name, n_prompt, num_layers, propagated_tokens=n_prompt)
+    tokens_run = 0
+    last = num_layers - 1 if stop_after is None else stop_after
+    for index in range(last + 1):
+        layer = layers[index]
+        h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
+        tokens_run += positions.shape[0]
+        t = time.perf_counter()
+        view = LayerView(index, num_layers, n_prompt, num_kv, positions)
+        if method.needs_saliency:
+            view.attn = window_attention(
+                q, k, positions, method.window, layer.self_attn.scaling, sliding_window(layer)
+            )
+            view.saliency_heads = saliency_per_head(view.attn, num_kv)
+            view.saliency = view.saliency_heads.sum(0)
+            t = timer.add("saliency", t)
+            view.metrics = attention_metrics(view.attn, view.saliency)
+            for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
+                getattr(stats, name).append(value)
+            t = timer.add("pivot_metrics", t)
+
+        keep = method.select_kv(view, state)
+        if keep is None:
+            kept_k, kept_v = k, v
+            kept_pos = positions.expand(num_kv, -1)
+        else:
+            kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
+            kept_pos = positions[keep]
+        caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
+        t = timer.add("kv_select", t)
+
+        if stats.pivot_layer is None and index < num_layers - 1:
+            chosen = method.propagate(view, state)
+            t = timer.add("centrality_pivot", t)
+            if chosen is not None:
+                h = h[:, chosen]
+                positions = positions[chosen]
+                cos, sin = rope(model, positions, h.dtype)
+                stats.pivot_layer = index
+                stats.propagated_tokens = int(positions.shape[0])
+                stats.propagated_positions = positions.tolist()
+                timer.add("compaction", t)
+
+    logits = final_logits(model, h[:, -1])[0] if stop_after is None else torch.empty(0)
+    cache = CompressedKVCache(caches, next_position=n_prompt)
+    stats.prefill_s = time.perf_counter() - t_start
+    stats.timings = timer.totals
+    stats.overhead_s = timer.totals.get("pivot_metrics", 0.0) + timer.totals.get(
+        "centrality_pivot", 0.0
+    )
+    stats.kv_tokens_per_layer = cache.tokens_per_layer()
+    stats.kv_bytes = cache.nbytes()
+    elem = h.element_size()
+    stats.kv_bytes_full = 2 * num_layers * num_kv * head_dim * n_prompt * elem
+    stats.compute_fraction = tokens_run / (num_layers * n_prompt)
+    if len(stats.entropy) > 1:
+        stats.transition = transition_scores(
+            list(zip(stats.entropy, stats.sparsity, stats.variance))
+        )
+    method.finish(state, stats)
+    return PrefillResult(cache, logits, stats)

@@ -1,0 +1,49 @@
+"""Per-model calibration profiles (method.md §6): where they live and how they are read.
+
+The embedded model's profile ships inside the package (``structkv/profiles/``); others are
+written to the user cache by ``structkv calibrate`` and found there by model id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from structkv.models import cache_dir
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).parent / "profiles"
+
+
+def _file_name(model_id: str) -> str:
+    if "/" not in model_id and len(model_id) < 64:
+        return f"{model_id}.json"
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
+    return f"{Path(model_id).name}-{digest}.json"
+
+
+def user_profile_path(model_id: str) -> Path:
+    return cache_dir() / "profiles" / _file_name(model_id)
+
+
+def find_profile(model_id: str) -> dict | None:
+    """The user's calibration for ``model_id`` if any, else the shipped one, else None."""
+    for path in (user_profile_path(model_id), SHIPPED_DIR / _file_name(model_id)):
+        if path.is_file():
+            profile = json.loads(path.read_text())
+            if profile.get("format") == FORMAT_VERSION:
+                return profile
+    return None
+
+
+def save_profile(profile: dict, path: Path) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a profile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(profile, f, indent=1)
+    os.replace(tmp, path)
+    return path

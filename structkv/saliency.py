@@ -1,0 +1,50 @@
+"""§1 Local saliency: the attention that the last ``w`` prompt tokens pay to every token.
+
+Only the ``w`` window rows of attention are computed (``[H, w, n]`` in fp32), never ``n x n``;
+the layer's own attention output still comes from SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from structkv.layers import repeat_kv, visibility_mask
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    window: int,
+    scaling: float,
+    sliding: int | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention of the last ``window`` queries over all keys, fp32 ``[H, w, n]``.
+
+    ``q`` is ``[1, H, n, D]`` and ``k`` is ``[1, G, n, D]``, both post-RoPE.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    q_win = q[0, :, -window:].float()
+    keys = repeat_kv(k, n_rep)[0].float()
+    scores = torch.matmul(q_win, keys.transpose(1, 2)) * scaling
+    visible = visibility_mask(positions[-window:], positions, sliding)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def saliency_per_head(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """S_{g,j} = (1/w) Σ over window rows, summed over the query heads of group g: ``[G, n]``."""
+    h, w, n = attn.shape
+    return attn.view(num_kv_heads, h // num_kv_heads, w, n).sum(dim=1).mean(dim=1)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D max pooling over tokens (stride 1, same padding) as in SnapKV/FastKV; 1 disables."""
+    if kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random models of each supported family, built in-process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from structkv.models import tiny_model
+
+FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny(request):
+    return tiny_model(request.param, num_layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model("tiny-llama", num_layers=6, seed=1)
