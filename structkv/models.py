@@ -167,6 +167,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def _load_dir(path: Path, model_id: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own progress lines
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     check_architecture(config)

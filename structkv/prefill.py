@@ -39,6 +39,7 @@ class LayerView:
     saliency_heads: torch.Tensor | None = None  # [G, n]
     saliency: torch.Tensor | None = None  # [n]
     metrics: tuple[float, float, float] | None = None  # (entropy, sparsity, variance)
+    hidden: torch.Tensor | None = None  # [1, n, hidden] output of this layer (read-only)
 
     @property
     def n(self) -> int:
@@ -76,6 +77,17 @@ class PrefillStats:
 
 
 @dataclass
+class Resume:
+    """Start a prefill after ``layer`` from a known (already compacted) state: used by
+    calibration to try many pivots/λ without re-running the shared early layers."""
+
+    layer: int
+    hidden: torch.Tensor  # [1, n, hidden] input to layer + 1
+    positions: torch.Tensor  # [n]
+    caches: list[LayerCache]  # KV of layers 0..layer, already selected
+
+
+@dataclass
 class PrefillResult:
     cache: CompressedKVCache
     logits: torch.Tensor  # [V] next-token logits at the last prompt position
@@ -104,11 +116,13 @@ def run_prefill(
     method,
     extra_capacity: int = 0,
     stop_after: int | None = None,
+    resume: Resume | None = None,
 ) -> PrefillResult:
     """Prefill ``input_ids`` (``[N]``) with ``method``'s hooks; see the module docstring.
 
     ``extra_capacity`` preallocates that many decode slots per layer. ``stop_after`` ends the pass
-    after that layer (GemFilter's filter pass) and returns empty logits.
+    after that layer (GemFilter's filter pass) and returns empty logits. ``resume`` starts after
+    a given layer from a given compacted state (no further propagation happens then).
     """
     t_start = time.perf_counter()
     timer = _Timer()
@@ -118,19 +132,23 @@ def run_prefill(
     _, num_kv, head_dim = head_dims(model)
     state = method.begin(num_layers, n_prompt)
 
-    positions = torch.arange(n_prompt)
-    h = model.model.embed_tokens(input_ids[None])
-    cos, sin = rope(model, positions, h.dtype)
-    caches: list[LayerCache] = []
     stats = PrefillStats(method.name, n_prompt, num_layers, propagated_tokens=n_prompt)
-    tokens_run = 0
+    if resume is None:
+        first, positions, caches = 0, torch.arange(n_prompt), []
+        h = model.model.embed_tokens(input_ids[None])
+    else:
+        first, h, positions = resume.layer + 1, resume.hidden, resume.positions
+        caches = list(resume.caches)
+        stats.pivot_layer, stats.propagated_tokens = resume.layer, int(positions.shape[0])
+    cos, sin = rope(model, positions, h.dtype)
+    tokens_run = first * n_prompt
     last = num_layers - 1 if stop_after is None else stop_after
-    for index in range(last + 1):
+    for index in range(first, last + 1):
         layer = layers[index]
         h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
         tokens_run += positions.shape[0]
         t = time.perf_counter()
-        view = LayerView(index, num_layers, n_prompt, num_kv, positions)
+        view = LayerView(index, num_layers, n_prompt, num_kv, positions, hidden=h)
         if method.needs_saliency:
             view.attn = window_attention(
                 q, k, positions, method.window, layer.self_attn.scaling, sliding_window(layer)

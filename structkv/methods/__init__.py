@@ -33,7 +33,9 @@ def get_method(name: str, **knobs) -> Method:
             f"method {name} has no parameter {', '.join(unknown)}; its parameters: "
             f"{', '.join(cls.knobs())}"
         )
-    return cls(**given)
+    method = cls(**given)
+    method.check_knobs()
+    return method
 
 
 __all__ = ["METHODS", "Method", "get_method"] + [c.__name__ for c in METHODS.values()]

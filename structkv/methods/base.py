@@ -42,22 +42,26 @@ class Method:
     def knobs(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def validate(self, n_prompt: int) -> None:
-        """Reject bad budgets before any work; the message says which knob and how to fix it."""
-        if n_prompt < 1:
-            raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+    def check_knobs(self) -> None:
+        """Reject bad knob values before any model is loaded (called by ``get_method``)."""
         if not isinstance(self.window, int) or self.window < 1:
             raise StructKVError(f"window must be a positive integer, got {self.window!r}")
-        if self.window >= n_prompt:
-            raise StructKVError(
-                f"window ({self.window}) must be smaller than the prompt ({n_prompt} tokens); "
-                f"use a longer prompt or a smaller --window"
-            )
         if not isinstance(self.pooling, int) or self.pooling < 1 or self.pooling % 2 == 0:
             raise StructKVError(f"pooling must be an odd integer >= 1, got {self.pooling!r}")
         for f in fields(self):
             if f.name.startswith("r_"):
                 check_ratio(f.name, getattr(self, f.name))
+
+    def validate(self, n_prompt: int) -> None:
+        """Knobs plus what depends on the prompt; the message says which and how to fix it."""
+        self.check_knobs()
+        if n_prompt < 1:
+            raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+        if self.window >= n_prompt:
+            raise StructKVError(
+                f"window ({self.window}) must be smaller than the prompt ({n_prompt} tokens); "
+                f"use a longer prompt or a smaller --window"
+            )
 
     def resolve(self, model_id: str) -> Method:
         """Fill model-dependent defaults (StructKV reads its calibration profile here)."""

@@ -52,8 +52,8 @@ class StructKV(SaliencyKVMethod):
     tau: float = 0.2
     scales: tuple[float, float, float] | None = None
 
-    def validate(self, n_prompt: int) -> None:
-        super().validate(n_prompt)
+    def check_knobs(self) -> None:
+        super().check_knobs()
         if self.lam is not None and not 0.0 <= self.lam <= 1.0:
             raise StructKVError(f"lambda must be in [0, 1], got {self.lam!r}")
         if self.rule not in RULES:

@@ -1,0 +1,191 @@
+"""Prefill and decode benchmarks: medians after warm-up, ratios vs full taken in the same run.
+
+Why interleaved rounds (every method once per round, then the next round): these machines are
+noisy, and a drift in machine speed then hits all methods alike instead of biasing one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from structkv.errors import StructKVError
+
+
+def _prompt_ids(lm, length: int) -> torch.Tensor:
+    from structkv.eval.needle import make_needle_prompt
+    from structkv.generate import encode_prompt
+
+    prompt = make_needle_prompt(lm.tokenizer, length, depth=0.5, seed=0).prompt
+    return encode_prompt(lm.tokenizer, prompt, chat=bool(lm.tokenizer.chat_template))
+
+
+def _methods(lm, names: list[str], knobs: dict):
+    from structkv.generate import as_method
+    from structkv.methods import METHODS
+
+    out = {}
+    for name in names:
+        if name not in METHODS:
+            raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        given = {k: v for k, v in knobs.items() if k in METHODS[name].knobs()}
+        out[name] = as_method(name, lm.model_id, **given)
+    return out
+
+
+def _log(msg: str) -> None:
+    print(f"[structkv bench] {msg}", file=sys.stderr, flush=True)
+
+
+@torch.inference_mode()
+def bench_prefill(lm, lengths, names, repeats=3, warmup=1, knobs=None) -> list[dict]:
+    """Per length and method: median prefill seconds, speedup vs full, pivot overhead."""
+    if repeats < 3:
+        raise StructKVError("--repeats must be >= 3 (medians of fewer runs are noise)")
+    if "full" not in names:
+        names = ["full", *names]
+    methods = _methods(lm, names, knobs or {})
+    rows = []
+    for length in lengths:
+        ids = _prompt_ids(lm, length)
+        times = {n: [] for n in names}
+        over = {n: [] for n in names}
+        last = {}
+        for rnd in range(warmup + repeats):
+            for name, method in methods.items():
+                start = time.perf_counter()
+                result = method.prefill(lm.model, ids)
+                elapsed = time.perf_counter() - start
+                last[name] = result.stats
+                if rnd >= warmup:
+                    times[name].append(elapsed)
+                    over[name].append(result.stats.overhead_s)
+            _log(f"{length} tokens: round {rnd + 1}/{warmup + repeats}")
+        full = statistics.median(times["full"])
+        for name in names:
+            med = statistics.median(times[name])
+            overhead = statistics.median(over[name])
+            rows.append(
+                {
+                    "length": int(ids.shape[0]),
+                    "method": name,
+                    "median_s": round(med, 4),
+                    "runs_s": [round(t, 4) for t in times[name]],
+                    "speedup_vs_full": round(full / med, 3),
+                    "overhead_s": round(overhead, 4),
+                    "overhead_pct": round(100 * overhead / med, 2),
+                    "pivot_layer": last[name].pivot_layer,
+                    "compute_fraction": round(last[name].compute_fraction, 4),
+                }
+            )
+    return rows
+
+
+@torch.inference_mode()
+def bench_decode(lm, length, names, steps=32, repeats=3, knobs=None) -> list[dict]:
+    """Decode tokens/s on each method's compressed cache at ``length`` context, vs full."""
+    from structkv.generate import decode_step
+
+    if "full" not in names:
+        names = ["full", *names]
+    methods = _methods(lm, names, knobs or {})
+    ids = _prompt_ids(lm, length)
+    caches, tokens, per_step = {}, {}, {n: [] for n in names}
+    for name, method in methods.items():
+        result = method.prefill(lm.model, ids, extra_capacity=(repeats + 1) * steps)
+        caches[name], tokens[name] = result.cache, int(result.logits.argmax())
+        _log(f"prefilled {name}")
+    for rnd in range(repeats + 1):  # round 0 is the warm-up
+        for name in names:
+            for _ in range(steps):
+                start = time.perf_counter()
+                tokens[name] = int(decode_step(lm.model, caches[name], tokens[name]).argmax())
+                if rnd > 0:
+                    per_step[name].append(time.perf_counter() - start)
+    full = statistics.median(per_step["full"])
+    return [
+        {
+            "length": int(ids.shape[0]),
+            "method": name,
+            "median_step_s": round(statistics.median(per_step[name]), 5),
+            "tokens_per_s": round(1 / statistics.median(per_step[name]), 2),
+            "speedup_vs_full": round(full / statistics.median(per_step[name]), 3),
+            "kv_tokens_layer0": caches[name].layers[0].length - (repeats + 1) * steps,
+            "kv_bytes": caches[name].nbytes(),
+        }
+        for name in names
+    ]
+
+
+def format_rows(rows: list[dict], keys: list[str]) -> str:
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    lines = [" | ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise StructKVError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_bench_parser(sub) -> None:
+    from structkv.models import DEFAULT_MODEL
+
+    b = sub.add_parser("bench", help="prefill / decode benchmarks (medians, ratios vs full)")
+    which = b.add_subparsers(dest="what", required=True, parser_class=type(b))
+    for name in ("prefill", "decode"):
+        p = which.add_parser(name)
+        p.add_argument("--model", default=DEFAULT_MODEL)
+        p.add_argument("--methods", default="full,snapkv,fastkv,gemfilter,structkv")
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--r-struct", type=float)
+        p.add_argument("--r-kv", type=float)
+        p.add_argument("--pivot", type=lambda s: s if s in ("auto", "online") else int(s))
+        p.add_argument("--lambda", dest="lam", type=float)
+        if name == "prefill":
+            p.add_argument("--lengths", default="1024,4096")
+            p.add_argument("--warmup", type=int, default=1)
+        else:
+            p.add_argument("--length", type=int, default=4096)
+            p.add_argument("--steps", type=int, default=32)
+        p.set_defaults(func=main_from_args)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    from structkv.models import load
+
+    knobs = {"r_struct": args.r_struct, "r_kv": args.r_kv, "pivot": args.pivot, "lam": args.lam}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    names = [n for n in args.methods.split(",") if n]
+    lm = load(args.model)
+    header = {
+        "model": lm.model_id,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if args.what == "prefill":
+        rows = bench_prefill(lm, _ints(args.lengths), names, args.repeats, args.warmup, knobs)
+        keys = ["length", "method", "median_s", "speedup_vs_full", "overhead_pct", "pivot_layer",
+                "compute_fraction"]  # fmt: skip
+    else:
+        rows = bench_decode(lm, args.length, names, args.steps, args.repeats, knobs)
+        keys = ["length", "method", "tokens_per_s", "speedup_vs_full", "kv_tokens_layer0",
+                "kv_bytes"]  # fmt: skip
+    if args.json:
+        print(json.dumps({**header, "bench": args.what, "rows": rows}))
+    else:
+        print(
+            f"# {args.what} benchmark, {header['model']}, {header['threads']} threads, {header['date']}"
+        )
+        print(format_rows(rows, keys))
+    return 0

@@ -1,0 +1,193 @@
+"""``structkv`` command line: generate, calibrate, bench, methods.
+
+Results go to stdout (``--json``: exactly one JSON object); progress and timing go to stderr.
+Bad input exits 2 with one ``error:`` line and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from structkv.errors import StructKVError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage plus an error; we print one line and exit 2 like StructKVError."""
+
+    def error(self, message: str):
+        raise StructKVError(f"{message} (see `{self.prog} --help`)")
+
+
+def _pivot(text: str) -> int | str:
+    if text in ("auto", "online"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise StructKVError(
+            f"--pivot must be auto, online or a layer index, got {text!r}"
+        ) from None
+
+
+def _method_knobs(args) -> dict:
+    return {
+        "r_struct": args.r_struct,
+        "r_kv": args.r_kv,
+        "window": args.window,
+        "lam": args.lam,
+        "pivot": args.pivot,
+    }
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--r-struct", type=float, help="tokens propagated after the pivot (fraction)")
+    p.add_argument("--r-kv", type=float, help="KV tokens kept per layer and head (fraction)")
+    p.add_argument("--window", type=int, help="observation window w (default 8)")
+    p.add_argument("--lambda", dest="lam", type=float, help="centrality decay λ")
+    p.add_argument("--pivot", type=_pivot, help="auto | online | layer index")
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise StructKVError(f"prompt file {path} does not exist")
+        return path.read_text(encoding="utf-8")
+    return args.prompt
+
+
+def cmd_generate(args) -> int:
+    from structkv.generate import generate_text
+    from structkv.methods import get_method
+    from structkv.models import load
+
+    prompt = _read_prompt(args)
+    if not prompt or not prompt.strip():
+        raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+    method = get_method(args.method, **_method_knobs(args))  # validate names before loading
+    lm = load(args.model)
+    out = generate_text(
+        lm,
+        prompt,
+        method,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    stats = out.stats_json()
+    if args.json:
+        print(json.dumps({"text": out.text, "stats": stats}))
+    else:
+        print(out.text)
+        print(
+            f"[structkv] {args.method}: {stats['prompt_tokens']} prompt tokens, pivot "
+            f"{stats['pivot_layer']}, {stats['propagated_tokens']} propagated, prefill "
+            f"{stats['prefill_s']:.2f}s, decode {stats['decode_tokens_per_s']:.1f} tok/s, KV "
+            f"{stats['kv_bytes'] / 2**20:.1f}/{stats['kv_bytes_full'] / 2**20:.1f} MiB",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from structkv.calibration import calibrate, format_table, log
+    from structkv.models import load
+    from structkv.profile import save_profile, user_profile_path
+
+    lm = load(args.model)
+    profile = calibrate(
+        lm,
+        n_prompts=args.prompts,
+        length=args.length,
+        compute_cap=args.compute_cap,
+        steps=args.steps,
+        progress=log,
+    )
+    out = Path(args.out) if args.out else user_profile_path(lm.model_id)
+    save_profile(profile, out)
+    print(format_table(profile))
+    best = profile["best"]
+    print(
+        f"chosen: pivot {profile['pivot']} (rule {profile['rule'] or 'fixed'}), lambda "
+        f"{profile['lambda']}, KL {best['kl']:.4f}, top-1 {best['top1']:.3f}, compute "
+        f"{best['compute_fraction']:.3f}; saved to {out}"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from structkv import bench
+
+    return bench.main_from_args(args)
+
+
+def cmd_methods(args) -> int:
+    from dataclasses import fields
+
+    from structkv.methods import METHODS
+
+    for name, cls in METHODS.items():
+        knobs = ", ".join(f"{f.name}={f.default!r}" for f in fields(cls))
+        print(f"{name:<15} {knobs}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from structkv.calibration import DEFAULT_COMPUTE_CAP
+    from structkv.models import DEFAULT_MODEL
+
+    parser = _Parser(prog="structkv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate with a compression method")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--method", default="structkv")
+    _add_method_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
+    c.add_argument("--prompts", type=int, default=4)
+    c.add_argument("--length", type=int, default=2048)
+    c.add_argument("--steps", type=int, default=16)
+    c.add_argument("--compute-cap", type=float, default=DEFAULT_COMPUTE_CAP)
+    c.set_defaults(func=cmd_calibrate)
+
+    from structkv.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+    m = sub.add_parser("methods", help="list methods and their default parameters")
+    m.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except StructKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

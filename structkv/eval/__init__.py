@@ -1,0 +1,1 @@
+"""Evaluation: prompt generators (needles, calibration prose) and scoring."""
