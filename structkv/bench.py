@@ -184,8 +184,6 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**header, "bench": args.what, "rows": rows}))
     else:
-        print(
-            f"# {args.what} benchmark, {header['model']}, {header['threads']} threads, {header['date']}"
-        )
+        print(f"# {args.what}: {header['model']}, {header['threads']} threads, {header['date']}")
         print(format_rows(rows, keys))
     return 0

@@ -58,6 +58,7 @@ class Generation:
     tokens: list[int]
     stats: PrefillStats
     decode_s: float
+    cache: CompressedKVCache | None = None  # to continue decoding, or inspect what was kept
     text: str = ""
 
     @property
@@ -110,7 +111,7 @@ def generate_ids(
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_ids:
         logits = decode_step(model, result.cache, tokens[-1])
         tokens.append(sample(logits, temperature, top_p, generator))
-    return Generation(tokens, result.stats, time.perf_counter() - start)
+    return Generation(tokens, result.stats, time.perf_counter() - start, result.cache)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:

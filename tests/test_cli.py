@@ -1,0 +1,92 @@
+"""CLI contract: bad input -> one `error:` line and exit 2; --json prints one object."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from structkv.cli import main
+
+BAD_INPUTS = [
+    (["generate", "--prompt", "hi", "--method", "nope"], "unknown method 'nope'"),
+    (["generate", "--prompt", "hi", "--r-kv", "1.5"], "r_kv must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--r-struct", "0"], "r_struct must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--r-kv", "-0.1"], "r_kv must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--method", "snapkv", "--r-struct", "0.2"], "no parameter"),
+    (["generate", "--prompt", ""], "empty prompt"),
+    (["generate", "--prompt", "   "], "empty prompt"),
+    (["generate", "--prompt-file", "/nonexistent/p.txt"], "does not exist"),
+    (["generate", "--prompt", "hi", "--model", "/nonexistent"], "unknown model"),
+    (["generate", "--prompt", "hi", "--model", "llama-3.1-8b"], "not in the local Hugging Face"),
+    (["generate", "--prompt", "hi", "--pivot", "middle"], "--pivot"),
+    (["generate", "--prompt", "hi", "--window", "0"], "window must be a positive integer"),
+    (["generate"], "required"),
+    (["bench", "prefill", "--lengths", "1k"], "comma-separated integers"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS)
+def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # no cached hub weights
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture 'gpt2'; supported: llama, qwen2, mistral" in err
+
+
+def test_console_script_exits_2_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "structkv.cli", "generate", "--prompt", "x", "--r-kv", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: r_kv")
+
+
+@pytest.mark.real_model
+def test_window_and_context_errors_on_real_model(capsys, tmp_path):
+    assert main(["generate", "--prompt", "hello", "--window", "64"]) == 2
+    assert "must be smaller than the prompt" in capsys.readouterr().err
+    long = tmp_path / "long.txt"
+    long.write_text("1 " * 9000)  # every digit is its own token: > 8192-token context
+    assert main(["generate", "--prompt-file", str(long)]) == 2
+    assert "exceeds the model's context of 8192" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_generate_json_on_a_2k_needle_prompt(tmp_path):
+    from structkv.eval.needle import make_needle_prompt
+    from structkv.models import load
+
+    needle = make_needle_prompt(load("smollm2-135m").tokenizer, 2048, 0.5, seed=3)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(needle.prompt)
+    cmd = [sys.executable, "-m", "structkv.cli", "generate", "--model", "smollm2-135m"]
+    cmd += ["--method", "structkv", "--chat", "--json", "--prompt-file", str(prompt)]
+    cmd += ["--max-new-tokens", "24"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # stdout is exactly one JSON object
+    stats = out["stats"]
+    for key in ("pivot_layer", "prompt_tokens", "propagated_tokens", "kv_tokens_per_layer",
+                "prefill_s", "decode_tokens_per_s", "kv_bytes", "kv_bytes_full"):  # fmt: skip
+        assert key in stats
+    n = stats["prompt_tokens"]
+    assert 2000 <= n <= 2200
+    assert stats["kv_tokens_per_layer"] == [math.ceil(0.1 * n) + 8] * 30
+    assert stats["propagated_tokens"] == math.ceil(0.2 * n) + 8
+    # 30 layers x 3 KV heads x 64 dims x K and V x fp32
+    assert stats["kv_bytes_full"] == 30 * 3 * 64 * 2 * 4 * n
+    assert isinstance(out["text"], str) and out["text"]

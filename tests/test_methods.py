@@ -1,0 +1,147 @@
+"""Registry-wide checks: budgets, counts, bytes and compute per method; sampling; resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from structkv.calibration import compute_fraction, max_pivot_under_cap
+from structkv.generate import decode_step, generate_ids, sample
+from structkv.methods import METHODS, PyramidKV, StreamingLLM, StructKV, get_method
+from structkv.models import tiny_model
+from structkv.prefill import Resume, run_prefill
+
+N, L, W = 120, 6, 8
+
+
+def _ids(n=N, seed=2):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _expected_kv_counts(name: str) -> list[int]:
+    k = math.ceil(0.1 * N)
+    if name == "full":
+        return [N] * L
+    if name == "gemfilter":
+        return [k + W] * L  # the re-run keeps all of its k + w tokens
+    if name == "pyramidkv":
+        low, high = k / 20, 2 * k - k / 20
+        return [round(high - (high - low) * l / (L - 1)) + W for l in range(L)]
+    return [k + W] * L
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_keeps_its_budget(tiny_llama, name):
+    knobs = {"pivot": 2, "lam": 0.5} if name == "structkv" else {}
+    method = get_method(name, **knobs)
+    out = method.prefill(tiny_llama.model, _ids())
+    assert out.stats.kv_tokens_per_layer == _expected_kv_counts(name)
+    g, d = 2, 16  # tiny-llama: 2 KV heads of dim 16
+    assert out.stats.kv_bytes == sum(2 * g * d * 4 * t for t in out.stats.kv_tokens_per_layer)
+    assert out.stats.kv_bytes_full == 2 * L * g * d * 4 * N
+    for layer in out.cache.layers:  # every head: sorted, distinct, within the prompt
+        for head in layer.kept_positions().tolist():
+            assert head == sorted(set(head)) and 0 <= head[0] and head[-1] < N
+    if name in ("fastkv", "structkv", "structkv-paper"):
+        pivot = out.stats.pivot_layer
+        assert out.stats.propagated_tokens == math.ceil(0.2 * N) + W
+        expected = ((pivot + 1) * N + (L - pivot - 1) * (math.ceil(0.2 * N) + W)) / (L * N)
+        assert out.stats.compute_fraction == pytest.approx(expected)
+    elif name == "gemfilter":
+        assert out.stats.compute_fraction == pytest.approx(3 / L + (math.ceil(0.1 * N) + W) / N)
+    else:
+        assert out.stats.compute_fraction == 1.0
+
+
+def test_streamingllm_keeps_sinks_and_recent_tokens(tiny_llama):
+    out = StreamingLLM(r_kv=0.1, sinks=4).prefill(tiny_llama.model, _ids())
+    total = math.ceil(0.1 * N) + W
+    expected = list(range(4)) + list(range(N - (total - 4), N))
+    for layer in out.cache.layers:
+        assert layer.kept_positions().tolist() == [expected, expected]
+
+
+def test_pyramidkv_total_matches_snapkv():
+    k = math.ceil(0.1 * 1000)
+    budgets = [PyramidKV(r_kv=0.1).kv_budget(l, 30, 1000) for l in range(30)]
+    assert budgets == sorted(budgets, reverse=True)
+    assert abs(sum(budgets) - 30 * k) <= 30  # rounding only
+
+
+def test_resume_equals_a_direct_prefill(tiny_llama):
+    """Calibration's shortcut (restart after the pivot from recorded state) is exact."""
+    model, ids = tiny_llama.model, _ids()
+    method = StructKV(pivot=2, lam=0.4)
+    direct = method.prefill(model, ids)
+    head = run_prefill(model, ids, method, stop_after=2)
+    keep = torch.tensor(direct.stats.propagated_positions)
+    hidden = None
+
+    class Capture(StructKV):
+        def select_kv(self, view, state):
+            nonlocal hidden
+            if view.layer == 2:
+                hidden = view.hidden
+            return super().select_kv(view, state)
+
+    run_prefill(model, ids, Capture(pivot=2, lam=0.4), stop_after=2)
+    resumed = run_prefill(
+        model, ids, method, resume=Resume(2, hidden[:, keep], keep, head.cache.layers)
+    )
+    torch.testing.assert_close(resumed.logits, direct.logits)
+    for a, b in zip(resumed.cache.layers, direct.cache.layers):
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+
+
+def test_compute_fraction_and_cap_by_hand():
+    assert compute_fraction(15, 30, 0.2) == pytest.approx((16 + 14 * 0.2) / 30)
+    # (L*+1 + (29-L*)*0.2)/30 <= 0.65  <=>  0.8 L* <= 12.7  <=>  L* <= 15
+    assert max_pivot_under_cap(30, 0.2, 0.65) == 15
+
+
+def test_sampling():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    assert sample(logits, 0.0, 1.0, None) == 1
+    g = torch.Generator().manual_seed(0)
+    # top_p below the top token's mass keeps only the top token
+    assert {sample(logits, 1.0, 0.1, g) for _ in range(20)} == {1}
+    draws = [sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(40)]
+    assert {1, 3} <= set(draws)  # both likely tokens get sampled
+
+
+def test_seeded_generation_is_reproducible(tiny_llama):
+    ids = _ids()
+    runs = [
+        generate_ids(tiny_llama.model, ids, StructKV(pivot=2), 8, temperature=1.0, seed=5).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    greedy = generate_ids(tiny_llama.model, ids, StructKV(pivot=2), 8).tokens
+    out = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=8)
+    tokens = [int(out.logits.argmax())]
+    for _ in range(7):
+        tokens.append(int(decode_step(tiny_llama.model, out.cache, tokens[-1]).argmax()))
+    assert greedy == tokens
+
+
+@torch.no_grad()
+def test_sliding_window_matches_hf():
+    """Mistral-style sliding attention: our position-based masks equal HF's, prefill + decode."""
+    lm = tiny_model("tiny-mistral", num_layers=3, seed=4)
+    model = lm.model
+    model.config.sliding_window = 16
+    for layer in model.model.layers:
+        layer.self_attn.config.sliding_window = 16
+    ids = _ids(n=48)
+    out = get_method("full").prefill(model, ids, extra_capacity=4)
+    hf = model(ids[None], use_cache=True)
+    torch.testing.assert_close(out.logits, hf.logits[0, -1], atol=1e-4, rtol=0)
+    token, cache = int(hf.logits[0, -1].argmax()), hf.cache
+    for _ in range(4):
+        ours = decode_step(model, out.cache, token)
+        step = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+        cache = step.cache
+        torch.testing.assert_close(ours, step.logits[0, -1], atol=1e-4, rtol=0)
+        token = int(step.logits[0, -1].argmax())
