@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--window", type=int, help="observation window for every method (default 8)")
     p.add_argument("--out", help="write the JSON result here")
     args = p.parse_args()
 
@@ -56,7 +57,8 @@ def main() -> int:
     ]
     results = {}
     for name in args.methods.split(","):
-        method = as_method(name, lm.model_id)
+        knobs = {} if args.window is None else {"window": args.window}
+        method = as_method(name, lm.model_id, **knobs)
         rows = []
         for needle in prompts:
             ids = encode_prompt(tok, needle.prompt, chat=True)
@@ -103,6 +105,7 @@ def main() -> int:
         "model": lm.model_id,
         "haystack": args.haystack,
         "length": args.length,
+        "window": args.window or 8,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "results": results,
