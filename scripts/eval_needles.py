@@ -27,12 +27,15 @@ from structkv.models import DEFAULT_MODEL, load
 METHODS = "full,snapkv,fastkv,gemfilter,structkv-paper,structkv"
 
 
-def kv_survival(cache, needle: set[int]) -> float:
+def kv_survival(out, needle: set[int]) -> float:
     """Mean over layers and KV heads of the fraction of needle tokens kept (prompt part)."""
     fractions = []
-    for layer in cache.layers:
+    # GemFilter's re-run restarts positions at 0: map them back to the original prompt.
+    original = out.stats.propagated_positions if out.stats.method == "gemfilter" else None
+    for layer in out.cache.layers:
         for head in layer.kept_positions().tolist():
-            fractions.append(len(needle & set(head)) / len(needle))
+            kept = {original[p] for p in head if p < len(original)} if original else set(head)
+            fractions.append(len(needle & kept) / len(needle))
     return sum(fractions) / len(fractions)
 
 
@@ -79,7 +82,7 @@ def main() -> int:
                     "pivot_layer": out.stats.pivot_layer,
                     "lambda": out.stats.lam,
                     "propagated_survival": len(positions & propagated) / len(positions),
-                    "kv_survival": kv_survival(out.cache, positions),
+                    "kv_survival": kv_survival(out, positions),
                     "prefill_s": round(out.stats.prefill_s, 3),
                 }
             )

@@ -140,7 +140,7 @@ def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
 
 def calibrate(
     lm,
-    n_prompts: int = 4,
+    n_prompts: int = 8,
     length: int = 2048,
     r_struct: float = 0.2,
     r_kv: float = 0.1,

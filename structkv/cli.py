@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
-    c.add_argument("--prompts", type=int, default=4)
+    c.add_argument("--prompts", type=int, default=8)
     c.add_argument("--length", type=int, default=2048)
     c.add_argument("--steps", type=int, default=16)
     c.add_argument("--compute-cap", type=float, default=DEFAULT_COMPUTE_CAP)

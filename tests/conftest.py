@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from structkv.models import tiny_model
+from structkv.models import load, tiny_model
 
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 
@@ -22,3 +22,9 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return tiny_model("tiny-llama", num_layers=6, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (loaded once per session; a few seconds from the cache)."""
+    return load("smollm2-135m")

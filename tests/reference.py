@@ -101,3 +101,20 @@ def layer_by_layer(ref, input_ids: torch.Tensor, pivot: int | None = None, keep=
             positions = positions[idx]
     logits = ref.lm_head(ref.model.norm(h[:, -1]))[0]
     return attns, pos_per_layer, logits
+
+
+@torch.no_grad()
+def assert_matches_hf(model, prefill_logits, decode, ids: torch.Tensor, steps: int) -> None:
+    """Compare our prefill logits and ``steps`` greedy decode steps with HF's own forward.
+
+    ``decode(token) -> logits`` is the implementation under test; HF decodes with its own cache.
+    """
+    hf = model(ids[None], use_cache=True)
+    torch.testing.assert_close(prefill_logits, hf.logits[0, -1], atol=1e-4, rtol=0)
+    token, cache = int(hf.logits[0, -1].argmax()), hf.cache
+    for _ in range(steps):
+        ours = decode(token)
+        step = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+        cache = step.cache
+        torch.testing.assert_close(ours, step.logits[0, -1], atol=1e-4, rtol=0)
+        token = int(step.logits[0, -1].argmax())

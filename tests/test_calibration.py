@@ -46,7 +46,8 @@ def _direct(lm, text, pivot, lam, steps):
     kl = float((p.exp() * (p - q)).sum())
     agree = [int(out.logits.argmax()) == full.tokens[0]]
     for i in range(1, steps):
-        agree.append(int(decode_step(lm.model, out.cache, full.tokens[i - 1]).argmax()) == full.tokens[i])
+        logits = decode_step(lm.model, out.cache, full.tokens[i - 1])
+        agree.append(int(logits.argmax()) == full.tokens[i])
     return kl, sum(agree) / steps
 
 

@@ -66,11 +66,10 @@ def test_window_and_context_errors_on_real_model(capsys, tmp_path):
 
 
 @pytest.mark.real_model
-def test_generate_json_on_a_2k_needle_prompt(tmp_path):
+def test_generate_json_on_a_2k_needle_prompt(tmp_path, smollm2):
     from structkv.eval.needle import make_needle_prompt
-    from structkv.models import load
 
-    needle = make_needle_prompt(load("smollm2-135m").tokenizer, 2048, 0.5, seed=3)
+    needle = make_needle_prompt(smollm2.tokenizer, 2048, 0.5, seed=3)
     prompt = tmp_path / "p.txt"
     prompt.write_text(needle.prompt)
     cmd = [sys.executable, "-m", "structkv.cli", "generate", "--model", "smollm2-135m"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_matches_hf
 
 from structkv.generate import decode_step
 from structkv.methods import METHODS, get_method
@@ -24,13 +25,4 @@ def test_full_budget_equals_unmodified_model(tiny, name):
     model = tiny.model
     ids = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(11))
     out = _method_at_full_budget(name).prefill(model, ids, extra_capacity=20)
-    hf = model(ids[None], use_cache=True)
-    torch.testing.assert_close(out.logits, hf.logits[0, -1], atol=1e-4, rtol=0)
-    past = hf.cache
-    token = int(hf.logits[0, -1].argmax())
-    for _ in range(20):
-        ours = decode_step(model, out.cache, token)
-        step = model(torch.tensor([[token]]), cache=past, use_cache=True)
-        past = step.cache
-        torch.testing.assert_close(ours, step.logits[0, -1], atol=1e-4, rtol=0)
-        token = int(step.logits[0, -1].argmax())
+    assert_matches_hf(model, out.logits, lambda t: decode_step(model, out.cache, t), ids, 20)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from reference import assert_matches_hf
 
 from structkv.calibration import compute_fraction, max_pivot_under_cap
 from structkv.generate import decode_step, generate_ids, sample
@@ -136,12 +137,4 @@ def test_sliding_window_matches_hf():
         layer.self_attn.config.sliding_window = 16
     ids = _ids(n=48)
     out = get_method("full").prefill(model, ids, extra_capacity=4)
-    hf = model(ids[None], use_cache=True)
-    torch.testing.assert_close(out.logits, hf.logits[0, -1], atol=1e-4, rtol=0)
-    token, cache = int(hf.logits[0, -1].argmax()), hf.cache
-    for _ in range(4):
-        ours = decode_step(model, out.cache, token)
-        step = model(torch.tensor([[token]]), cache=cache, use_cache=True)
-        cache = step.cache
-        torch.testing.assert_close(ours, step.logits[0, -1], atol=1e-4, rtol=0)
-        token = int(step.logits[0, -1].argmax())
+    assert_matches_hf(model, out.logits, lambda t: decode_step(model, out.cache, t), ids, 4)

@@ -33,11 +33,6 @@ def test_embedded_gguf_is_found():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load("smollm2-135m")
-
-
 @pytest.mark.real_model
 def test_real_model_config(smollm2):
     cfg = smollm2.config

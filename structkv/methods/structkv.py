@@ -84,6 +84,8 @@ class StructKV(SaliencyKVMethod):
             pivot=profile["pivot"],
             rule=profile.get("rule") or self.rule,
             scales=tuple(scales) if scales else None,
+            l_min=self.l_min if self.l_min is not None else profile.get("l_min"),
+            l_max=self.l_max if self.l_max is not None else profile.get("l_max"),
         )
 
     def begin(self, num_layers: int, n_prompt: int) -> _State:
