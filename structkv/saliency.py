@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from structkv.layers import repeat_kv, visibility_mask
+from structkv.layers import visibility_mask
 
 
 def window_attention(
@@ -24,10 +24,12 @@ def window_attention(
 
     ``q`` is ``[1, H, n, D]`` and ``k`` is ``[1, G, n, D]``, both post-RoPE.
     """
-    n_rep = q.shape[1] // k.shape[1]
-    q_win = q[0, :, -window:].float()
-    keys = repeat_kv(k, n_rep)[0].float()
-    scores = torch.matmul(q_win, keys.transpose(1, 2)) * scaling
+    heads, groups = q.shape[1], k.shape[1]
+    d = q.shape[-1]
+    # Heads of one KV group are adjacent, so fold them into the row axis: [G, (H/G)·w, D] @
+    # [G, D, n] attends each group's heads to its own keys without copying K per head.
+    q_win = q[0, :, -window:].float().reshape(groups, (heads // groups) * window, d)
+    scores = torch.matmul(q_win, k[0].float().transpose(1, 2)).view(heads, window, -1) * scaling
     visible = visibility_mask(positions[-window:], positions, sliding)
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1)

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from structkv.calibration import calibrate, calibration_prompts, compute_fraction
+from structkv.calibration import (
+    DEFAULT_COMPUTE_CAP,
+    calibrate,
+    calibration_prompts,
+    compute_fraction,
+)
 from structkv.generate import decode_step, encode_prompt, generate_ids
 from structkv.methods import Full, StructKV
 from structkv.models import LoadedModel, tiny_model
@@ -65,9 +70,9 @@ def test_choice_is_the_best_row_under_the_cap(profile):
     l_min, l_max = 2, profile["l_max"]
     assert sorted({r["layer"] for r in fixed}) == list(range(l_min, l_max + 1))
     assert len(table) == len(fixed) + 2 * 2  # fixed layers, then the two rules, x 2 lambdas
-    # l_max is the last layer under the 0.65 compute cap (or the search range's end, 7)
-    assert compute_fraction(l_max, 10, 0.2) <= 0.65
-    assert l_max == 7 or compute_fraction(l_max + 1, 10, 0.2) > 0.65
+    # l_max is the last layer under the compute cap (or the search range's end, 7)
+    assert compute_fraction(l_max, 10, 0.2) <= DEFAULT_COMPUTE_CAP + 1e-9
+    assert l_max == 7 or compute_fraction(l_max + 1, 10, 0.2) > DEFAULT_COMPUTE_CAP
     best = max(table, key=lambda r: (r["top1"] - r["kl"], -r["compute_fraction"]))
     assert profile["best"]["score"] == pytest.approx(best["top1"] - best["kl"], abs=1e-4)
     for r in table:

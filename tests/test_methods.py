@@ -100,6 +100,8 @@ def test_compute_fraction_and_cap_by_hand():
     assert compute_fraction(15, 30, 0.2) == pytest.approx((16 + 14 * 0.2) / 30)
     # (L*+1 + (29-L*)*0.2)/30 <= 0.65  <=>  0.8 L* <= 12.7  <=>  L* <= 15
     assert max_pivot_under_cap(30, 0.2, 0.65) == 15
+    # the default cap, 0.6 (the paper's 40% saving): (15 + 15*0.2)/30 is exactly 0.6
+    assert max_pivot_under_cap(30, 0.2, 0.6) == 14
 
 
 def test_sampling():
