@@ -134,7 +134,7 @@ def format_rows(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
+def parse_ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
@@ -178,7 +178,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if args.what == "prefill":
-        rows = bench_prefill(lm, _ints(args.lengths), names, args.repeats, args.warmup, knobs)
+        rows = bench_prefill(lm, parse_ints(args.lengths), names, args.repeats, args.warmup, knobs)
         keys = ["length", "method", "median_s", "speedup_vs_full", "ratio_of_medians",
                 "overhead_pct", "pivot_layer", "compute_fraction"]  # fmt: skip
     else:

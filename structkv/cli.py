@@ -126,6 +126,39 @@ def cmd_bench(args) -> int:
     return bench.main_from_args(args)
 
 
+def cmd_eval_ruler(args) -> int:
+    from tqdm import tqdm
+
+    from structkv.bench import parse_ints
+    from structkv.eval.ruler import TASKS
+    from structkv.eval.runner import PROFILES, RunConfig, run_ruler
+    from structkv.methods import METHODS
+    from structkv.models import load
+
+    preset = PROFILES[args.profile]
+    methods = (args.methods or preset["methods"]).split(",")
+    tasks = (args.tasks or preset["tasks"]).split(",")
+    for name in methods:
+        if name not in METHODS:
+            raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    for task in tasks:
+        if task not in TASKS:
+            raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    cfg = RunConfig(
+        methods=methods,
+        tasks=tasks,
+        lengths=parse_ints(args.lengths or preset["lengths"]),
+        samples=args.samples or preset["samples"],
+        seed=args.seed,
+        knobs=_method_knobs(args),
+    )
+    lm = load(args.model)
+    out = Path(args.out)
+    run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
+    print((out / "results.md").read_text(), end="")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
@@ -167,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=16)
     c.add_argument("--compute-cap", type=float, default=DEFAULT_COMPUTE_CAP)
     c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="accuracy evaluations (resumable; results.json/.md)")
+    kinds = e.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    r = kinds.add_parser("ruler", help="RULER-style tasks: needles, vt, cwe, fwe")
+    r.add_argument("--model", default=DEFAULT_MODEL)
+    r.add_argument("--profile", choices=("quick", "full"), default="quick")
+    r.add_argument("--methods", help="comma-separated (default: the profile's)")
+    r.add_argument("--tasks", help="comma-separated (default: the profile's)")
+    r.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
+    r.add_argument("--samples", type=int, help="samples per task and length")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
+    _add_method_args(r)
+    r.set_defaults(func=cmd_eval_ruler)
 
     from structkv.bench import add_bench_parser
 

@@ -11,6 +11,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from structkv.models import load, tiny_model
 
+
+class ByteTokenizer:
+    """Just enough of a HF tokenizer for tiny models: one token per byte (vocab 256)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="ignore")
+
+
 FAMILIES = ("tiny-llama", "tiny-qwen2", "tiny-mistral")
 
 

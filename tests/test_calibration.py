@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import ByteTokenizer
 
 from structkv.calibration import (
     DEFAULT_COMPUTE_CAP,
@@ -18,16 +19,6 @@ from structkv.generate import decode_step, encode_prompt, generate_ids
 from structkv.methods import Full, StructKV
 from structkv.models import LoadedModel, tiny_model
 from structkv.profile import find_profile, save_profile, user_profile_path
-
-
-class ByteTokenizer:
-    """Just enough of a HF tokenizer for calibration: one token per byte (mod 256)."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [b % 256 for b in text.encode()]}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 from functools import cache
 
 #: Modules whose docstrings form the prose pool (fixed order => deterministic text).
@@ -51,9 +52,11 @@ def stdlib_paragraphs() -> tuple[str, ...]:
         except ImportError:  # e.g. tkinter missing on a slim Python
             continue
         docs = [module.__doc__ or ""]
-        for attr in sorted(dir(module)):
-            if not attr.startswith("_"):
-                docs.append(getattr(getattr(module, attr, None), "__doc__", None) or "")
+        with warnings.catch_warnings():  # e.g. typing.io's deprecation on attribute access
+            warnings.simplefilter("ignore")
+            for attr in sorted(dir(module)):
+                if not attr.startswith("_"):
+                    docs.append(getattr(getattr(module, attr, None), "__doc__", None) or "")
         for doc in docs:
             if not isinstance(doc, str):
                 continue

@@ -1,0 +1,132 @@
+"""Resumable evaluation runs: every scored sample is saved at once, so a re-run skips it.
+
+``results.json`` maps ``method|task|length|seed`` to the score, the output and any error; errors
+are counted and shown in ``results.md``, never dropped. The Markdown table is method x task x
+length, with each method's average and its percentage of full context's average.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from structkv.eval.ruler import TASKS, make_sample, score
+from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
+
+#: ``--profile quick`` (CI-sized, < 3 minutes on 2 cores) and ``--profile full`` (the report).
+PROFILES = {
+    "quick": dict(
+        methods="full,snapkv,structkv", tasks="niah_single_1,vt", lengths="512", samples=2
+    ),
+    "full": dict(
+        methods="full,streamingllm,snapkv,pyramidkv,gemfilter,fastkv,structkv-paper,structkv",
+        tasks=",".join(TASKS),
+        lengths="1024,2048,4096",
+        samples=20,
+    ),
+}
+
+
+@dataclass
+class RunConfig:
+    methods: list[str]
+    tasks: list[str]
+    lengths: list[int]
+    samples: int
+    seed: int = 0
+    max_new_tokens: int = 32
+    knobs: dict | None = None
+
+
+def _key(method: str, task: str, length: int, seed: int) -> str:
+    return f"{method}|{task}|{length}|{seed}"
+
+
+def _save_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
+    """Score every (method, task, length, sample) not already in ``out_dir/results.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    eos = eos_token_ids(lm)
+    todo = [
+        (m, t, n, cfg.seed + i)
+        for m in cfg.methods
+        for t in cfg.tasks
+        for n in cfg.lengths
+        for i in range(cfg.samples)
+        if _key(m, t, n, cfg.seed + i) not in results
+    ]
+    bar = progress(total=len(todo)) if progress else None
+    methods = {}
+    for method, task, length, seed in todo:
+        if method not in methods:
+            knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
+            methods[method] = as_method(method, lm.model_id, **knobs)
+        sample = make_sample(task, lm.tokenizer, length, seed)
+        entry = {"answers": sample.answers}
+        start = time.perf_counter()
+        try:
+            ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
+            gen = generate_ids(lm.model, ids, methods[method], cfg.max_new_tokens, eos_ids=eos)
+            text = lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+            entry.update(
+                score=score(sample, text),
+                output=text,
+                prompt_tokens=int(ids.shape[0]),
+                pivot_layer=gen.stats.pivot_layer,
+            )
+        except Exception as e:  # counted and shown in results.md, never dropped silently
+            entry.update(score=None, error=f"{type(e).__name__}: {e}")
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        results[_key(method, task, length, seed)] = entry
+        _save_json(path, results)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    (out_dir / "results.md").write_text(results_table(results, cfg))
+    return results
+
+
+def results_table(results: dict, cfg: RunConfig) -> str:
+    """Markdown: mean score (%) per method x task x length, average, % of full, errors."""
+    cols = [(t, n) for t in cfg.tasks for n in cfg.lengths]
+    head = ["method", *(f"{t}@{n}" for t, n in cols), "average", "% of full", "errors"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    averages = {}
+    for m in cfg.methods:
+        cells, means, errors = [], [], 0
+        for t, n in cols:
+            entries = [results.get(_key(m, t, n, cfg.seed + i)) for i in range(cfg.samples)]
+            scored = [e["score"] for e in entries if e and e.get("score") is not None]
+            errors += sum(1 for e in entries if e and e.get("error"))
+            if scored:
+                mean = 100 * statistics.mean(scored)
+                means.append(mean)
+                cells.append(f"{mean:.1f}")
+            else:
+                cells.append("–")
+        averages[m] = statistics.mean(means) if means else None
+        lines.append([m, *cells, errors])
+    full = averages.get("full")
+    out = lines[:2]
+    for row in lines[2:]:
+        m, *cells, errors = row
+        avg = averages[m]
+        pct = f"{100 * avg / full:.1f}" if avg is not None and full else "–"
+        avg_s = f"{avg:.1f}" if avg is not None else "–"
+        out.append("| " + " | ".join([m, *cells, avg_s, pct, str(errors)]) + " |")
+    return "\n".join(out) + "\n"

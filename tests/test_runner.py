@@ -1,0 +1,44 @@
+"""The evaluation runner: resumable, errors counted, table of means and % of full."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import ByteTokenizer
+
+from structkv.eval.runner import RunConfig, results_table, run_ruler
+from structkv.models import LoadedModel, tiny_model
+
+
+def _lm():
+    lm = tiny_model("tiny-llama", num_layers=4, seed=0)
+    return LoadedModel(lm.model, ByteTokenizer(), "tiny-runner-test")
+
+
+def test_run_resumes_and_tables(tmp_path):
+    lm = _lm()
+    cfg = RunConfig(["full", "snapkv"], ["niah_single_1"], [200], samples=2, max_new_tokens=3)
+    first = run_ruler(lm, cfg, tmp_path)
+    assert len(first) == 4 and all(e["score"] in (0.0, 1.0) for e in first.values())
+    # Mark one entry so a re-run that recomputed it would overwrite the marker.
+    data = json.loads((tmp_path / "results.json").read_text())
+    key = "full|niah_single_1|200|0"
+    data[key]["output"] = "MARKER"
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    cfg.samples = 3  # one more sample per method: only those two are run
+    second = run_ruler(lm, cfg, tmp_path)
+    assert len(second) == 6 and second[key]["output"] == "MARKER"
+    assert (tmp_path / "results.md").read_text().startswith("| method | niah_single_1@200")
+
+
+def test_table_by_hand():
+    cfg = RunConfig(["full", "snapkv"], ["t"], [10], samples=2)
+    results = {
+        "full|t|10|0": {"score": 1.0},
+        "full|t|10|1": {"score": 0.5},
+        "snapkv|t|10|0": {"score": 0.25},
+        "snapkv|t|10|1": {"score": None, "error": "RuntimeError: x"},
+    }
+    table = results_table(results, cfg).splitlines()
+    assert table[2] == "| full | 75.0 | 75.0 | 100.0 | 0 |"
+    assert table[3] == "| snapkv | 25.0 | 25.0 | 33.3 | 1 |"
