@@ -9,6 +9,7 @@ per layer for any method that asks for them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -117,12 +118,14 @@ def run_prefill(
     extra_capacity: int = 0,
     stop_after: int | None = None,
     resume: Resume | None = None,
+    observer: Callable[[LayerView], None] | None = None,
 ) -> PrefillResult:
     """Prefill ``input_ids`` (``[N]``) with ``method``'s hooks; see the module docstring.
 
     ``extra_capacity`` preallocates that many decode slots per layer. ``stop_after`` ends the pass
     after that layer (GemFilter's filter pass) and returns empty logits. ``resume`` starts after
     a given layer from a given compacted state (no further propagation happens then).
+    ``observer(view)`` sees every layer's view (fidelity analysis reads hidden states there).
     """
     t_start = time.perf_counter()
     timer = _Timer()
@@ -162,6 +165,8 @@ def run_prefill(
                 getattr(stats, name).append(value)
             t = timer.add("pivot_metrics", t)
 
+        if observer is not None:
+            observer(view)
         keep = method.select_kv(view, state)
         if keep is None:
             kept_k, kept_v = k, v

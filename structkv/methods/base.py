@@ -89,9 +89,12 @@ class Method:
     def finish(self, state: object, stats: PrefillStats) -> None:
         """Record method-specific facts (λ, rule, ...) in the stats."""
 
-    def prefill(self, model, input_ids: torch.Tensor, extra_capacity: int = 0) -> PrefillResult:
+    def prefill(
+        self, model, input_ids: torch.Tensor, extra_capacity: int = 0, observer=None
+    ) -> PrefillResult:
+        """Compressed prefill of ``input_ids`` (``[N]``); ``observer(view)`` sees every layer."""
         self.validate(int(input_ids.shape[0]))
-        return run_prefill(model, input_ids, self, extra_capacity)
+        return run_prefill(model, input_ids, self, extra_capacity, observer=observer)
 
 
 @dataclass

@@ -55,14 +55,18 @@ class GemFilter(Method):
         if state.selected is not None:
             stats.propagated_positions = state.selected.tolist()
 
-    def prefill(self, model, input_ids: torch.Tensor, extra_capacity: int = 0) -> PrefillResult:
+    def prefill(
+        self, model, input_ids: torch.Tensor, extra_capacity: int = 0, observer=None
+    ) -> PrefillResult:
         self.validate(int(input_ids.shape[0]))
         n_prompt = int(input_ids.shape[0])
         num_layers = len(model.model.layers)
         layer = self.begin(num_layers, n_prompt).layer
         first = run_prefill(model, input_ids, self, stop_after=layer)
         kept = first.stats.propagated_positions
-        second = run_prefill(model, input_ids[kept], Full(window=1), extra_capacity)
+        second = run_prefill(
+            model, input_ids[kept], Full(window=1), extra_capacity, observer=observer
+        )
         stats = second.stats
         stats.method = self.name
         stats.prompt_tokens = n_prompt
