@@ -159,6 +159,36 @@ def cmd_eval_ruler(args) -> int:
     return 0
 
 
+def cmd_eval_report(args) -> int:
+    from structkv.bench import parse_ints
+    from structkv.eval import reports
+    from structkv.methods import METHODS
+    from structkv.models import load
+
+    methods = args.methods.split(",")
+    for name in methods:
+        if name not in METHODS:
+            raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    lengths = parse_ints(args.lengths)
+    if not lengths or min(lengths) < 64:
+        raise StructKVError("--lengths must list token counts >= 64, e.g. 1024,2048")
+    lm = load(args.model)
+    out = Path(args.out)
+    if args.kind == "pivot":
+        data = reports.pivot_report(lm, out, lengths[0], args.samples, args.seed)
+        summary = {k: data[k] for k in ("profile_pivot", "profile_lambda", "search_range")}
+    elif args.kind == "fidelity":
+        summary = reports.fidelity_report(lm, methods, out, lengths[0], args.samples, args.seed)
+        summary = {k: {"kl": v["kl"], "top1": v["top1_agreement"]} for k, v in summary.items()}
+    elif args.kind == "latency":
+        summary = reports.latency_report(lm, methods, out, lengths[0], args.repeats, args.seed)
+    else:
+        depths = [float(d) for d in args.depths.split(",")]
+        summary = reports.niah_report(lm, methods, out, lengths, depths, args.samples, args.seed)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
@@ -214,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
     _add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
+
+    for kind, text in (
+        ("niah", "needle grid over lengths x depths, heatmap per method (Figure 6)"),
+        ("fidelity", "per-layer hidden-state cosine, KL, top-1 vs full (Figure 3)"),
+        ("pivot", "per-layer entropy / sparsity / variance / T_l and pivots (Figure 5)"),
+        ("latency", "prefill time per stage and method, stacked bars (Figure 8)"),
+    ):
+        k = kinds.add_parser(kind, help=text)
+        k.add_argument("--model", default=DEFAULT_MODEL)
+        k.add_argument("--methods", default="full,snapkv,fastkv,structkv-paper,structkv")
+        k.add_argument("--lengths", default="2048", help="comma-separated token lengths")
+        k.add_argument("--samples", type=int, default=4)
+        k.add_argument("--seed", type=int, default=0)
+        k.add_argument("--out", required=True)
+        if kind == "niah":
+            k.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+        if kind == "latency":
+            k.add_argument("--repeats", type=int, default=3)
+        k.set_defaults(func=cmd_eval_report)
 
     from structkv.bench import add_bench_parser
 

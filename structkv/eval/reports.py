@@ -1,0 +1,171 @@
+"""The analysis reports behind `structkv eval {niah,fidelity,pivot,latency}`: JSON + PNG each.
+
+All prompts come from :mod:`structkv.eval.ruler` (deterministic from the seed); every report
+writes ``<kind>.json`` and ``<kind>*.png`` into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from structkv.eval import plots
+from structkv.eval.fidelity import fidelity
+from structkv.eval.ruler import make_sample, score
+from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
+from structkv.methods import SnapKV
+from structkv.pivot import OnlinePivot, offline_pivot, search_range, transition_scores
+from structkv.profile import find_profile
+
+
+def _ids(lm, task: str, length: int, seed: int, depth: float | None = None) -> torch.Tensor:
+    sample = make_sample(task, lm.tokenizer, length, seed, depth=depth)
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    return encode_prompt(lm.tokenizer, sample.prompt, chat)
+
+
+def _write(out: Path, name: str, data: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+@torch.inference_mode()
+def pivot_report(lm, out: Path, length: int, samples: int, seed: int = 0, task="niah_single_2"):
+    """Per-layer entropy / sparsity / variance / T_l on full-length layers, pivots per prompt
+    by both rules (offline, and online with the profile's scales), and the profile's choice."""
+    num_layers = len(lm.model.model.layers)
+    l_min, l_max = search_range(num_layers)
+    profile = find_profile(lm.model_id)
+    scales = tuple(profile["metric_scales"]) if profile else None
+    per_prompt, curves = [], {"entropy": [], "sparsity": [], "variance": [], "transition": []}
+    for i in range(samples):
+        stats = SnapKV().prefill(lm.model, _ids(lm, task, length, seed + i)).stats
+        metrics = list(zip(stats.entropy, stats.sparsity, stats.variance))
+        t = transition_scores(metrics)
+        online = OnlinePivot(l_min, l_max, scales=scales)
+        decided = next((p for m in metrics if (p := online.observe(m)) is not None), l_max)
+        per_prompt.append(
+            {
+                "seed": seed + i,
+                "argmax": offline_pivot(t, l_min, l_max, "argmax"),
+                "stabilised": offline_pivot(t, l_min, l_max, "stabilised"),
+                "online_argmax": decided,
+                "transition": t,
+            }
+        )
+        for key, values in (
+            ("entropy", stats.entropy),
+            ("sparsity", stats.sparsity),
+            ("variance", stats.variance),
+            ("transition", t),
+        ):
+            curves[key].append(values)
+    mean = {k: [statistics.mean(col) for col in zip(*v)] for k, v in curves.items()}
+    chosen = profile["pivot"] if profile else None
+    data = {
+        "model": lm.model_id,
+        "length": length,
+        "task": task,
+        "search_range": [l_min, l_max],
+        "profile_pivot": chosen,
+        "profile_lambda": profile["lambda"] if profile else None,
+        "mean": mean,
+        "prompts": per_prompt,
+    }
+    _write(out, "pivot.json", data)
+    pivot = chosen if isinstance(chosen, int) else per_prompt[0]["argmax"]
+    plots.plot_pivot(
+        mean["entropy"], mean["sparsity"], mean["variance"], mean["transition"], pivot,
+        out / "pivot.png", title=f"{lm.model_id}: pivot metrics, L* = {pivot}",
+    )  # fmt: skip
+    return data
+
+
+@torch.inference_mode()
+def fidelity_report(lm, methods: list[str], out: Path, length: int, samples: int, seed=0):
+    """Mean per-layer last-token cosine, KL and top-1 agreement vs full, per method."""
+    resolved = [as_method(m, lm.model_id) for m in methods if m != "full"]
+    rows = {m.name: [] for m in resolved}
+    for i in range(samples):
+        for f in fidelity(lm.model, _ids(lm, "niah_single_2", length, seed + i), resolved):
+            rows[f.method].append(f)
+    data = {
+        name: {
+            "layer_cosine": [statistics.mean(c) for c in zip(*(f.layer_cosine for f in fs))],
+            "kl": statistics.mean(f.kl for f in fs),
+            "top1_agreement": statistics.mean(f.top1_agreement for f in fs),
+        }
+        for name, fs in rows.items()
+    }
+    _write(out, "fidelity.json", {"model": lm.model_id, "length": length, "methods": data})
+    plots.plot_fidelity(
+        {k: v["layer_cosine"] for k, v in data.items()}, out / "fidelity.png",
+        title=f"{lm.model_id}: hidden-state fidelity at {length} tokens",
+    )  # fmt: skip
+    return data
+
+
+STAGES = {
+    "pre-pivot layers": ("layers_full",),
+    "centrality + pivot": ("pivot_metrics", "centrality_pivot"),
+    "saliency": ("saliency",),
+    "compaction": ("compaction",),
+    "post-pivot layers": ("layers_compacted",),
+    "KV selection": ("kv_select",),
+}
+
+
+@torch.inference_mode()
+def latency_report(lm, methods: list[str], out: Path, length: int, repeats: int = 3, seed=0):
+    """Median seconds per prefill stage and method (paper Figure 8), after one warm-up."""
+    ids = _ids(lm, "niah_single_2", length, seed)
+    resolved = {m: as_method(m, lm.model_id) for m in methods}
+    runs = {m: [] for m in methods}
+    for rnd in range(repeats + 1):
+        for name, method in resolved.items():
+            stats = method.prefill(lm.model, ids).stats
+            if rnd:
+                runs[name].append(stats.timings)
+    breakdown = {
+        name: {
+            stage: statistics.median(sum(t.get(k, 0.0) for k in keys) for t in timings)
+            for stage, keys in STAGES.items()
+        }
+        for name, timings in runs.items()
+        if name != "gemfilter"  # its two passes are not layer stages; see its own timings
+    }
+    _write(out, "latency.json", {"model": lm.model_id, "tokens": len(ids), "stages": breakdown})
+    plots.plot_latency(
+        breakdown, out / "latency.png", title=f"{lm.model_id}: prefill at {len(ids)} tokens"
+    )
+    return breakdown
+
+
+@torch.inference_mode()
+def niah_report(lm, methods, out: Path, lengths, depths, samples, seed=0, task="niah_single_2"):
+    """Accuracy grid over lengths x depths per method (paper Figure 6), JSON + heatmaps."""
+    eos = eos_token_ids(lm)
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    data = {}
+    for name in methods:
+        method = as_method(name, lm.model_id)
+        grid = {}
+        for n in lengths:
+            for d in depths:
+                scores = []
+                for i in range(samples):
+                    sample = make_sample(task, lm.tokenizer, n, seed + i, depth=d)
+                    ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
+                    gen = generate_ids(lm.model, ids, method, 32, eos_ids=eos)
+                    text = lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                    scores.append(score(sample, text))
+                grid[(n, d)] = statistics.mean(scores)
+        data[name] = {f"{n}@{d}": v for (n, d), v in grid.items()}
+        plots.plot_niah(grid, out / f"niah-{name}.png", title=f"{name}: {task}")
+    _write(out, "niah.json", {"model": lm.model_id, "task": task, "grid": data})
+    return data

@@ -1,0 +1,48 @@
+"""Analysis reports on a tiny model: files written, numbers consistent with their sources."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ByteTokenizer
+
+from structkv.eval import reports
+from structkv.models import LoadedModel, tiny_model
+from structkv.pivot import offline_pivot, transition_scores
+
+
+@pytest.fixture(scope="module")
+def lm():
+    m = tiny_model("tiny-llama", num_layers=10, seed=2)
+    return LoadedModel(m.model, ByteTokenizer(), "tiny-reports-test")
+
+
+def test_pivot_report(lm, tmp_path):
+    data = reports.pivot_report(lm, tmp_path, length=200, samples=2)
+    assert (tmp_path / "pivot.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "pivot.json").read_text())
+    assert saved["search_range"] == [2, 7]
+    for prompt in data["prompts"]:
+        t = prompt["transition"]
+        assert prompt["argmax"] == offline_pivot(t, 2, 7, "argmax")
+        assert 3 <= prompt["argmax"] <= 7
+    m = data["mean"]
+    assert len(m["entropy"]) == 10
+    expected = transition_scores(list(zip(m["entropy"], m["sparsity"], m["variance"])))
+    assert len(expected) == len(m["transition"])
+
+
+def test_latency_report(lm, tmp_path):
+    stages = reports.latency_report(lm, ["full", "structkv"], tmp_path, length=200, repeats=1)
+    assert (tmp_path / "latency.png").is_file()
+    assert stages["full"]["post-pivot layers"] == 0.0 and stages["full"]["pre-pivot layers"] > 0
+    assert stages["structkv"]["post-pivot layers"] > 0
+
+
+def test_fidelity_and_niah_reports(lm, tmp_path):
+    fid = reports.fidelity_report(lm, ["full", "snapkv"], tmp_path, length=200, samples=1)
+    assert list(fid) == ["snapkv"] and fid["snapkv"]["layer_cosine"][0] == pytest.approx(1.0)
+    grid = reports.niah_report(lm, ["full"], tmp_path, [200], [0.2, 0.8], samples=1)
+    assert set(grid["full"]) == {"200@0.2", "200@0.8"}
+    assert (tmp_path / "niah-full.png").is_file() and (tmp_path / "fidelity.png").is_file()
