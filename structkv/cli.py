@@ -180,6 +180,12 @@ def cmd_eval_report(args) -> int:
     elif args.kind == "fidelity":
         summary = reports.fidelity_report(lm, methods, out, lengths[0], args.samples, args.seed)
         summary = {k: {"kl": v["kl"], "top1": v["top1_agreement"]} for k, v in summary.items()}
+    elif args.kind == "decoupling":
+        data = reports.decoupling_report(
+            lm, out, lengths[0], args.samples, args.seed, methods=methods
+        )
+        summary = {k: data[k] for k in ("budgets", "lambda_pivot")}
+        summary["survival"] = {k: v["propagated"] for k, v in data["survival"].items()}
     elif args.kind == "latency":
         summary = reports.latency_report(lm, methods, out, lengths[0], args.repeats, args.seed)
     else:
@@ -250,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("fidelity", "per-layer hidden-state cosine, KL, top-1 vs full (Figure 3)"),
         ("pivot", "per-layer entropy / sparsity / variance / T_l and pivots (Figure 5)"),
         ("latency", "prefill time per stage and method, stacked bars (Figure 8)"),
+        ("decoupling", "R_struct x R_KV and λ x pivot grids, needle survival (Figure 7)"),
     ):
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--model", default=DEFAULT_MODEL)

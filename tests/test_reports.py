@@ -46,3 +46,16 @@ def test_fidelity_and_niah_reports(lm, tmp_path):
     grid = reports.niah_report(lm, ["full"], tmp_path, [200], [0.2, 0.8], samples=1)
     assert set(grid["full"]) == {"200@0.2", "200@0.8"}
     assert (tmp_path / "niah-full.png").is_file() and (tmp_path / "fidelity.png").is_file()
+
+
+def test_decoupling_report(lm, tmp_path):
+    data = reports.decoupling_report(
+        lm, tmp_path, length=200, samples=1, r_structs=(0.2, 1.0), r_kvs=(0.1, 1.0),
+        lambdas=(0.5,), pivots=(3,), methods=("full", "snapkv"),
+    )  # fmt: skip
+    assert set(data["budgets"]) == {"0.2/0.1", "0.2/1.0", "1.0/0.1", "1.0/1.0"}
+    assert set(data["lambda_pivot"]) == {"0.5@3"}
+    full = data["survival"]["full"]
+    if full["propagated"] is not None:  # the byte tokenizer finds the needle value
+        assert full["propagated"] == 1.0 and full["kv_per_layer"] == [1.0] * 10
+    assert (tmp_path / "decoupling.png").is_file() and (tmp_path / "lambda-pivot.png").is_file()

@@ -1,7 +1,7 @@
 """Figures of the paper, redrawn from our own measurements (matplotlib, headless).
 
-Figure 3: fidelity per layer · Figure 5: pivot metrics and T_l · Figure 6: NIAH heatmap ·
-Figure 8: prefill latency breakdown. Each function writes one PNG and returns its path.
+Figure 3: fidelity per layer · Figure 5: pivot metrics and T_l · Figures 6 and 7: heatmaps
+(NIAH, decoupling) · Figure 8: prefill latency breakdown. Each writes one PNG, returns its path.
 """
 
 from __future__ import annotations
@@ -53,17 +53,22 @@ def plot_fidelity(curves: dict[str, list[float]], path: Path, title="") -> Path:
     return _save(fig, path)
 
 
-def plot_niah(grid: dict[tuple[int, float], float], path: Path, title="") -> Path:
-    """Heatmap of accuracy over context length (x) and needle depth (y)."""
-    lengths = sorted({k[0] for k in grid})
-    depths = sorted({k[1] for k in grid})
-    data = [[grid.get((n, d), float("nan")) for n in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.45 * len(depths) + 1.5))
-    im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("needle depth")
+def plot_grid(
+    grid: dict[tuple, float], path: Path, xlabel: str, ylabel: str, title="", fmt=str
+) -> Path:
+    """Heatmap of a score in [0, 1] over (x, y) keys, e.g. (length, depth) or (R_struct, R_KV)."""
+    xs = sorted({k[0] for k in grid})
+    ys = sorted({k[1] for k in grid})
+    data = [[grid.get((x, y), float("nan")) for x in xs] for y in ys]
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 0.45 * len(ys) + 1.5))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+    for j, row in enumerate(data):
+        for i, value in enumerate(row):
+            ax.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(xs)), [fmt(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [fmt(y) for y in ys])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax, fraction=0.05)
     ax.set_title(title)
     return _save(fig, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -166,6 +167,94 @@ def niah_report(lm, methods, out: Path, lengths, depths, samples, seed=0, task="
                     scores.append(score(sample, text))
                 grid[(n, d)] = statistics.mean(scores)
         data[name] = {f"{n}@{d}": v for (n, d), v in grid.items()}
-        plots.plot_niah(grid, out / f"niah-{name}.png", title=f"{name}: {task}")
+        plots.plot_grid(
+            grid, out / f"niah-{name}.png", "context tokens", "needle depth", f"{name}: {task}"
+        )
     _write(out, "niah.json", {"model": lm.model_id, "task": task, "grid": data})
+    return data
+
+
+def _accuracy(lm, method, task, length, samples, seed, depth=None) -> tuple[float, list]:
+    """Mean score over ``samples`` prompts, and the generations (for survival diagnostics)."""
+    eos = eos_token_ids(lm)
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    scores, gens = [], []
+    for i in range(samples):
+        sample = make_sample(task, lm.tokenizer, length, seed + i, depth=depth)
+        ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
+        gen = generate_ids(lm.model, ids, method, 32, eos_ids=eos)
+        scores.append(score(sample, lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)))
+        gens.append((sample, ids, gen))
+    return statistics.mean(scores), gens
+
+
+def _survival(lm, sample, ids, gen) -> dict:
+    """Fraction of the needle values' tokens kept: in the propagated set, and per layer in KV
+    (mean over KV heads). GemFilter's KV positions are mapped back to the prompt."""
+    ids = ids.tolist()
+    needle = set()
+    for answer in sample.answers:
+        target = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        for i in range(len(ids) - len(target) + 1):
+            if ids[i : i + len(target)] == target:
+                needle.update(range(i, i + len(target)))
+    if not needle:
+        return {"propagated": None, "kv_per_layer": []}
+    stats = gen.stats
+    original = stats.propagated_positions if stats.method == "gemfilter" else None
+    propagated = set(stats.propagated_positions or range(len(ids)))
+    per_layer = []
+    for layer in gen.cache.layers:
+        heads = []
+        for head in layer.kept_positions().tolist():
+            kept = {original[p] for p in head if p < len(original)} if original else set(head)
+            heads.append(len(needle & kept) / len(needle))
+        per_layer.append(statistics.mean(heads))
+    return {"propagated": len(needle & propagated) / len(needle), "kv_per_layer": per_layer}
+
+
+@torch.inference_mode()
+def decoupling_report(
+    lm, out: Path, length: int, samples: int, seed: int = 0, task: str = "niah_single_1",
+    r_structs=(0.1, 0.2, 0.3, 0.5), r_kvs=(0.1, 0.25, 0.5),
+    lambdas=(0.1, 0.3, 0.5, 0.9), pivots=None, methods=(),
+):  # fmt: skip
+    """Accuracy over R_struct x R_KV (paper Figure 7), over λ x pivot layer for StructKV, and
+    needle survival per stage for each of ``methods`` at the default budgets."""
+    base = as_method("structkv", lm.model_id)
+    budgets = {}
+    for rs in r_structs:
+        for rk in r_kvs:
+            method = replace(base, r_struct=rs, r_kv=rk)
+            budgets[(rs, rk)] = _accuracy(lm, method, task, length, samples, seed)[0]
+    plots.plot_grid(budgets, out / "decoupling.png", "R_struct", "R_KV", f"structkv: {task}")
+    num_layers = len(lm.model.model.layers)
+    pivots = pivots or range(search_range(num_layers)[0], search_range(num_layers)[1] + 1, 2)
+    sweep = {}
+    for lam in lambdas:
+        for p in pivots:
+            method = replace(base, lam=lam, pivot=p)
+            sweep[(p, lam)] = _accuracy(lm, method, task, length, samples, seed)[0]
+    plots.plot_grid(sweep, out / "lambda-pivot.png", "pivot layer", "λ", f"structkv: {task}")
+    survival = {}
+    for name in methods:
+        acc, gens = _accuracy(lm, as_method(name, lm.model_id), task, length, samples, seed)
+        rows = [_survival(lm, *g) for g in gens]
+        kept = [r["propagated"] for r in rows if r["propagated"] is not None]
+        layers = [r["kv_per_layer"] for r in rows if r["kv_per_layer"]]
+        survival[name] = {
+            "accuracy": acc,
+            "propagated": statistics.mean(kept) if kept else None,
+            "kv_per_layer": [statistics.mean(c) for c in zip(*layers)] if layers else [],
+        }
+    data = {
+        "model": lm.model_id,
+        "task": task,
+        "length": length,
+        "samples": samples,
+        "budgets": {f"{rs}/{rk}": v for (rs, rk), v in budgets.items()},
+        "lambda_pivot": {f"{lam}@{p}": v for (p, lam), v in sweep.items()},
+        "survival": survival,
+    }
+    _write(out, "decoupling.json", data)
     return data
