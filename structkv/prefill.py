@@ -39,7 +39,7 @@ class LayerView:
     attn: torch.Tensor | None = None  # [H, w, n] window attention (fp32)
     saliency_heads: torch.Tensor | None = None  # [G, n]
     saliency: torch.Tensor | None = None  # [n]
-    metrics: tuple[float, float, float] | None = None  # (entropy, sparsity, variance)
+    metrics: tuple[float, float, float] | None = None  # (H, ρ, V); full-length layers only
     hidden: torch.Tensor | None = None  # [1, n, hidden] output of this layer (read-only)
 
     @property
@@ -65,6 +65,7 @@ class PrefillStats:
     kv_bytes: int = 0
     kv_bytes_full: int = 0
     compute_fraction: float = 1.0
+    # Pivot statistics (§3) of each full-length layer, 0..L* (all layers without propagation).
     entropy: list[float] = field(default_factory=list)
     sparsity: list[float] = field(default_factory=list)
     variance: list[float] = field(default_factory=list)
@@ -160,10 +161,13 @@ def run_prefill(
             view.saliency_heads = saliency_per_head(view.attn, num_kv)
             view.saliency = view.saliency_heads.sum(0)
             t = timer.add("saliency", t)
-            view.metrics = attention_metrics(view.attn, view.saliency)
-            for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
-                getattr(stats, name).append(value)
-            t = timer.add("pivot_metrics", t)
+            # The pivot statistics describe full-length layers; after compaction nothing reads
+            # them, so the hot post-pivot path skips them.
+            if stats.pivot_layer is None:
+                view.metrics = attention_metrics(view.attn, view.saliency)
+                for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
+                    getattr(stats, name).append(value)
+                t = timer.add("pivot_metrics", t)
 
         if observer is not None:
             observer(view)
