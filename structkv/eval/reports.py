@@ -147,33 +147,6 @@ def latency_report(lm, methods: list[str], out: Path, length: int, repeats: int 
     return breakdown
 
 
-@torch.inference_mode()
-def niah_report(lm, methods, out: Path, lengths, depths, samples, seed=0, task="niah_single_2"):
-    """Accuracy grid over lengths x depths per method (paper Figure 6), JSON + heatmaps."""
-    eos = eos_token_ids(lm)
-    chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    data = {}
-    for name in methods:
-        method = as_method(name, lm.model_id)
-        grid = {}
-        for n in lengths:
-            for d in depths:
-                scores = []
-                for i in range(samples):
-                    sample = make_sample(task, lm.tokenizer, n, seed + i, depth=d)
-                    ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
-                    gen = generate_ids(lm.model, ids, method, 32, eos_ids=eos)
-                    text = lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-                    scores.append(score(sample, text))
-                grid[(n, d)] = statistics.mean(scores)
-        data[name] = {f"{n}@{d}": v for (n, d), v in grid.items()}
-        plots.plot_grid(
-            grid, out / f"niah-{name}.png", "context tokens", "needle depth", f"{name}: {task}"
-        )
-    _write(out, "niah.json", {"model": lm.model_id, "task": task, "grid": data})
-    return data
-
-
 def _accuracy(lm, method, task, length, samples, seed, depth=None) -> tuple[float, list]:
     """Mean score over ``samples`` prompts, and the generations (for survival diagnostics)."""
     eos = eos_token_ids(lm)
@@ -186,6 +159,25 @@ def _accuracy(lm, method, task, length, samples, seed, depth=None) -> tuple[floa
         scores.append(score(sample, lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)))
         gens.append((sample, ids, gen))
     return statistics.mean(scores), gens
+
+
+@torch.inference_mode()
+def niah_report(lm, methods, out: Path, lengths, depths, samples, seed=0, task="niah_single_2"):
+    """Accuracy grid over lengths x depths per method (paper Figure 6), JSON + heatmaps."""
+    data = {}
+    for name in methods:
+        method = as_method(name, lm.model_id)
+        grid = {
+            (n, d): _accuracy(lm, method, task, n, samples, seed, depth=d)[0]
+            for n in lengths
+            for d in depths
+        }
+        data[name] = {f"{n}@{d}": v for (n, d), v in grid.items()}
+        plots.plot_grid(
+            grid, out / f"niah-{name}.png", "context tokens", "needle depth", f"{name}: {task}"
+        )
+    _write(out, "niah.json", {"model": lm.model_id, "task": task, "grid": data})
+    return data
 
 
 def _survival(lm, sample, ids, gen) -> dict:
@@ -222,19 +214,17 @@ def decoupling_report(
     """Accuracy over R_struct x R_KV (paper Figure 7), over λ x pivot layer for StructKV, and
     needle survival per stage for each of ``methods`` at the default budgets."""
     base = as_method("structkv", lm.model_id)
-    budgets = {}
-    for rs in r_structs:
-        for rk in r_kvs:
-            method = replace(base, r_struct=rs, r_kv=rk)
-            budgets[(rs, rk)] = _accuracy(lm, method, task, length, samples, seed)[0]
+
+    def grid(methods: dict) -> dict:
+        return {k: _accuracy(lm, m, task, length, samples, seed)[0] for k, m in methods.items()}
+
+    budgets = grid(
+        {(rs, rk): replace(base, r_struct=rs, r_kv=rk) for rs in r_structs for rk in r_kvs}
+    )
     plots.plot_grid(budgets, out / "decoupling.png", "R_struct", "R_KV", f"structkv: {task}")
     num_layers = len(lm.model.model.layers)
     pivots = pivots or range(search_range(num_layers)[0], search_range(num_layers)[1] + 1, 2)
-    sweep = {}
-    for lam in lambdas:
-        for p in pivots:
-            method = replace(base, lam=lam, pivot=p)
-            sweep[(p, lam)] = _accuracy(lm, method, task, length, samples, seed)[0]
+    sweep = grid({(p, lam): replace(base, lam=lam, pivot=p) for lam in lambdas for p in pivots})
     plots.plot_grid(sweep, out / "lambda-pivot.png", "pivot layer", "λ", f"structkv: {task}")
     survival = {}
     for name in methods:
