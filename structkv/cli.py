@@ -151,7 +151,10 @@ def cmd_eval_ruler(args) -> int:
         samples=args.samples or preset["samples"],
         seed=args.seed,
         knobs=_method_knobs(args),
+        haystack_file=args.haystack_file,
     )
+    if args.haystack_file and not Path(args.haystack_file).is_file():
+        raise StructKVError(f"haystack file {args.haystack_file} does not exist")
     lm = load(args.model)
     out = Path(args.out)
     run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
@@ -248,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, help="samples per task and length")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
+    r.add_argument("--haystack-file", help="your own prose for the haystack (default: docstrings)")
     _add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import ByteTokenizer
 
 from structkv.eval.runner import RunConfig, results_table, run_ruler
@@ -42,3 +43,20 @@ def test_table_by_hand():
     table = results_table(results, cfg).splitlines()
     assert table[2] == "| full | 75.0 | 75.0 | 100.0 | 0 |"
     assert table[3] == "| snapkv | 25.0 | 25.0 | 33.3 | 1 |"
+
+
+@pytest.mark.real_model
+def test_quick_profile_on_the_embedded_model(tmp_path, capsys):
+    """`structkv eval ruler --profile quick` (CI-sized) runs end to end, then resumes to no-op."""
+    import time
+
+    from structkv.cli import main
+
+    assert main(["eval", "ruler", "--profile", "quick", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| full", "| snapkv", "| structkv"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 3 * 2 * 2 and all("error" not in e for e in results.values())
+    start = time.perf_counter()
+    assert main(["eval", "ruler", "--profile", "quick", "--out", str(tmp_path)]) == 0
+    assert time.perf_counter() - start < 10  # everything was already scored

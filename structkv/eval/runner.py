@@ -41,6 +41,7 @@ class RunConfig:
     seed: int = 0
     max_new_tokens: int = 32
     knobs: dict | None = None
+    haystack_file: str | None = None
 
 
 def _key(method: str, task: str, length: int, seed: int) -> str:
@@ -75,7 +76,7 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
         if method not in methods:
             knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
             methods[method] = as_method(method, lm.model_id, **knobs)
-        sample = make_sample(task, lm.tokenizer, length, seed)
+        sample = make_sample(task, lm.tokenizer, length, seed, cfg.haystack_file)
         entry = {"answers": sample.answers}
         start = time.perf_counter()
         try:
