@@ -140,3 +140,18 @@ def test_sliding_window_matches_hf():
     ids = _ids(n=48)
     out = get_method("full").prefill(model, ids, extra_capacity=4)
     assert_matches_hf(model, out.logits, lambda t: decode_step(model, out.cache, t), ids, 4)
+
+
+def test_cache_grows_past_its_preallocation(tiny_llama):
+    """Decoding beyond the preallocated slots grows the buffers and changes nothing."""
+    ids = _ids()
+    roomy = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=40)
+    tight = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=0)
+    token = int(roomy.logits.argmax())
+    for _ in range(40):
+        a = decode_step(tiny_llama.model, roomy.cache, token)
+        b = decode_step(tiny_llama.model, tight.cache, token)
+        torch.testing.assert_close(a, b)
+        token = int(a.argmax())
+    assert tight.cache.tokens_per_layer() == roomy.cache.tokens_per_layer()
+    assert tight.cache.layers[0].kept_positions()[0, -1] == N + 39
