@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
-import torch
 
 from structkv.errors import StructKVError
 from structkv.methods import METHODS
@@ -40,15 +40,38 @@ def test_real_model_config(smollm2):
     assert cfg.rope_parameters["rope_theta"] == 100000.0
 
 
+@pytest.fixture(scope="module")
+def needle_2k(smollm2, tmp_path_factory):
+    from structkv.eval.needle import make_needle_prompt
+
+    needle = make_needle_prompt(smollm2.tokenizer, 2048, 0.5, seed=1, haystack="noise")
+    path = tmp_path_factory.mktemp("prompt") / "needle-2k.txt"
+    path.write_text(needle.prompt)
+    return path
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_on_the_real_model(smollm2, name):
-    from structkv.generate import as_method, encode_prompt, generate_ids
+def test_every_method_runs_from_the_cli_on_a_2k_needle_prompt(name, needle_2k, capsys):
+    """`structkv generate --model smollm2-135m --method M --chat --json`, 24 new tokens."""
+    from structkv.cli import main
 
-    ids = encode_prompt(smollm2.tokenizer, "The grass is green. " * 100 + "What is green?", True)
-    out = generate_ids(smollm2.model, ids, as_method(name, smollm2.model_id), max_new_tokens=4)
-    n = int(ids.shape[0])
-    assert len(out.tokens) >= 1 and out.stats.prompt_tokens == n
-    if name in ("snapkv", "fastkv", "structkv", "structkv-paper", "streamingllm"):
-        assert out.stats.kv_tokens_per_layer[0] == math.ceil(0.1 * n) + 8
-    assert torch.isfinite(torch.tensor(out.stats.prefill_s))
+    argv = ["generate", "--model", "smollm2-135m", "--method", name, "--chat", "--json"]
+    argv += ["--prompt-file", str(needle_2k), "--max-new-tokens", "24"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    stats, n = out["stats"], out["stats"]["prompt_tokens"]
+    assert 2000 <= n <= 2200 and out["text"]
+    assert 1 <= stats["new_tokens"] <= 24
+    kept = stats["kv_tokens_per_layer"]
+    per_token = 2 * 3 * 64 * 4  # K and V, 3 KV heads, head dim 64, fp32
+    assert stats["kv_bytes"] == sum(kept) * per_token
+    assert stats["kv_bytes_full"] == 30 * n * per_token
+    if name == "full":
+        assert kept == [n] * 30
+    elif name == "pyramidkv":
+        assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+    elif name == "gemfilter":  # the re-run on the selected tokens keeps all of them
+        assert kept == [stats["propagated_tokens"]] * 30
+    else:
+        assert kept == [math.ceil(0.1 * n) + 8] * 30
