@@ -171,15 +171,16 @@ def run_prefill(
 
         if observer is not None:
             observer(view)
-        keep = method.select_kv(view, state)
-        if keep is None:
-            kept_k, kept_v = k, v
-            kept_pos = positions.expand(num_kv, -1)
-        else:
-            kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
-            kept_pos = positions[keep]
-        caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
-        t = timer.add("kv_select", t)
+        if stop_after is None:  # a filter pass (GemFilter) decodes nothing: no cache to fill
+            keep = method.select_kv(view, state)
+            if keep is None:
+                kept_k, kept_v = k, v
+                kept_pos = positions.expand(num_kv, -1)
+            else:
+                kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
+                kept_pos = positions[keep]
+            caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
+            t = timer.add("kv_select", t)
 
         if stats.pivot_layer is None and index < num_layers - 1:
             chosen = method.propagate(view, state)

@@ -10,7 +10,7 @@ from reference import assert_matches_hf
 
 from structkv.calibration import compute_fraction, max_pivot_under_cap
 from structkv.generate import decode_step, generate_ids, sample
-from structkv.methods import METHODS, PyramidKV, StreamingLLM, StructKV, get_method
+from structkv.methods import METHODS, PyramidKV, SnapKV, StreamingLLM, StructKV, get_method
 from structkv.models import tiny_model
 from structkv.prefill import Resume, run_prefill
 
@@ -76,23 +76,15 @@ def test_resume_equals_a_direct_prefill(tiny_llama):
     model, ids = tiny_llama.model, _ids()
     method = StructKV(pivot=2, lam=0.4)
     direct = method.prefill(model, ids)
-    head = run_prefill(model, ids, method, stop_after=2)
     keep = torch.tensor(direct.stats.propagated_positions)
-    hidden = None
-
-    class Capture(StructKV):
-        def select_kv(self, view, state):
-            nonlocal hidden
-            if view.layer == 2:
-                hidden = view.hidden
-            return super().select_kv(view, state)
-
-    run_prefill(model, ids, Capture(pivot=2, lam=0.4), stop_after=2)
+    hidden = {}
+    # SnapKV selects the early layers' KV exactly as StructKV does before its pivot.
+    early = SnapKV().prefill(model, ids, observer=lambda v: hidden.setdefault(v.layer, v.hidden))
     resumed = run_prefill(
-        model, ids, method, resume=Resume(2, hidden[:, keep], keep, head.cache.layers)
+        model, ids, method, resume=Resume(2, hidden[2][:, keep], keep, early.cache.layers[:3])
     )
     torch.testing.assert_close(resumed.logits, direct.logits)
-    for a, b in zip(resumed.cache.layers, direct.cache.layers):
+    for a, b in zip(resumed.cache.layers, direct.cache.layers, strict=True):
         assert torch.equal(a.kept_positions(), b.kept_positions())
 
 
