@@ -15,8 +15,8 @@ import torch
 from structkv.cache import CompressedKVCache
 from structkv.errors import StructKVError
 from structkv.layers import attend, decoder_layers, final_logits, qkv, rope, sliding_window
-from structkv.methods import Method, get_method
-from structkv.prefill import PrefillStats
+from structkv.methods import Method, get_method, prefill_shared
+from structkv.prefill import PrefillResult, PrefillStats
 
 
 @torch.inference_mode()
@@ -105,6 +105,37 @@ def generate_ids(
         raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_context(model, int(input_ids.shape[0]), max_new_tokens)
     result = method.prefill(model, input_ids, extra_capacity=max_new_tokens)
+    return decode(model, result, max_new_tokens, temperature, top_p, seed, eos_ids)
+
+
+@torch.inference_mode()
+def generate_many(
+    model,
+    input_ids: torch.Tensor,
+    methods: list[Method],
+    max_new_tokens: int = 32,
+    eos_ids: tuple[int, ...] = (),
+) -> list[Generation]:
+    """Greedy generation of the same prompt with several methods, sharing their full-length
+    prefill layers (:func:`structkv.methods.prefill_shared`); equals one ``generate_ids`` each."""
+    if max_new_tokens < 1:
+        raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_context(model, int(input_ids.shape[0]), max_new_tokens)
+    results = prefill_shared(model, input_ids, methods, extra_capacity=max_new_tokens)
+    return [decode(model, r, max_new_tokens, eos_ids=eos_ids) for r in results]
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    result: PrefillResult,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_ids: tuple[int, ...] = (),
+) -> Generation:
+    """Sample the first token from the prefill logits, then decode on the prefill's cache."""
     generator = torch.Generator().manual_seed(seed)
     tokens = [sample(result.logits, temperature, top_p, generator)]
     start = time.perf_counter()

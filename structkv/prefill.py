@@ -80,13 +80,20 @@ class PrefillStats:
 
 @dataclass
 class Resume:
-    """Start a prefill after ``layer`` from a known (already compacted) state: used by
-    calibration to try many pivots/λ without re-running the shared early layers."""
+    """Start a prefill after ``layer`` from a known (already compacted) state.
+
+    Calibration uses it to try many pivots/λ without re-running the shared early layers, and a
+    shared pass hands each method that propagates over to its own compacted run with it. When
+    ``state`` and ``stats`` are given (a method leaving a shared pass) the run continues them, so
+    the result is exactly that of one uninterrupted prefill.
+    """
 
     layer: int
     hidden: torch.Tensor  # [1, n, hidden] input to layer + 1
     positions: torch.Tensor  # [n]
     caches: list[LayerCache]  # KV of layers 0..layer, already selected
+    state: object = None
+    stats: PrefillStats | None = None
 
 
 @dataclass
@@ -97,8 +104,8 @@ class PrefillResult:
 
 
 class _Timer:
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
+    def __init__(self, totals: dict[str, float] | None = None) -> None:
+        self.totals: dict[str, float] = dict(totals or {})
 
     def add(self, key: str, start: float) -> float:
         now = time.perf_counter()
@@ -106,12 +113,22 @@ class _Timer:
         return now
 
 
+@dataclass
+class _Rider:
+    """One method's progress through a (possibly shared) pass."""
+
+    method: object
+    state: object
+    stats: PrefillStats
+    caches: list[LayerCache]
+    exit: Resume | None = None
+
+
 def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x ``[1, G, n, D]``, idx ``[G, K]`` -> ``[1, G, K, D]`` (each head its own tokens)."""
     return x[0].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))[None]
 
 
-@torch.inference_mode()
 def run_prefill(
     model,
     input_ids: torch.Tensor,
@@ -128,87 +145,160 @@ def run_prefill(
     a given layer from a given compacted state (no further propagation happens then).
     ``observer(view)`` sees every layer's view (fidelity analysis reads hidden states there).
     """
+    return run_prefill_shared(
+        model, input_ids, [method], extra_capacity, stop_after, resume, observer
+    )[0]
+
+
+@torch.inference_mode()
+def run_prefill_shared(
+    model,
+    input_ids: torch.Tensor,
+    methods: list,
+    extra_capacity: int = 0,
+    stop_after: int | None = None,
+    resume: Resume | None = None,
+    observer: Callable[[LayerView], None] | None = None,
+) -> list[PrefillResult]:
+    """One prefill per method, sharing every full-length layer until each method propagates.
+
+    Before its pivot a method's hidden states are the full model's, so the layers up to there
+    run once for all of them (an evaluation of eight methods at 4K pays for about one full
+    prefill instead of five); a method that propagates continues on its own compacted tokens.
+    Results equal separate :func:`run_prefill` calls; timings are those of the shared pass.
+    Methods that compute saliency must share one observation window.
+    """
+    windows = {m.window for m in methods if m.needs_saliency}
+    if len(windows) > 1:
+        raise ValueError(f"methods sharing a pass need one window, got {sorted(windows)}")
+    if resume is not None and len(methods) != 1:
+        raise ValueError("resume continues exactly one method")
     t_start = time.perf_counter()
-    timer = _Timer()
     layers = decoder_layers(model)
     num_layers = len(layers)
     n_prompt = int(input_ids.shape[0])
     _, num_kv, head_dim = head_dims(model)
-    state = method.begin(num_layers, n_prompt)
+    prior = resume.stats if resume is not None else None
+    timer = _Timer(prior.timings if prior is not None else None)
 
-    stats = PrefillStats(method.name, n_prompt, num_layers, propagated_tokens=n_prompt)
     if resume is None:
-        first, positions, caches = 0, torch.arange(n_prompt), []
+        first, positions = 0, torch.arange(n_prompt)
         h = model.model.embed_tokens(input_ids[None])
+        riders = [
+            _Rider(
+                m,
+                m.begin(num_layers, n_prompt),
+                PrefillStats(m.name, n_prompt, num_layers, propagated_tokens=n_prompt),
+                [],
+            )
+            for m in methods
+        ]
     else:
+        (method,) = methods
         first, h, positions = resume.layer + 1, resume.hidden, resume.positions
-        caches = list(resume.caches)
+        state = resume.state if resume.state is not None else method.begin(num_layers, n_prompt)
+        stats = prior or PrefillStats(method.name, n_prompt, num_layers)
         stats.pivot_layer, stats.propagated_tokens = resume.layer, int(positions.shape[0])
+        riders = [_Rider(method, state, stats, list(resume.caches))]
+    compacted = resume is not None
+    needs_saliency = bool(windows)
+    window = next(iter(windows)) if windows else 0
+    t = time.perf_counter()
     cos, sin = rope(model, positions, h.dtype)
+    if prior is not None:
+        timer.add("compaction", t)
     tokens_run = first * n_prompt
     last = num_layers - 1 if stop_after is None else stop_after
+    active = list(riders)
     for index in range(first, last + 1):
         layer = layers[index]
         t = time.perf_counter()
         h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
         tokens_run += positions.shape[0]
-        t = timer.add("layers_full" if stats.pivot_layer is None else "layers_compacted", t)
+        t = timer.add("layers_compacted" if compacted else "layers_full", t)
         view = LayerView(index, num_layers, n_prompt, num_kv, positions, hidden=h)
-        if method.needs_saliency:
+        if needs_saliency:
             view.attn = window_attention(
-                q, k, positions, method.window, layer.self_attn.scaling, sliding_window(layer)
+                q, k, positions, window, layer.self_attn.scaling, sliding_window(layer)
             )
             view.saliency_heads = saliency_per_head(view.attn, num_kv)
             view.saliency = view.saliency_heads.sum(0)
             t = timer.add("saliency", t)
             # The pivot statistics describe full-length layers; after compaction nothing reads
             # them, so the hot post-pivot path skips them.
-            if stats.pivot_layer is None:
+            if not compacted:
                 view.metrics = attention_metrics(view.attn, view.saliency)
-                for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
-                    getattr(stats, name).append(value)
                 t = timer.add("pivot_metrics", t)
 
         if observer is not None:
             observer(view)
-        if stop_after is None:  # a filter pass (GemFilter) decodes nothing: no cache to fill
-            keep = method.select_kv(view, state)
-            if keep is None:
-                kept_k, kept_v = k, v
-                kept_pos = positions.expand(num_kv, -1)
-            else:
-                kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
-                kept_pos = positions[keep]
-            caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
-            t = timer.add("kv_select", t)
+        for rider in list(active):
+            if view.metrics is not None and rider.method.needs_saliency:
+                for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
+                    getattr(rider.stats, name).append(value)
+            if stop_after is None:  # a filter pass (GemFilter) decodes nothing: no cache to fill
+                keep = rider.method.select_kv(view, rider.state)
+                if keep is None:
+                    kept_k, kept_v = k, v
+                    kept_pos = positions.expand(num_kv, -1)
+                else:
+                    kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
+                    kept_pos = positions[keep]
+                rider.caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
+                t = timer.add("kv_select", t)
+            if not compacted and index < num_layers - 1:
+                chosen = rider.method.propagate(view, rider.state)
+                t = timer.add("centrality_pivot", t)
+                if chosen is not None:
+                    kept = positions[chosen]
+                    rider.exit = Resume(
+                        index, h[:, chosen], kept, rider.caches, rider.state, rider.stats
+                    )
+                    t = timer.add("compaction", t)
+                    rider.stats.pivot_layer = index
+                    rider.stats.propagated_positions = kept.tolist()
+                    rider.stats.timings = dict(timer.totals)
+                    rider.stats.prefill_s = t - t_start
+                    active.remove(rider)
+        if not active:
+            break
 
-        if stats.pivot_layer is None and index < num_layers - 1:
-            chosen = method.propagate(view, state)
-            t = timer.add("centrality_pivot", t)
-            if chosen is not None:
-                h = h[:, chosen]
-                positions = positions[chosen]
-                cos, sin = rope(model, positions, h.dtype)
-                stats.pivot_layer = index
-                stats.propagated_tokens = int(positions.shape[0])
-                stats.propagated_positions = positions.tolist()
-                timer.add("compaction", t)
+    logits = final_logits(model, h[:, -1])[0] if stop_after is None and active else None
+    results = []
+    for rider in riders:
+        if rider.exit is not None:
+            results.extend(
+                run_prefill_shared(
+                    model,
+                    input_ids,
+                    [rider.method],
+                    extra_capacity,
+                    resume=rider.exit,
+                    observer=observer,
+                )
+            )
+            continue
+        stats = rider.stats
+        stats.prefill_s = time.perf_counter() - t_start + (prior.prefill_s if prior else 0.0)
+        stats.timings = dict(timer.totals)
+        cache = CompressedKVCache(rider.caches, next_position=n_prompt)
+        results.append(_finish(rider, cache, logits, tokens_run, num_kv, head_dim, h))
+    return results
 
-    logits = final_logits(model, h[:, -1])[0] if stop_after is None else torch.empty(0)
-    cache = CompressedKVCache(caches, next_position=n_prompt)
-    stats.prefill_s = time.perf_counter() - t_start
-    stats.timings = timer.totals
-    stats.overhead_s = timer.totals.get("pivot_metrics", 0.0) + timer.totals.get(
+
+def _finish(rider, cache, logits, tokens_run, num_kv, head_dim, h) -> PrefillResult:
+    stats = rider.stats
+    stats.overhead_s = stats.timings.get("pivot_metrics", 0.0) + stats.timings.get(
         "centrality_pivot", 0.0
     )
     stats.kv_tokens_per_layer = cache.tokens_per_layer()
     stats.kv_bytes = cache.nbytes()
     elem = h.element_size()
-    stats.kv_bytes_full = 2 * num_layers * num_kv * head_dim * n_prompt * elem
-    stats.compute_fraction = tokens_run / (num_layers * n_prompt)
+    stats.kv_bytes_full = 2 * stats.num_layers * num_kv * head_dim * stats.prompt_tokens * elem
+    stats.compute_fraction = tokens_run / (stats.num_layers * stats.prompt_tokens)
     if len(stats.entropy) > 1:
         stats.transition = transition_scores(
             list(zip(stats.entropy, stats.sparsity, stats.variance))
         )
-    method.finish(state, stats)
-    return PrefillResult(cache, logits, stats)
+    rider.method.finish(rider.state, stats)
+    return PrefillResult(cache, logits if logits is not None else torch.empty(0), stats)

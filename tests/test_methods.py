@@ -9,8 +9,16 @@ import torch
 from reference import assert_matches_hf
 
 from structkv.calibration import compute_fraction, max_pivot_under_cap
-from structkv.generate import decode_step, generate_ids, sample
-from structkv.methods import METHODS, PyramidKV, SnapKV, StreamingLLM, StructKV, get_method
+from structkv.generate import decode_step, generate_ids, generate_many, sample
+from structkv.methods import (
+    METHODS,
+    PyramidKV,
+    SnapKV,
+    StreamingLLM,
+    StructKV,
+    get_method,
+    prefill_shared,
+)
 from structkv.models import tiny_model
 from structkv.prefill import Resume, run_prefill
 
@@ -147,3 +155,50 @@ def test_cache_grows_past_its_preallocation(tiny_llama):
         token = int(a.argmax())
     assert tight.cache.tokens_per_layer() == roomy.cache.tokens_per_layer()
     assert tight.cache.layers[0].kept_positions()[0, -1] == N + 39
+
+
+def test_shared_prefill_equals_separate_runs(tiny_llama):
+    """Every registered method, prefilled together (full-length layers shared), gives exactly
+    what it gives alone: kept positions, K/V, logits and the stats that describe the method."""
+    model, ids = tiny_llama.model, _ids()
+    knobs = {"structkv": {"pivot": 2, "lam": 0.5}, "structkv-paper": {"l_min": 1, "l_max": 4}}
+    methods = [get_method(name, **knobs.get(name, {})) for name in METHODS]
+    shared = prefill_shared(model, ids, methods, extra_capacity=3)
+    for method, got in zip(methods, shared, strict=True):
+        alone = method.prefill(model, ids, extra_capacity=3)
+        assert got.stats.method == method.name
+        torch.testing.assert_close(got.logits, alone.logits, rtol=0, atol=0)
+        for a, b in zip(got.cache.layers, alone.cache.layers, strict=True):
+            assert torch.equal(a.kept_positions(), b.kept_positions())
+            assert torch.equal(a.keys(), b.keys()) and torch.equal(a.values(), b.values())
+        for field in (
+            "pivot_layer",
+            "propagated_positions",
+            "compute_fraction",
+            "lam",
+            "kv_tokens_per_layer",
+            "entropy",
+            "transition",
+        ):
+            assert getattr(got.stats, field) == getattr(alone.stats, field), (method.name, field)
+    pivots = {m.name: r.stats.pivot_layer for m, r in zip(methods, shared)}
+    assert pivots["structkv"] == 2 and pivots["fastkv"] == L // 2  # they did branch off
+    assert pivots["full"] is None
+
+
+def test_generate_many_equals_generate_ids(tiny_llama):
+    model, ids = tiny_llama.model, _ids()
+    methods = [get_method(n) for n in ("full", "snapkv", "fastkv", "gemfilter")]
+    many = generate_many(model, ids, methods, max_new_tokens=6)
+    for method, got in zip(methods, many, strict=True):
+        assert got.tokens == generate_ids(model, ids, method, max_new_tokens=6).tokens
+
+
+def test_shared_prefill_refuses_mixed_windows(tiny_llama):
+    from structkv.prefill import run_prefill_shared
+
+    with pytest.raises(ValueError, match="one window"):
+        run_prefill_shared(tiny_llama.model, _ids(), [SnapKV(window=8), SnapKV(window=4)])
+    # prefill_shared groups them instead
+    both = prefill_shared(tiny_llama.model, _ids(), [SnapKV(window=8), SnapKV(window=4)])
+    assert [r.stats.kv_tokens_per_layer[0] for r in both] == [12 + 8, 12 + 4]

@@ -45,6 +45,19 @@ def test_table_by_hand():
     assert table[3] == "| snapkv | 25.0 | 25.0 | 33.3 | 1 |"
 
 
+def test_wall_time_counts_each_shared_prompt_once():
+    from structkv.eval.runner import _wall_time
+
+    results = {  # two methods shared one 60 s generation; a second prompt took 30 s
+        "full|t|1024|0": {"score": 1, "group_seconds": 60.0},
+        "snapkv|t|1024|0": {"score": 1, "group_seconds": 60.0},
+        "full|t|2048|0": {"score": 1, "group_seconds": 30.0},
+    }
+    assert _wall_time(results).strip() == (
+        "Wall time (generation only): 1.5 min (1024: 1.0 min, 2048: 0.5 min)."
+    )
+
+
 @pytest.mark.real_model
 def test_quick_profile_on_the_embedded_model(tmp_path, capsys):
     """`structkv eval ruler --profile quick` (CI-sized) runs end to end, then resumes to no-op."""
@@ -54,7 +67,8 @@ def test_quick_profile_on_the_embedded_model(tmp_path, capsys):
 
     assert main(["eval", "ruler", "--profile", "quick", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| full", "| snapkv", "| structkv"]
+    assert [row.split(" | ")[0] for row in table[2:5]] == ["| full", "| snapkv", "| structkv"]
+    assert table[6].startswith("Wall time (generation only): ")
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == 3 * 2 * 2 and all("error" not in e for e in results.values())
     start = time.perf_counter()

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from structkv.eval.ruler import TASKS, make_sample, score
-from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
+from structkv.generate import (
+    as_method,
+    encode_prompt,
+    eos_token_ids,
+    generate_ids,
+    generate_many,
+)
 
 #: ``--profile quick`` (CI-sized, < 3 minutes on 2 cores) and ``--profile full`` (the report).
 PROFILES = {
@@ -62,40 +68,54 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
     results = json.loads(path.read_text()) if path.is_file() else {}
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     eos = eos_token_ids(lm)
-    todo = [
-        (m, t, n, cfg.seed + i)
-        for m in cfg.methods
-        for t in cfg.tasks
-        for n in cfg.lengths
-        for i in range(cfg.samples)
-        if _key(m, t, n, cfg.seed + i) not in results
-    ]
-    bar = progress(total=len(todo)) if progress else None
+    # Length-major, then sample: a stopped run leaves whole (task, length) cells for all
+    # methods, and the methods of one prompt share their full-length prefill layers.
+    todo = []
+    for n in cfg.lengths:
+        for t in cfg.tasks:
+            for i in range(cfg.samples):
+                missing = [m for m in cfg.methods if _key(m, t, n, cfg.seed + i) not in results]
+                if missing:
+                    todo.append((t, n, cfg.seed + i, missing))
+    bar = progress(total=sum(len(m) for *_, m in todo)) if progress else None
     methods = {}
-    for method, task, length, seed in todo:
-        if method not in methods:
-            knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
-            methods[method] = as_method(method, lm.model_id, **knobs)
+    for task, length, seed, names in todo:
+        for name in names:
+            if name not in methods:
+                knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
+                methods[name] = as_method(name, lm.model_id, **knobs)
         sample = make_sample(task, lm.tokenizer, length, seed, cfg.haystack_file)
-        entry = {"answers": sample.answers}
         start = time.perf_counter()
+        ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
         try:
-            ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
-            gen = generate_ids(lm.model, ids, methods[method], cfg.max_new_tokens, eos_ids=eos)
-            text = lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-            entry.update(
-                score=score(sample, text),
-                output=text,
-                prompt_tokens=int(ids.shape[0]),
-                pivot_layer=gen.stats.pivot_layer,
+            gens = generate_many(
+                lm.model, ids, [methods[m] for m in names], cfg.max_new_tokens, eos_ids=eos
             )
-        except Exception as e:  # counted and shown in results.md, never dropped silently
-            entry.update(score=None, error=f"{type(e).__name__}: {e}")
-        entry["seconds"] = round(time.perf_counter() - start, 3)
-        results[_key(method, task, length, seed)] = entry
+        except Exception:  # find out which method fails: run each alone below
+            gens = [None] * len(names)
+        group_s = round(time.perf_counter() - start, 3)
+        for name, gen in zip(names, gens, strict=True):
+            entry = {"answers": sample.answers, "group_seconds": group_s}
+            try:
+                if gen is None:
+                    gen = generate_ids(
+                        lm.model, ids, methods[name], cfg.max_new_tokens, eos_ids=eos
+                    )
+                text = lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                entry.update(
+                    score=score(sample, text),
+                    output=text,
+                    prompt_tokens=int(ids.shape[0]),
+                    pivot_layer=gen.stats.pivot_layer,
+                    prefill_s=round(gen.stats.prefill_s, 3),
+                    decode_s=round(gen.decode_s, 3),
+                )
+            except Exception as e:  # counted and shown in results.md, never dropped silently
+                entry.update(score=None, error=f"{type(e).__name__}: {e}")
+            results[_key(name, task, length, seed)] = entry
+            if bar:
+                bar.update(1)
         _save_json(path, results)
-        if bar:
-            bar.update(1)
     if bar:
         bar.close()
     (out_dir / "results.md").write_text(results_table(results, cfg))
@@ -130,4 +150,20 @@ def results_table(results: dict, cfg: RunConfig) -> str:
         pct = f"{100 * avg / full:.1f}" if avg is not None and full else "–"
         avg_s = f"{avg:.1f}" if avg is not None else "–"
         out.append("| " + " | ".join([m, *cells, avg_s, pct, str(errors)]) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + _wall_time(results) + "\n"
+
+
+def _wall_time(results: dict) -> str:
+    """Compute time of the run per length: each prompt's shared generation is counted once."""
+    groups: dict[tuple, float] = {}
+    for key, entry in results.items():
+        _, task, length, seed = key.split("|")
+        if "group_seconds" in entry:
+            groups[(task, int(length), seed, entry["group_seconds"])] = entry["group_seconds"]
+    per_length: dict[int, float] = {}
+    for (_, length, _, _), seconds in groups.items():
+        per_length[length] = per_length.get(length, 0.0) + seconds
+    if not per_length:
+        return ""
+    parts = ", ".join(f"{n}: {s / 60:.1f} min" for n, s in sorted(per_length.items()))
+    return f"\nWall time (generation only): {sum(per_length.values()) / 60:.1f} min ({parts}).\n"

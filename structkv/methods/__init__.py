@@ -6,7 +6,7 @@ Tests iterate :data:`METHODS`, so a method added here is covered by the shared c
 from __future__ import annotations
 
 from structkv.errors import StructKVError
-from structkv.methods.base import Method
+from structkv.methods.base import Method, prefill_shared
 from structkv.methods.fastkv import FastKV
 from structkv.methods.full import Full
 from structkv.methods.gemfilter import GemFilter
@@ -38,4 +38,6 @@ def get_method(name: str, **knobs) -> Method:
     return method
 
 
-__all__ = ["METHODS", "Method", "get_method"] + [c.__name__ for c in METHODS.values()]
+__all__ = ["METHODS", "Method", "get_method", "prefill_shared"] + [
+    c.__name__ for c in METHODS.values()
+]

@@ -14,7 +14,13 @@ from typing import ClassVar
 import torch
 
 from structkv.errors import StructKVError
-from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
+from structkv.prefill import (
+    LayerView,
+    PrefillResult,
+    PrefillStats,
+    run_prefill,
+    run_prefill_shared,
+)
 from structkv.saliency import pool_scores
 from structkv.selection import budget, topk_with_window
 
@@ -95,6 +101,40 @@ class Method:
         """Compressed prefill of ``input_ids`` (``[N]``); ``observer(view)`` sees every layer."""
         self.validate(int(input_ids.shape[0]))
         return run_prefill(model, input_ids, self, extra_capacity, observer=observer)
+
+
+def prefill_shared(
+    model, input_ids: torch.Tensor, methods: list[Method], extra_capacity: int = 0
+) -> list[PrefillResult]:
+    """Each method's prefill of the same prompt, with the full-length layers run once.
+
+    Methods that use the shared loop as is and the same observation window ride one pass
+    (:func:`structkv.prefill.run_prefill_shared`); the others (GemFilter re-runs the model) run
+    alone. The results equal ``[m.prefill(model, input_ids) for m in methods]``.
+    """
+    n_prompt = int(input_ids.shape[0])
+    for m in methods:
+        m.validate(n_prompt)
+    groups: dict[object, list[int]] = {}
+    for i, m in enumerate(methods):
+        shareable = type(m).prefill is Method.prefill
+        key = (m.window if m.needs_saliency else None) if shareable else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    # Saliency-free methods (StreamingLLM) join any group: they read nothing window-specific.
+    free = groups.pop(None, [])
+    if free:
+        target = next((k for k in groups if not (isinstance(k, tuple))), None)
+        groups.setdefault(target, []).extend(free)
+    results: list[PrefillResult | None] = [None] * len(methods)
+    for key, members in groups.items():
+        if isinstance(key, tuple):
+            (i,) = members
+            results[i] = methods[i].prefill(model, input_ids, extra_capacity)
+            continue
+        shared = run_prefill_shared(model, input_ids, [methods[i] for i in members], extra_capacity)
+        for i, r in zip(members, shared, strict=True):
+            results[i] = r
+    return results
 
 
 @dataclass
