@@ -42,7 +42,7 @@ def main() -> int:
         rows: list[float] = []
 
         def observe(view, rows=rows, where=where):
-            s = pool_scores(view.saliency, 7)[: view.n - args.window]
+            s = pool_scores(view.saliency, 7, args.window)[: view.n - args.window]
             rank = (s[None, :] > s[where][:, None]).sum(1)
             rows.append(float((rank < args.budget * view.prompt_len).float().mean()))
 

@@ -29,7 +29,6 @@ from structkv.methods import Full, SnapKV, StructKV
 from structkv.pivot import OnlinePivot, metric_scales, search_range
 from structkv.prefill import LayerView, Resume, run_prefill
 from structkv.profile import FORMAT_VERSION
-from structkv.saliency import pool_scores
 from structkv.selection import budget, topk_with_window
 
 #: Generic endings: a question or continuation about the prose itself (no needle, no lookup).
@@ -113,9 +112,7 @@ def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, 
     """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement)."""
     n = int(run.ids.shape[0])
     c = sum(lam ** (pivot - l) * run.record.saliency[l] for l in range(pivot + 1))
-    keep = topk_with_window(
-        pool_scores(c, method.pooling), budget(method.r_struct, n), method.window
-    )
+    keep = topk_with_window(method.pool(c), budget(method.r_struct, n), method.window)
     resume = Resume(
         pivot,
         run.record.hidden[pivot][:, keep],

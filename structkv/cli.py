@@ -37,6 +37,8 @@ def _method_knobs(args) -> dict:
         "r_struct": args.r_struct,
         "r_kv": args.r_kv,
         "window": args.window,
+        "pooling": args.pooling,
+        "pool_mode": args.pool_mode,
         "lam": args.lam,
         "pivot": args.pivot,
     }
@@ -46,6 +48,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r-struct", type=float, help="tokens propagated after the pivot (fraction)")
     p.add_argument("--r-kv", type=float, help="KV tokens kept per layer and head (fraction)")
     p.add_argument("--window", type=int, help="observation window w (default 8)")
+    p.add_argument("--pooling", type=int, help="pooling kernel over token scores (default 7)")
+    p.add_argument("--pool-mode", choices=("max", "avg"), help="pooling mode (default max)")
     p.add_argument("--lambda", dest="lam", type=float, help="centrality decay λ")
     p.add_argument("--pivot", type=_pivot, help="auto | online | layer index")
 

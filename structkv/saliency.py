@@ -41,12 +41,31 @@ def saliency_per_head(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return attn.view(num_kv_heads, h // num_kv_heads, w, n).sum(dim=1).mean(dim=1)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max pooling over tokens (stride 1, same padding) as in SnapKV/FastKV; 1 disables."""
+POOL_MODES = ("max", "avg")
+
+
+def pool_scores(
+    scores: torch.Tensor, kernel: int, window: int = 0, mode: str = "max"
+) -> torch.Tensor:
+    """1-D pooling over the non-window tokens (stride 1, same padding); kernel 1 disables.
+
+    As in SnapKV's own code (and kvpress), only the first ``n - window`` scores are pooled: the
+    window is always kept, so its large self-attention must not leak into the tokens just before
+    it. ``max`` is SnapKV/FastKV's default; ``avg`` is kvpress's SnapKVPress (zero padding
+    counted at the edges). Window scores are returned unchanged.
+    """
     if kernel <= 1:
         return scores
     if kernel % 2 == 0:
         raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    if mode not in POOL_MODES:
+        raise ValueError(f"pooling mode must be one of {POOL_MODES}, got {mode!r}")
     shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)
+    n = shape[-1]
+    m = n - window
+    if m <= 0:
+        return scores
+    flat = scores.reshape(-1, 1, n)
+    pool = F.max_pool1d if mode == "max" else F.avg_pool1d
+    pooled = pool(flat[..., :m], kernel, stride=1, padding=kernel // 2)
+    return torch.cat([pooled, flat[..., m:]], dim=-1).reshape(shape)

@@ -49,13 +49,23 @@ def metrics_from_attention(attn: np.ndarray, window: int, kappa: float = 0.1):
     return entropy, sparsity, variance
 
 
-def max_pool(x: np.ndarray, kernel: int) -> np.ndarray:
+def max_pool(x: np.ndarray, kernel: int, window: int) -> np.ndarray:
+    """Max over the kernel's span of the non-window scores; window scores unchanged."""
     if kernel <= 1:
         return x.copy()
-    r = kernel // 2
-    out = np.empty_like(x)
-    for j in range(x.shape[-1]):
-        out[..., j] = x[..., max(0, j - r) : j + r + 1].max(-1)
+    r, m = kernel // 2, x.shape[-1] - window
+    out = x.copy()
+    for j in range(m):
+        out[..., j] = x[..., max(0, j - r) : min(m, j + r + 1)].max(-1)
+    return out
+
+
+def avg_pool(x: np.ndarray, kernel: int, window: int) -> np.ndarray:
+    """Sum over the kernel's span of the non-window scores / kernel (zero padding counted)."""
+    r, m = kernel // 2, x.shape[-1] - window
+    out = x.copy()
+    for j in range(m):
+        out[..., j] = x[..., max(0, j - r) : min(m, j + r + 1)].sum(-1) / kernel
     return out
 
 

@@ -67,13 +67,13 @@ def _reference_structkv(model, ids, pivot, lam, r_struct, r_kv, pooling):
             lam ** (pivot - l) * ref.saliency_from_attention(attns[l], g, W).sum(0)
             for l in range(pivot + 1)
         )
-        return ref.topk_window(ref.max_pool(c, pooling), k_struct, W)
+        return ref.topk_window(ref.max_pool(c, pooling, W), k_struct, W)
 
     attns, pos, logits = ref.layer_by_layer(ref.to_float64_eager(model), ids, pivot, keep)
     k_kv = math.ceil(r_kv * N - 1e-9)
     kv = []
     for l, a in enumerate(attns):
-        s = ref.max_pool(ref.saliency_from_attention(a, g, W), pooling)
+        s = ref.max_pool(ref.saliency_from_attention(a, g, W), pooling, W)
         kv.append([[int(pos[l][i]) for i in ref.topk_window(s[h], k_kv, W)] for h in range(g)])
     return [int(p) for p in pos[-1]], kv, logits
 
@@ -119,7 +119,7 @@ def test_pooled_selection_is_topk_of_pooled_scores(tiny_llama):
     attns, _, _ = ref.layer_by_layer(ref.to_float64_eager(model), ids)
     k = math.ceil(0.2 * N)
     for l, a in enumerate(attns):
-        pooled = ref.max_pool(ref.saliency_from_attention(a, g, W), 7)
+        pooled = ref.max_pool(ref.saliency_from_attention(a, g, W), 7, W)
         for h in range(g):
             kept = set(out.cache.layers[l].kept_positions()[h].tolist()) - set(range(N - W, N))
             assert len(kept) == k
@@ -145,3 +145,28 @@ def test_gemfilter_reruns_on_selected_tokens(tiny_llama):
     torch.testing.assert_close(out.logits, rerun, atol=1e-4, rtol=1e-4)
     assert out.cache.next_position == len(expected)
     assert out.cache.layers[0].kept_positions()[0].tolist() == list(range(len(expected)))
+
+
+def test_pooling_by_hand_ignores_the_window():
+    from structkv.saliency import pool_scores
+
+    s = torch.tensor([1.0, 5.0, 2.0, 0.0, 9.0, 9.0])  # last two: the window
+    assert pool_scores(s, 3, window=2).tolist() == [5, 5, 5, 2, 9, 9]
+    avg = pool_scores(s, 3, window=2, mode="avg")
+    torch.testing.assert_close(avg, torch.tensor([6 / 3, 8 / 3, 7 / 3, 2 / 3, 9, 9]))
+    assert pool_scores(s, 1, window=2) is s
+
+
+def test_avg_pooled_snapkv_matches_reference_sets(tiny_llama):
+    """kvpress-style settings (average pooling, kernel 5): exact kept sets vs float64."""
+    model = tiny_llama.model
+    ids = _ids(seed=8)
+    g = model.config.num_key_value_heads
+    out = SnapKV(r_kv=0.2, pooling=5, pool_mode="avg").prefill(model, ids)
+    attns, _, _ = ref.layer_by_layer(ref.to_float64_eager(model), ids)
+    k = math.ceil(0.2 * N)
+    for l, a in enumerate(attns):
+        pooled = ref.avg_pool(ref.saliency_from_attention(a, g, W), 5, W)
+        for h in range(g):
+            kept = out.cache.layers[l].kept_positions()[h].tolist()
+            assert kept == ref.topk_window(pooled[h], k, W), f"layer {l} head {h}"

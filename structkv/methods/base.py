@@ -21,7 +21,7 @@ from structkv.prefill import (
     run_prefill,
     run_prefill_shared,
 )
-from structkv.saliency import pool_scores
+from structkv.saliency import POOL_MODES, pool_scores
 from structkv.selection import budget, topk_with_window
 
 
@@ -35,7 +35,8 @@ def check_ratio(name: str, value: float) -> None:
 @dataclass
 class Method:
     """Observation window ``window`` (last w prompt tokens, always kept, never counted against a
-    budget) and max-pooling ``pooling`` kernel over token scores (1 disables; §1)."""
+    budget), pooling kernel ``pooling`` over the non-window token scores (1 disables; §1) and
+    ``pool_mode`` "max" (SnapKV/FastKV) or "avg" (kvpress's SnapKVPress)."""
 
     name: ClassVar[str] = "base"
     #: Whether the prefill loop must compute window attention, saliency and pivot metrics.
@@ -43,6 +44,7 @@ class Method:
 
     window: int = 8
     pooling: int = 7
+    pool_mode: str = "max"
 
     @classmethod
     def knobs(cls) -> list[str]:
@@ -54,6 +56,10 @@ class Method:
             raise StructKVError(f"window must be a positive integer, got {self.window!r}")
         if not isinstance(self.pooling, int) or self.pooling < 1 or self.pooling % 2 == 0:
             raise StructKVError(f"pooling must be an odd integer >= 1, got {self.pooling!r}")
+        if self.pool_mode not in POOL_MODES:
+            raise StructKVError(
+                f"pool_mode must be one of {', '.join(POOL_MODES)}, got {self.pool_mode!r}"
+            )
         for f in fields(self):
             if f.name.startswith("r_"):
                 check_ratio(f.name, getattr(self, f.name))
@@ -73,6 +79,10 @@ class Method:
         """Fill model-dependent defaults (StructKV reads its calibration profile here)."""
         return self
 
+    def pool(self, scores: torch.Tensor) -> torch.Tensor:
+        """This method's pooling of ``[..., n]`` token scores (window scores left as they are)."""
+        return pool_scores(scores, self.pooling, self.window, self.pool_mode)
+
     def begin(self, num_layers: int, n_prompt: int) -> object:
         """Per-prefill mutable state (the dataclass itself stays a pure configuration)."""
         return None
@@ -86,7 +96,7 @@ class Method:
         k = self.kv_budget(view.layer, view.num_layers, view.prompt_len)
         if k is None:
             return None
-        return topk_with_window(pool_scores(view.saliency_heads, self.pooling), k, self.window)
+        return topk_with_window(self.pool(view.saliency_heads), k, self.window)
 
     def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
         """§4: indices (into the tokens present) to keep from the next layer on, or None."""

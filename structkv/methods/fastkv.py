@@ -8,7 +8,6 @@ import torch
 
 from structkv.methods.base import SaliencyKVMethod
 from structkv.prefill import LayerView
-from structkv.saliency import pool_scores
 from structkv.selection import budget, topk_with_window
 
 
@@ -31,5 +30,5 @@ class FastKV(SaliencyKVMethod):
     def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
         if view.layer != state:
             return None
-        scores = pool_scores(view.saliency, self.pooling)
+        scores = self.pool(view.saliency)
         return topk_with_window(scores, budget(self.r_struct, view.prompt_len), self.window)

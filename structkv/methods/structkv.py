@@ -17,7 +17,6 @@ from structkv.methods.base import SaliencyKVMethod
 from structkv.pivot import RULES, OnlinePivot, search_range
 from structkv.prefill import LayerView, PrefillStats
 from structkv.profile import find_profile
-from structkv.saliency import pool_scores
 from structkv.selection import budget, topk_with_window
 
 PAPER_LAMBDA = 0.9
@@ -116,7 +115,7 @@ class StructKV(SaliencyKVMethod):
             decided = state.online.observe(view.metrics) is not None
         if not decided:
             return None
-        scores = pool_scores(centrality, self.pooling)
+        scores = self.pool(centrality)
         return topk_with_window(scores, budget(self.r_struct, view.prompt_len), self.window)
 
     def finish(self, state: _State, stats: PrefillStats) -> None:
