@@ -1,6 +1,7 @@
 # Two entry points on a fresh clone: `make demo` (the main job on the embedded model) and
 # `make test` (the test suite). Both install first; installing again is a no-op.
 PY ?= python3
+PEER := .venv-peer
 
 .PHONY: install demo test lint
 
@@ -14,9 +15,15 @@ demo: install
 	structkv generate --model smollm2-135m --method structkv --chat --json \
 		--max-new-tokens 24 --prompt-file out/needle-2k.txt
 
-test: install
+test: install $(PEER)/bin/python
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+	$(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer.py
+
+# kvpress (the peer cross-check) needs transformers < 5.3: its own environment, sharing torch.
+$(PEER)/bin/python:
+	$(PY) -m venv --system-site-packages $(PEER)
+	$(PEER)/bin/python -m pip install -q -e ".[peer]"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -166,6 +166,27 @@ def cmd_eval_ruler(args) -> int:
     return 0
 
 
+def cmd_eval_peer(args) -> int:
+    from tqdm import tqdm
+
+    from structkv.bench import parse_ints
+    from structkv.eval.peer import PeerConfig, import_kvpress, run_peer
+    from structkv.eval.ruler import TASKS
+    from structkv.models import load
+
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        if task not in TASKS:
+            raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    import_kvpress()  # fail before loading the model
+    cfg = PeerConfig(tasks, parse_ints(args.lengths), args.samples, args.seed)
+    lm = load(args.model)
+    out = Path(args.out)
+    run_peer(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
+    print((out / "peer.md").read_text(), end="")
+    return 0
+
+
 def cmd_eval_report(args) -> int:
     from structkv.bench import parse_ints
     from structkv.eval import reports
@@ -258,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--haystack-file", help="your own prose for the haystack (default: docstrings)")
     _add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
+
+    pe = kinds.add_parser("peer", help="kvpress cross-check: kept sets and accuracy side by side")
+    pe.add_argument("--peer", choices=("kvpress",), default="kvpress")
+    pe.add_argument("--model", default=DEFAULT_MODEL)
+    pe.add_argument("--tasks", default="niah_single_1,niah_single_2,niah_multikey_1")
+    pe.add_argument("--lengths", default="2048,4096", help="comma-separated token lengths")
+    pe.add_argument("--samples", type=int, default=5)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--out", required=True)
+    pe.set_defaults(func=cmd_eval_peer)
 
     for kind, text in (
         ("niah", "needle grid over lengths x depths, heatmap per method (Figure 6)"),
