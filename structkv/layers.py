@@ -108,17 +108,19 @@ def attend(
     return attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
 
 
-def prefill_layer(layer, h: torch.Tensor, positions: torch.Tensor, cos, sin):
+def prefill_layer(layer, h: torch.Tensor, positions: torch.Tensor, cos, sin, traced: bool = False):
     """One decoder layer over a whole (maybe compacted) sequence sorted by position.
 
     Returns the new hidden state and this layer's post-RoPE q, k, v. Causal order follows the
     sorted order, which equals position order because sequences are always kept sorted.
+    ``traced`` (ONNX export): a sliding-window layer always builds its mask, since whether it is
+    needed depends on the data.
     """
     x = layer.input_layernorm(h)
     q, k, v = qkv(layer, x, cos, sin)
     window = sliding_window(layer)
     mask = None
-    if needs_explicit_mask(positions, window):
+    if window is not None and (traced or needs_explicit_mask(positions, window)):
         mask = visibility_mask(positions, positions, window)
     h = h + attend(layer, q, k, v, mask, causal=True)
     h = h + layer.mlp(layer.post_attention_layernorm(h))

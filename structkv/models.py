@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -212,6 +213,9 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> Loade
         return _load_gguf(smollm2_gguf_path(), name, dtype)
     if name in TINY_CONFIGS:
         return tiny_model(name)
+    tiny = re.fullmatch(r"(tiny-[a-z0-9]+)-L(\d+)-s(\d+)", name)
+    if tiny and tiny.group(1) in TINY_CONFIGS:  # the id a tiny model records (engines, profiles)
+        return tiny_model(tiny.group(1), int(tiny.group(2)), int(tiny.group(3)))
     if name in HUB_ALIASES:
         repo = HUB_ALIASES[name]
         snap = _hub_cache_snapshot(repo)

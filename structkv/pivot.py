@@ -23,12 +23,20 @@ def attention_metrics(
     attn: torch.Tensor, saliency: torch.Tensor, kappa: float = 0.1
 ) -> tuple[float, float, float]:
     """(entropy H_l, sparsity ρ_l, variance V_l) of one layer's window attention ``[H, w, n]``."""
+    entropy, sparsity, variance = attention_metrics_tensor(attn, saliency, kappa).tolist()
+    return entropy, sparsity, variance
+
+
+def attention_metrics_tensor(
+    attn: torch.Tensor, saliency: torch.Tensor, kappa: float = 0.1
+) -> torch.Tensor:
+    """The same three statistics as a ``[3]`` tensor (traceable: the engine graphs output it)."""
     n = attn.shape[-1]
     entropy = -torch.special.xlogy(attn, attn).sum(-1).mean()
     top = max(1, math.ceil(kappa * n - 1e-9))
     sparsity = attn.topk(top, dim=-1).values.sum(-1).mean()
     variance = (saliency / saliency.mean()).var(unbiased=False)
-    return float(entropy), float(sparsity), float(variance)
+    return torch.stack([entropy, sparsity, variance])
 
 
 def search_range(num_layers: int) -> tuple[int, int]:

@@ -60,12 +60,16 @@ def pool_scores(
         raise ValueError(f"pooling kernel must be odd, got {kernel}")
     if mode not in POOL_MODES:
         raise ValueError(f"pooling mode must be one of {POOL_MODES}, got {mode!r}")
-    shape = scores.shape
-    n = shape[-1]
+    n = scores.shape[-1]
     m = n - window
     if m <= 0:
         return scores
-    flat = scores.reshape(-1, 1, n)
-    pool = F.max_pool1d if mode == "max" else F.avg_pool1d
-    pooled = pool(flat[..., :m], kernel, stride=1, padding=kernel // 2)
-    return torch.cat([pooled, flat[..., m:]], dim=-1).reshape(shape)
+    # Shifted views instead of F.max_pool1d/avg_pool1d: identical values (max is exact; the
+    # sum runs in the same order), and torch.export keeps the length symbolic through them
+    # where the pooling kernels specialise it.
+    r = kernel // 2
+    fill = float("-inf") if mode == "max" else 0.0
+    padded = F.pad(scores[..., :m], (r, r), value=fill)
+    views = torch.stack([padded[..., i : i + m] for i in range(kernel)])
+    pooled = views.amax(0) if mode == "max" else views.sum(0) / kernel
+    return torch.cat([pooled, scores[..., m:]], dim=-1)

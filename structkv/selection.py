@@ -6,22 +6,35 @@ that a compacted sequence keeps causal order and a per-head KV set is in positio
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
 
 def budget(ratio: float, n_prompt: int) -> int:
-    """ceil(ratio · N) tokens, robust to float noise (0.1 · 30 is 3.0000000000000004)."""
-    return math.ceil(ratio * n_prompt - 1e-9)
+    """ceil(ratio · N) in exact integer arithmetic (0.1 · 30 is 3.0000000000000004 in floats).
+
+    Integer form also lets ``torch.export`` keep N symbolic: it can reason about
+    ``(p·N + q - 1) // q`` but not about the ceiling of a float."""
+    frac = Fraction(ratio).limit_denominator(1_000_000)
+    return (frac.numerator * n_prompt + frac.denominator - 1) // frac.denominator
 
 
 def topk_with_window(scores: torch.Tensor, k: int, window: int) -> torch.Tensor:
     """Indices of the ``k`` best non-window tokens of ``scores[..., n]`` plus the last ``window``
-    tokens, sorted ascending; ``k`` is capped at the ``n - window`` candidates."""
+    tokens, sorted ascending; ``k`` is capped at the ``n - window`` candidates.
+
+    Ties go to the lower index (a stable sort), as ONNX TopK specifies: max pooling makes
+    plateaus of equal scores, and the torch reference, the ONNX engine and the TensorRT plugin
+    must keep the same tokens."""
     n = scores.shape[-1]
     candidates = n - window
-    k = max(0, min(k, candidates))
-    top = scores[..., :candidates].topk(k, dim=-1).indices
+    if torch.compiler.is_exporting():
+        # A full descending TopK (ONNX: ties to the lower index, by spec) then a slice: the
+        # exporter cannot prove ceil(R·N) <= N - w for a symbolic N, so no topk(k) here.
+        order = scores[..., :candidates].topk(candidates, dim=-1).indices
+    else:  # torch.topk leaves ties unspecified; a stable sort makes the same choice
+        order = scores[..., :candidates].sort(dim=-1, descending=True, stable=True).indices
+    top = order[..., : max(0, min(k, candidates))]
     tail = torch.arange(candidates, n, device=scores.device).expand(*scores.shape[:-1], window)
     return torch.cat([top, tail], dim=-1).sort(dim=-1).values

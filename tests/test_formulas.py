@@ -170,3 +170,11 @@ def test_avg_pooled_snapkv_matches_reference_sets(tiny_llama):
         for h in range(g):
             kept = out.cache.layers[l].kept_positions()[h].tolist()
             assert kept == ref.topk_window(pooled[h], k, W), f"layer {l} head {h}"
+
+
+def test_topk_ties_go_to_the_lower_index():
+    """ONNX TopK's rule; the engine and the reference must keep the same tokens on plateaus."""
+    from structkv.selection import topk_with_window
+
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 5.0, 5.0], [3.0, 3.0, 3.0, 3.0, 3.0, 0, 0]])
+    assert topk_with_window(scores, 2, window=2).tolist() == [[1, 2, 5, 6], [0, 1, 5, 6]]

@@ -1,0 +1,338 @@
+"""``structkv-export``: trace a supported model into a two-phase StructKV engine directory.
+
+Why torch.onnx's dynamo exporter (``torch.export`` + ONNX opset 23): it keeps the sequence axes
+symbolic through our data-dependent budgets (``ceil(R · N)`` becomes a shape expression), and
+maps SDPA / RMSNorm / RoPE to the opset-23 ``Attention``, ``RMSNormalization`` and
+``RotaryEmbedding`` operators that ONNX Runtime fuses; the TorchScript exporter specialises the
+lengths and unrolls attention into MatMul/Softmax.
+
+Layout of an engine (see :mod:`structkv.export.manifest` for the manifest):
+``pre_pivot.onnx``, ``compact.onnx``, ``post_pivot.onnx``, ``kv_select.onnx``, ``decode.onnx``,
+``weights.bin`` (every weight once, graphs reference it by offset), ``tokenizer/``,
+``manifest.json``. It is built in a temporary sibling directory and renamed into place, so an
+interrupted export never leaves a half-written engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from structkv.errors import StructKVError
+from structkv.export import graphs
+from structkv.export.manifest import FORMAT_VERSION, describe_io, write_manifest
+from structkv.export.weights import WeightStore
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPSET = 23
+
+
+@dataclass
+class ExportSettings:
+    """Engine knobs: the method's (§1–§5) plus the export dtype. ``pivot`` "auto" reads the
+    model's calibration profile (and calibrates when there is none); an int fixes it."""
+
+    pivot: int | str = "auto"
+    lam: float | None = None
+    r_struct: float = 0.2
+    r_kv: float = 0.1
+    window: int = 8
+    pooling: int = 7
+    pool_mode: str = "max"
+    dtype: str = "fp32"
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise StructKVError(
+                f"unsupported --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+        from structkv.methods import get_method
+
+        if self.r_kv > self.r_struct:
+            raise StructKVError(
+                f"--r-kv ({self.r_kv}) must not exceed --r-struct ({self.r_struct}): layers after "
+                "the pivot only hold the propagated tokens, and the paged cache needs every "
+                "layer to keep the same count"
+            )
+
+        get_method(
+            "structkv",
+            r_struct=self.r_struct,
+            r_kv=self.r_kv,
+            window=self.window,
+            pooling=self.pooling,
+            pool_mode=self.pool_mode,
+            lam=self.lam,
+            pivot=self.pivot,
+        )
+
+
+# torch.onnx announces every optional torchvision op it cannot register; not our business.
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def _log(msg: str) -> None:
+    print(f"[structkv-export] {msg}", file=sys.stderr, flush=True)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise StructKVError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise StructKVError(
+            f"--out {out} exists and is not empty; pass --force to replace it or choose another"
+        )
+
+
+def resolve_method(lm, settings: ExportSettings, log=_log):
+    """The StructKV configuration the engine bakes in, and where its pivot came from."""
+    from structkv.calibration import calibrate
+    from structkv.methods import StructKV
+    from structkv.profile import find_profile, save_profile, user_profile_path
+
+    method = StructKV(
+        r_struct=settings.r_struct,
+        r_kv=settings.r_kv,
+        window=settings.window,
+        pooling=settings.pooling,
+        pool_mode=settings.pool_mode,
+        lam=settings.lam,
+        pivot=settings.pivot,
+    )
+    profile = None
+    if settings.pivot == "auto":
+        profile = find_profile(lm.model_id)
+        if profile is None:
+            log(f"no calibration profile for {lm.model_id}: calibrating (method.md §6)")
+            profile = calibrate(lm, progress=log)
+            save_profile(profile, user_profile_path(lm.model_id))
+        source = "calibration profile"
+    else:
+        source = "fixed by --pivot"
+    method = method.resolve(lm.model_id)
+    if not isinstance(method.pivot, int):
+        raise StructKVError(
+            f"the calibration profile of {lm.model_id} uses the online rule {method.rule!r}; an "
+            "engine needs a fixed pivot: pass --pivot N"
+        )
+    num_layers = len(lm.model.model.layers)
+    if not 0 <= method.pivot < num_layers - 1:
+        raise StructKVError(
+            f"--pivot must be in [0, {num_layers - 2}] for this {num_layers}-layer model, "
+            f"got {method.pivot}"
+        )
+    return method, source, profile
+
+
+def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Budgets such as min(ceil(R·N), N - w) are beyond the shape solver: keep them as
+        # runtime asserts instead of failing (or silently specialising N).
+        exported = torch.export.export(
+            module,
+            args,
+            dynamic_shapes=dynamic,
+            strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
+        program = torch.onnx.export(
+            exported,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=names[0],
+            output_names=names[1],
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def build_graphs(model, method, dtype: torch.dtype):
+    """(name, module, example args, dynamic shapes, input names, output names) per graph."""
+    cfg = model.config
+    num_layers = len(model.model.layers)
+    _, g, d = graphs.head_dims(model)
+    e = cfg.hidden_size
+    n_dim = torch.export.Dim("n", min=method.window + 2)
+    k_dim = torch.export.Dim("kept", min=method.window + 1)
+    big_n = torch.export.Dim("prompt", min=method.window + 2)
+    l_dim = torch.export.Dim("layers", min=1)
+    n, kept = 64, 29  # example sizes: distinct, > window
+    ids = torch.randint(0, cfg.vocab_size, (1, n))
+    hidden = torch.randn(1, n, e, dtype=dtype)
+    b_dim, m_dim = torch.export.Dim("batch", min=1), torch.export.Dim("max_blocks", min=1)
+    nb_dim, blk_dim = torch.export.Dim("blocks", min=1), torch.export.Dim("block", min=1)
+    b, m, nb, blk = 2, 3, 7, 5
+    return [
+        (
+            "pre_pivot",
+            graphs.PrePivot(model, method.pivot, method.window, method.lam),
+            (ids,),
+            {"input_ids": {1: n_dim}},
+            ["input_ids"],
+            ["hidden", "keys", "values", "saliency", "centrality", "metrics"],
+        ),
+        (
+            "compact",
+            graphs.Compact(method.r_struct, method.window, method.pooling, method.pool_mode),
+            (hidden, torch.rand(n)),
+            {"hidden": {1: n_dim}, "centrality": {0: n_dim}},
+            ["hidden", "centrality"],
+            ["hidden_compact", "positions"],
+        ),
+        (
+            "post_pivot",
+            graphs.PostPivot(model, method.pivot, method.window),
+            (hidden[:, :kept], torch.arange(kept) * 2),
+            {"hidden": {1: k_dim}, "positions": {0: k_dim}},
+            ["hidden", "positions"],
+            ["keys", "values", "saliency", "logits"],
+        ),
+        (
+            "kv_select",
+            graphs.KVSelect(method.r_kv, method.window, method.pooling, method.pool_mode),
+            (
+                torch.randn(3, g, kept, d, dtype=dtype),
+                torch.randn(3, g, kept, d, dtype=dtype),
+                torch.rand(3, g, kept),
+                torch.arange(kept) * 2,
+                torch.zeros(n, dtype=torch.int64),
+            ),
+            {
+                "keys": {0: l_dim, 2: k_dim},
+                "values": {0: l_dim, 2: k_dim},
+                "saliency": {0: l_dim, 2: k_dim},
+                "positions": {0: k_dim},
+                "prompt_len": {0: big_n},
+            },
+            ["keys", "values", "saliency", "positions", "prompt_len"],
+            ["kept_keys", "kept_values", "kept_positions"],
+        ),
+        (
+            "decode",
+            graphs.DecodeStep(model),
+            (
+                torch.randint(0, cfg.vocab_size, (b,)),
+                torch.tensor([40, 50]),
+                torch.randint(0, nb, (b, m)),
+                torch.tensor([9, 14]),
+                torch.randn(num_layers, nb, g, blk, d, dtype=dtype),
+                torch.randn(num_layers, nb, g, blk, d, dtype=dtype),
+                torch.randint(0, 40, (num_layers, nb, g, blk)),
+            ),
+            {
+                "input_ids": {0: b_dim},
+                "positions": {0: b_dim},
+                "block_tables": {0: b_dim, 1: m_dim},
+                "context_lens": {0: b_dim},
+                "k_pool": {1: nb_dim, 3: blk_dim},
+                "v_pool": {1: nb_dim, 3: blk_dim},
+                "pos_pool": {1: nb_dim, 3: blk_dim},
+            },
+            [
+                "input_ids",
+                "positions",
+                "block_tables",
+                "context_lens",
+                "k_pool",
+                "v_pool",
+                "pos_pool",
+            ],
+            ["logits", "new_keys", "new_values"],
+        ),
+    ]
+
+
+def export_engine(
+    model_name: str, out: Path, settings: ExportSettings, force: bool = False, log=_log
+) -> Path:
+    """Export ``model_name`` to the engine directory ``out``; returns ``out``."""
+    import onnx
+
+    from structkv.models import load
+
+    settings.check()
+    out = Path(out)
+    check_out_dir(out, force)
+    start = time.perf_counter()
+    lm = load(model_name)
+    dtype = DTYPES[settings.dtype]
+    model = lm.model.to(dtype).eval()
+    method, source, profile = resolve_method(lm, settings, log)
+    log(
+        f"{lm.model_id}: pivot {method.pivot} ({source}), lambda {method.lam}, "
+        f"dtype {settings.dtype}"
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        store = WeightStore(tmp)
+        io = {}
+        with torch.inference_mode(False), torch.no_grad():
+            for name, module, args, dynamic, in_names, out_names in build_graphs(
+                model, method, dtype
+            ):
+                t = time.perf_counter()
+                proto = _export(module, args, dynamic, (in_names, out_names))
+                store.externalize(proto)
+                path = tmp / f"{name}.onnx"
+                onnx.save(proto, path)
+                io[name] = describe_io(proto)
+                del proto
+                log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
+        store.close()
+        for name in io:
+            onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp / "tokenizer")
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        write_manifest(
+            tmp,
+            model_id=lm.model_id,
+            config=model.config.to_dict(),
+            method=method,
+            pivot_source=source,
+            profile=profile,
+            dtype=settings.dtype,
+            graphs=io,
+            export_stats={
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_mb": round(peak_mb, 1),
+                "weights_bytes": store.bytes,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+            },
+        )
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(
+        f"engine written to {out} in {time.perf_counter() - start:.0f} s "
+        f"(format {FORMAT_VERSION}, peak RSS {peak_mb:.0f} MiB, weights "
+        f"{store.bytes / 2**20:.0f} MiB)"
+    )
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Atomic when ``out`` does not exist; with --force the old engine goes only after the new
+    one is complete."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "engine")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

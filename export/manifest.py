@@ -1,0 +1,132 @@
+"""``manifest.json``: what an engine is, how it was made, and the hashes that prove it intact.
+
+The runtime refuses an engine whose manifest is from a newer format, or whose files are missing
+or differ from the recorded sha256, with a message that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from structkv.errors import StructKVError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 9: "bool", 6: "int32"}
+
+
+def describe_io(proto) -> dict:
+    """Graph inputs/outputs: name, shape (ints or symbolic names) and dtype."""
+
+    def one(value) -> dict:
+        t = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": value.name, "shape": shape, "dtype": _DTYPES.get(t.elem_type, t.elem_type)}
+
+    return {
+        "inputs": [one(v) for v in proto.graph.input],
+        "outputs": [one(v) for v in proto.graph.output],
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    model_id: str,
+    config: dict,
+    method,
+    pivot_source: str,
+    profile: dict | None,
+    dtype: str,
+    graphs: dict,
+    export_stats: dict,
+) -> dict:
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "config": config,
+        "dtype": dtype,
+        "method": {
+            "name": method.name,
+            "window": method.window,
+            "lambda": method.lam,
+            "r_struct": method.r_struct,
+            "r_kv": method.r_kv,
+            "pooling": method.pooling,
+            "pool_mode": method.pool_mode,
+            "pivot": method.pivot,
+            "pivot_source": pivot_source,
+        },
+        "calibration": None
+        if profile is None
+        else {
+            k: profile.get(k)
+            for k in (
+                "pivot",
+                "lambda",
+                "rule",
+                "l_min",
+                "l_max",
+                "metric_scales",
+                "objective",
+                "settings",
+                "best",
+                "paper_preset",
+                "table",
+            )
+        },
+        "max_prompt_tokens": config.get("max_position_embeddings"),
+        "graphs": graphs,
+        "tokenizer": sorted(f for f in files if f.startswith("tokenizer/")),
+        "files": {f: sha256(directory / f) for f in files},
+        "export": export_stats,
+    }
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1, default=str)
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path, verify: bool = True) -> dict:
+    """The manifest of an engine directory, after checking version, presence and hashes."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise StructKVError(
+            f"{directory} is not a StructKV engine (no {MANIFEST}); export one with "
+            f"structkv-export --model M --out {directory}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StructKVError(f"{path} is not valid JSON ({e}); re-export the engine") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StructKVError(
+            f"engine format {version!r} is newer than this structkv reads ({FORMAT_VERSION}); "
+            "upgrade structkv (pip install -U structkv) or re-export with this version"
+        )
+    for name, digest in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            raise StructKVError(f"engine file {name} is missing from {directory}; re-export it")
+        if verify and sha256(file) != digest:
+            raise StructKVError(
+                f"engine file {name} does not match its sha256 in {MANIFEST} (modified or "
+                "corrupt); re-export the engine"
+            )
+    return manifest
