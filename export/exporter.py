@@ -336,3 +336,52 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``structkv-export --model M --out DIR [--pivot auto|N] [--lambda X] [--dtype ...]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="structkv-export", description="Export a model to a two-phase StructKV engine."
+    )
+    p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf")
+    p.add_argument("--out", required=True, help="engine directory (refused if not empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--pivot", default="auto", help="auto (calibration profile) or a layer index")
+    p.add_argument("--lambda", dest="lam", type=float, help="centrality decay (default: profile)")
+    p.add_argument("--r-struct", type=float, default=0.2, help="tokens propagated after L*")
+    p.add_argument("--r-kv", type=float, default=0.1, help="KV tokens kept per layer and head")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--pooling", type=int, default=7)
+    p.add_argument("--pool-mode", choices=("max", "avg"), default="max")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default on CPU) | fp16 | bf16")
+    args = p.parse_args(argv)
+    try:
+        pivot: int | str = args.pivot
+        if pivot != "auto":
+            try:
+                pivot = int(pivot)
+            except ValueError:
+                raise StructKVError(
+                    f"--pivot must be auto or a layer index, got {pivot!r}"
+                ) from None
+        settings = ExportSettings(
+            pivot=pivot,
+            lam=args.lam,
+            r_struct=args.r_struct,
+            r_kv=args.r_kv,
+            window=args.window,
+            pooling=args.pooling,
+            pool_mode=args.pool_mode,
+            dtype=args.dtype,
+        )
+        export_engine(args.model, Path(args.out), settings, force=args.force)
+    except StructKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -191,9 +191,19 @@ class Engine:
         _tick(timings, "kv_select", t)
         pivot = self.manifest["method"]["pivot"]
         num_layers = pivot + 1 + keys_b.shape[0]
+        m = self.manifest["method"]
+        kv_tokens = [int(ka.shape[2])] * (pivot + 1) + [int(kb.shape[2])] * keys_b.shape[0]
+        per_token = 2 * ka.shape[1] * ka.shape[3] * ka.itemsize  # K and V, all heads of a layer
         stats = {
+            "method": m["name"],
+            "backend": self.stages.providers[0],
             "prompt_tokens": n,
+            "num_layers": num_layers,
             "pivot_layer": pivot,
+            "pivot_rule": m["pivot_source"],
+            "lam": m["lambda"],
+            "kv_bytes": per_token * sum(kv_tokens),
+            "kv_bytes_full": per_token * num_layers * n,
             "propagated_tokens": int(positions_c.shape[0]),
             "kv_tokens_per_layer": [int(ka.shape[2])] * (pivot + 1)
             + [int(kb.shape[2])] * keys_b.shape[0],
@@ -283,6 +293,23 @@ class Engine:
             for s in seqs:
                 if s in self._running:
                     self.finish(s)
+
+    def generate(self, input_ids, max_new_tokens: int = 32) -> tuple[list[int], dict]:
+        """Greedy generation of one prompt; stats as ``structkv generate --json`` reports them."""
+        eos = self.eos_ids()
+        seq, out = self.add_request(input_ids, max_new_tokens)
+        start = time.perf_counter()
+        try:
+            while not self._running[seq].done:
+                self.step(eos)
+            decode_s = time.perf_counter() - start
+        finally:
+            tokens = self.finish(seq)
+        stats = dict(out.stats)
+        steps = max(0, len(tokens) - 1)
+        stats["decode_tokens_per_s"] = steps / decode_s if decode_s > 0 else 0.0
+        stats["new_tokens"] = len(tokens)
+        return tokens, stats
 
     def eos_ids(self) -> tuple[int, ...]:
         ids = set()

@@ -98,6 +98,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from structkv.generate import encode_prompt
+    from structkv.runtime.engine import Engine
+
+    prompt = _read_prompt(args)
+    if not prompt or not prompt.strip():
+        raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
+    engine = Engine.load(args.engine, backend=args.backend, kv_cache_mb=args.kv_cache_mb)
+    if engine.tokenizer is None:
+        raise StructKVError(f"engine {args.engine} has no tokenizer; run it from Python with ids")
+    ids = encode_prompt(engine.tokenizer, prompt, args.chat).numpy()
+    tokens, stats = engine.generate(ids, args.max_new_tokens)
+    text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "stats": stats}))
+    else:
+        print(text)
+        print(
+            f"[structkv run] {stats['backend']}: {stats['prompt_tokens']} prompt tokens, pivot "
+            f"{stats['pivot_layer']}, {stats['propagated_tokens']} propagated, prefill "
+            f"{stats['prefill_s']:.2f}s, decode {stats['decode_tokens_per_s']:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from structkv.calibration import calibrate, format_table, log
     from structkv.models import load
@@ -255,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
+
+    rn = sub.add_parser("run", help="generate with an exported engine (structkv-export)")
+    rn.add_argument("--engine", required=True, help="engine directory")
+    src = rn.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    rn.add_argument("--max-new-tokens", type=int, default=64)
+    rn.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    rn.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    rn.add_argument("--kv-cache-mb", type=float, default=512, help="paged KV pool size")
+    rn.add_argument("--json", action="store_true")
+    rn.set_defaults(func=cmd_run)
 
     c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
     c.add_argument("--model", default=DEFAULT_MODEL)

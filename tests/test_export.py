@@ -1,0 +1,211 @@
+"""structkv-export + runtime on tiny random models: parity with the reference, polygraphy per
+graph, the paged cache under batched decoding, and the engine's refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from structkv.errors import StructKVError
+from structkv.export.exporter import ExportSettings, export_engine
+from structkv.export.manifest import FORMAT_VERSION, MANIFEST
+from structkv.export.weights import ALIGN, INLINE_BYTES
+from structkv.generate import generate_ids
+from structkv.methods import StructKV
+from structkv.models import tiny_model
+from structkv.runtime.engine import GRAPHS, Engine
+
+PIVOT, LAM, NEW = 2, 0.5, 10
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def engine_dir(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / request.param
+    export_engine(request.param, out, ExportSettings(pivot=PIVOT, lam=LAM), log=lambda m: None)
+    return request.param, out
+
+
+def _prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_engine_matches_the_reference_method(engine_dir):
+    """ONNX Runtime engine == torch stage backend == `StructKV` reference (greedy tokens, kept
+    positions per layer and head, first-step logits)."""
+    family, out = engine_dir
+    ort_engine = Engine.load(out)
+    torch_engine = Engine.load(out, backend="torch")
+    model = tiny_model(family).model
+    for n, seed in ((100, 0), (173, 1), (251, 2)):
+        ids = _prompt(n, seed)
+        ref = StructKV(pivot=PIVOT, lam=LAM).prefill(model, ids)
+        got = ort_engine.prefill(ids.numpy())
+        oracle = torch_engine.prefill(ids.numpy())
+        np.testing.assert_allclose(got.logits, ref.logits.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(oracle.logits, ref.logits.numpy(), atol=1e-5, rtol=0)
+        assert got.stats["propagated_tokens"] == ref.stats.propagated_tokens
+        for layer, lc in enumerate(ref.cache.layers):
+            assert np.array_equal(got.positions[layer], lc.kept_positions().numpy()), layer
+        expected = generate_ids(model, ids, StructKV(pivot=PIVOT, lam=LAM), NEW).tokens
+        assert ort_engine.generate(ids.numpy(), NEW)[0] == expected
+        assert torch_engine.generate(ids.numpy(), NEW)[0] == expected
+
+
+def test_batched_decode_equals_decoding_alone_and_frees_the_pool(engine_dir):
+    _, out = engine_dir
+    engine = Engine.load(out, kv_cache_mb=4)
+    prompts = [_prompt(n, n).numpy() for n in (90, 140, 233)]
+    batch = engine.generate_batch(prompts, NEW)
+    assert batch == [engine.generate_batch([p], NEW)[0] for p in prompts]
+    assert engine.cache.blocks_free == engine.cache.num_blocks
+
+
+def test_compressed_prompt_blocks_meet_the_bound(engine_dir):
+    _, out = engine_dir
+    engine = Engine.load(out, kv_cache_mb=4)
+    n, new, w, block = 1000, 8, 8, engine.cache.block_size
+    seq, _ = engine.add_request(_prompt(n, 5).numpy(), new)
+    for _ in range(new - 1):
+        engine.step()
+    used = engine.cache.blocks_used
+    engine.finish(seq)
+    assert used <= math.ceil((0.1 * n + w + new) / block)
+    assert used < math.ceil(n / block) / 5  # and far below what the full prompt would take
+
+
+def test_graphs_pass_the_full_checker_and_weights_are_stored_once(engine_dir):
+    family, out = engine_dir
+    for name in GRAPHS:
+        onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
+    sizes = [p.numel() * p.element_size() for p in tiny_model(family).model.parameters()]
+    big = [s for s in sizes if s > INLINE_BYTES]  # norms' few hundred bytes stay inline
+    size = (out / "weights.bin").stat().st_size
+    assert sum(big) <= size <= sum(big) + ALIGN * len(big)  # each weight once (+ alignment)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["method"]["pivot"] == PIVOT and manifest["method"]["lambda"] == LAM
+    assert set(manifest["graphs"]) == set(GRAPHS)
+
+
+def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
+    """`polygraphy run --onnxrt` on each graph against the torch stage module's outputs."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    _, out = engine_dir
+    oracle = Engine.load(out, backend="torch")
+    ids = _prompt(120, 9).numpy()
+    feeds = {"pre_pivot": {"input_ids": ids[None]}}
+    pre = oracle.stages.run("pre_pivot", **feeds["pre_pivot"])
+    feeds["compact"] = {"hidden": pre[0], "centrality": pre[4]}
+    hidden_c, positions_c = oracle.stages.run("compact", **feeds["compact"])
+    feeds["post_pivot"] = {"hidden": hidden_c, "positions": positions_c}
+    feeds["kv_select"] = {
+        "keys": pre[1],
+        "values": pre[2],
+        "saliency": pre[3],
+        "positions": np.arange(120, dtype=np.int64),
+        "prompt_len": np.zeros(120, dtype=np.int64),
+    }
+    engine = Engine.load(out, backend="torch", kv_cache_mb=1)
+    seq, _ = engine.add_request(ids, 4)
+    tables, lengths = engine.cache.batch_tables([seq])
+    feeds["decode"] = {
+        "input_ids": np.array([7]),
+        "positions": np.array([120]),
+        "block_tables": tables,
+        "context_lens": lengths,
+        "k_pool": engine.cache.keys,
+        "v_pool": engine.cache.values,
+        "pos_pool": engine.cache.positions,
+    }
+    for name in GRAPHS:
+        outputs = oracle.stages.run(name, **feeds[name])
+        names = [
+            o["name"] for o in json.loads((out / MANIFEST).read_text())["graphs"][name]["outputs"]
+        ]
+        save_json([feeds[name]], tmp_path / f"{name}-in.json")
+        RunResults(
+            [("torch", [IterationResult(dict(zip(names, outputs)), runner_name="torch")])]
+        ).save(str(tmp_path / f"{name}-ref.json"))
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "polygraphy"),  # the CLI, as users run it
+                "run",
+                str(out / f"{name}.onnx"),
+                "--onnxrt",
+                "--load-inputs",
+                str(tmp_path / f"{name}-in.json"),
+                "--load-outputs",
+                str(tmp_path / f"{name}-ref.json"),
+                "--atol",
+                "1e-4",
+                "--rtol",
+                "1e-4",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+
+
+def test_engine_refuses_tampered_missing_and_newer(engine_dir, tmp_path):
+    _, out = engine_dir
+    copy = tmp_path / "engine"
+    shutil.copytree(out, copy)
+    with open(copy / "weights.bin", "r+b") as f:  # flip one byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(StructKVError, match=r"weights\.bin does not match its sha256"):
+        Engine.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(out, copy)
+    (copy / "decode.onnx").unlink()
+    with pytest.raises(StructKVError, match=r"decode\.onnx is missing"):
+        Engine.load(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StructKVError, match="newer than this structkv reads"):
+        Engine.load(copy)
+    with pytest.raises(StructKVError, match="not a StructKV engine"):
+        Engine.load(tmp_path)
+    engine = Engine.load(out)
+    with pytest.raises(StructKVError, match="too short"):
+        engine.generate(np.arange(5), 4)
+    with pytest.raises(StructKVError, match="exceeds the engine's maximum"):
+        engine.generate(np.zeros(4090, dtype=np.int64), 10)
+
+
+def test_export_cli_refusals_leave_nothing(tmp_path, capsys):
+    from structkv.export.exporter import main
+
+    out = tmp_path / "engine"
+    assert main(["--model", "tiny-llama", "--out", str(out), "--dtype", "int8"]) == 2
+    assert "unsupported --dtype 'int8'" in capsys.readouterr().err
+    assert main(["--model", "no-such-model", "--out", str(out)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["--model", "tiny-llama", "--out", str(out), "--pivot", "5"]) == 2
+    assert "--pivot must be in [0, 4]" in capsys.readouterr().err
+    assert main(["--model", "tiny-llama", "--out", str(out), "--r-kv", "0.5"]) == 2
+    assert "must not exceed --r-struct" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["--model", "tiny-llama", "--out", str(out), "--pivot", "2"]) == 2
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
