@@ -16,6 +16,7 @@ kvpress 0.5.5 works with transformers < 5.3 only (with 5.24 every press fails wi
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import statistics
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def run_peer(lm, cfg: PeerConfig, out_dir: Path, progress=None) -> dict:
             "r_kv": cfg.r_kv,
             "window": cfg.window,
             "kernel": cfg.kernel,
-            "kvpress": getattr(kvpress, "__version__", "?"),
+            "kvpress": importlib.metadata.version("kvpress"),
             "transformers": importlib.import_module("transformers").__version__,
         },
         "rows": rows,
