@@ -155,27 +155,33 @@ class DecodeStep(torch.nn.Module):
 
     def forward(self, input_ids, positions, block_tables, context_lens, k_pool, v_pool, pos_pool):
         b, m = block_tables.shape
-        block = k_pool.shape[3]
+        num_layers, _, g, block, d = k_pool.shape
+        slots = m * block
         h = self.model.model.embed_tokens(input_ids[:, None])  # [B, 1, E]
         cos, sin = _rope(self.model, positions[:, None], h.dtype)
-        slots = torch.arange(m * block, device=input_ids.device)
-        cached = slots[None, :] < context_lens[:, None]  # [B, S]
+        # Gather every layer's blocks at once: one Gather per pool instead of one per layer keeps
+        # the graph (and the exporter's optimiser) small. [L, B, G, slots, D]
+        kc = k_pool[:, block_tables].permute(0, 1, 3, 2, 4, 5).reshape(num_layers, b, g, slots, d)
+        vc = v_pool[:, block_tables].permute(0, 1, 3, 2, 4, 5).reshape(num_layers, b, g, slots, d)
+        cached = torch.arange(slots, device=input_ids.device)[None, :] < context_lens[:, None]
+        visible = torch.cat([cached, torch.ones_like(cached[:, :1])], dim=1)  # [B, slots + 1]
+        base_mask = visible[:, None, None, :]  # the same for every head and layer
+        layers = decoder_layers(self.model)
+        pc = None
+        if any(sliding_window(layer) is not None for layer in layers):
+            pc = pos_pool[:, block_tables].permute(0, 1, 3, 2, 4).reshape(num_layers, b, g, slots)
         new_keys, new_values = [], []
-        for index, layer in enumerate(decoder_layers(self.model)):
+        for index, layer in enumerate(layers):
             q, k, v = qkv(layer, layer.input_layernorm(h), cos, sin)
-            g, d = k.shape[1], k.shape[-1]
-            kc = k_pool[index][block_tables].permute(0, 2, 1, 3, 4).reshape(b, g, m * block, d)
-            vc = v_pool[index][block_tables].permute(0, 2, 1, 3, 4).reshape(b, g, m * block, d)
-            visible = cached[:, None, :].expand(b, g, m * block)
+            mask = base_mask
             window = sliding_window(layer)
             if window is not None:
-                pc = pos_pool[index][block_tables].permute(0, 2, 1, 3).reshape(b, g, m * block)
-                visible = visible & (positions[:, None, None] - pc < window)
-            keys = torch.cat([kc, k], dim=2)
-            values = torch.cat([vc, v], dim=2)
-            visible = torch.cat([visible, torch.ones_like(visible[..., :1])], dim=2)
-            n_rep = q.shape[1] // g
-            mask = visible.repeat_interleave(n_rep, dim=1)[:, :, None, :]  # [B, H, 1, S+1]
+                near = positions[:, None, None] - pc[index] < window  # [B, G, slots]
+                near = torch.cat([near, torch.ones_like(near[..., :1])], dim=2)
+                n_rep = q.shape[1] // g
+                mask = (near & visible[:, None, :]).repeat_interleave(n_rep, dim=1)[:, :, None]
+            keys = torch.cat([kc[index], k], dim=2)
+            values = torch.cat([vc[index], v], dim=2)
             h = h + attend(layer, q, keys, values, mask, causal=False)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new_keys.append(k[:, :, 0])
