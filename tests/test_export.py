@@ -209,3 +209,31 @@ def test_export_cli_refusals_leave_nothing(tmp_path, capsys):
     assert main(["--model", "tiny-llama", "--out", str(out), "--pivot", "2"]) == 2
     assert "not empty; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.real_model
+def test_smollm2_engine_end_to_end(smollm2, tmp_path, capsys):
+    """The product path on the embedded model: structkv-export, then `structkv run --json`
+    answers a needle prompt like `structkv generate` does, from an engine within 1.15x of the
+    fp32 weights."""
+    from structkv.cli import main as structkv
+    from structkv.eval.needle import make_needle_prompt
+    from structkv.export.exporter import main as export
+
+    out = tmp_path / "engine"
+    assert export(["--model", "smollm2-135m", "--out", str(out)]) == 0
+    weights = sum(p.numel() * 4 for p in smollm2.model.parameters())  # tied params once
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert size <= 1.15 * weights
+    needle = make_needle_prompt(smollm2.tokenizer, 1024, 0.5, seed=3, haystack="noise")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(needle.prompt)
+    capsys.readouterr()
+    args = ["--chat", "--prompt-file", str(prompt), "--max-new-tokens", "24", "--json"]
+    assert structkv(["run", "--engine", str(out), *args]) == 0
+    ran = json.loads(capsys.readouterr().out)
+    assert structkv(["generate", "--model", "smollm2-135m", "--method", "structkv", *args]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert needle.answer in ran["text"] and ran["text"] == generated["text"]
+    for key in ("prompt_tokens", "pivot_layer", "propagated_tokens", "kv_tokens_per_layer"):
+        assert ran["stats"][key] == generated["stats"][key], key
