@@ -154,7 +154,7 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
             output_names=names[1],
             verbose=False,
         )
-    return program.model_proto
+    return program.model
 
 
 def build_graphs(model, method, dtype: torch.dtype):
@@ -258,6 +258,7 @@ def export_engine(
 ) -> Path:
     """Export ``model_name`` to the engine directory ``out``; returns ``out``."""
     import onnx
+    import onnx_ir
 
     from structkv.models import load
 
@@ -284,12 +285,12 @@ def export_engine(
                 model, method, dtype
             ):
                 t = time.perf_counter()
-                proto = _export(module, args, dynamic, (in_names, out_names))
-                store.externalize(proto)
+                ir_model = _export(module, args, dynamic, (in_names, out_names))
+                store.externalize_ir(ir_model)
                 path = tmp / f"{name}.onnx"
-                onnx.save(proto, path)
-                io[name] = describe_io(proto)
-                del proto
+                onnx_ir.save(ir_model, path)
+                del ir_model
+                io[name] = describe_io(onnx.load(path, load_external_data=False))
                 log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
         store.close()
         for name in io:
@@ -328,7 +329,11 @@ def export_engine(
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Atomic when ``out`` does not exist; with --force the old engine goes only after the new
-    one is complete."""
+    one is complete. mkdtemp/mkstemp create owner-only modes: give the engine normal ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp, *tmp.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "engine")

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import onnx
-from onnx import numpy_helper
-
 WEIGHTS_FILE = "weights.bin"
 #: Small constants (shapes, scalars) stay inside their graph.
 INLINE_BYTES = 1024
@@ -23,39 +20,53 @@ ALIGN = 64
 
 
 class WeightStore:
-    """Appends unique tensors to ``weights.bin`` and rewrites initializers to reference them."""
+    """Appends unique tensors to ``weights.bin`` and points initializers at them.
+
+    Works on the exporter's in-memory IR (``onnx_ir``), one tensor at a time: no whole-model
+    ``ModelProto`` copy is ever built, so peak memory stays near the model's own weights."""
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.path = directory / WEIGHTS_FILE
         self._file = open(self.path, "wb")  # closed by close()
         self._index: dict[str, tuple[int, int]] = {}
         self.bytes = 0
 
-    def externalize(self, model: onnx.ModelProto) -> None:
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raise ValueError(f"initializer {tensor.name} is already external")
-            raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
-            if len(raw) <= INLINE_BYTES:
+    def _append(self, raw: bytes, key: str) -> tuple[int, int]:
+        if key not in self._index:
+            self._file.write(b"\0" * (-self._file.tell() % ALIGN))
+            offset = self._file.tell()
+            self._file.write(raw)
+            self._index[key] = (offset, len(raw))
+            self.bytes += len(raw)
+        return self._index[key]
+
+    def externalize_ir(self, model) -> None:
+        """Move every initializer above :data:`INLINE_BYTES` of an ``onnx_ir`` model to the
+        shared file (deduplicated by content)."""
+        import onnx_ir as ir
+
+        self._file.flush()
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes <= INLINE_BYTES:
                 continue
+            raw = tensor.tobytes()
             key = hashlib.sha256(
-                raw + str((tensor.data_type, tuple(tensor.dims))).encode()
+                raw + str((tensor.dtype, tuple(tensor.shape))).encode()
             ).hexdigest()
-            if key not in self._index:
-                pad = -self._file.tell() % ALIGN
-                self._file.write(b"\0" * pad)
-                offset = self._file.tell()
-                self._file.write(raw)
-                self._index[key] = (offset, len(raw))
-                self.bytes += len(raw)
-            offset, length = self._index[key]
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
-                tensor.ClearField(field)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for k, v in (("location", WEIGHTS_FILE), ("offset", offset), ("length", length)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = k, str(v)
+            offset, length = self._append(raw, key)
+            del raw
+            value.const_value = ir.ExternalTensor(
+                WEIGHTS_FILE,
+                offset,
+                length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=name,
+                base_dir=self.directory,
+            )
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
