@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""One causal attention at 4K tokens (SmolLM2 shapes: 9 query heads, 3 KV heads, head dim 64):
+ONNX Runtime's opset-23 Attention, com.microsoft GroupQueryAttention and MultiHeadAttention vs
+torch SDPA, in one run (best of 3 after a warm-up). Why: the engine's prefill is bound by it.
+
+Example: python scripts/bench_attention_kernels.py
+"""
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto as T
+from onnx import helper
+
+N, H, G, D = 4096, 9, 3, 64
+
+
+def sess(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# contrib GQA
+gqa = helper.make_node(
+    "GroupQueryAttention",
+    ["q", "k", "v", "", "", "seqlens_k", "total_len"],
+    ["o", "pk", "pv"],
+    domain="com.microsoft",
+    num_heads=H,
+    kv_num_heads=G,
+)
+g = helper.make_graph(
+    [gqa],
+    "g",
+    [
+        helper.make_tensor_value_info("q", T.FLOAT, [1, N, H * D]),
+        helper.make_tensor_value_info("k", T.FLOAT, [1, N, G * D]),
+        helper.make_tensor_value_info("v", T.FLOAT, [1, N, G * D]),
+        helper.make_tensor_value_info("seqlens_k", T.INT32, [1]),
+        helper.make_tensor_value_info("total_len", T.INT32, [1]),
+    ],
+    [
+        helper.make_tensor_value_info("o", T.FLOAT, None),
+        helper.make_tensor_value_info("pk", T.FLOAT, None),
+        helper.make_tensor_value_info("pv", T.FLOAT, None),
+    ],
+)
+m1 = helper.make_model(
+    g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+)
+# opset-23 Attention, 4D BNSH, causal
+att = helper.make_node("Attention", ["q4", "k4", "v4"], ["o4"], is_causal=1)
+g2 = helper.make_graph(
+    [att],
+    "a",
+    [
+        helper.make_tensor_value_info("q4", T.FLOAT, [1, H, N, D]),
+        helper.make_tensor_value_info("k4", T.FLOAT, [1, G, N, D]),
+        helper.make_tensor_value_info("v4", T.FLOAT, [1, G, N, D]),
+    ],
+    [helper.make_tensor_value_info("o4", T.FLOAT, None)],
+)
+m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 23)])
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, N, H * D), dtype=np.float32)
+k = rng.standard_normal((1, N, G * D), dtype=np.float32)
+v = rng.standard_normal((1, N, G * D), dtype=np.float32)
+s1, s2 = sess(m1), sess(m2)
+q4 = q.reshape(1, N, H, D).transpose(0, 2, 1, 3).copy()
+k4 = k.reshape(1, N, G, D).transpose(0, 2, 1, 3).copy()
+v4 = v.reshape(1, N, G, D).transpose(0, 2, 1, 3).copy()
+feeds1 = {
+    "q": q,
+    "k": k,
+    "v": v,
+    "seqlens_k": np.array([N - 1], np.int32),
+    "total_len": np.array([N], np.int32),
+}
+
+
+def t(f, r=3):
+    f()
+    ts = []
+    for _ in range(r):
+        a = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - a)
+    return min(ts)
+
+
+o1 = s1.run(None, feeds1)[0]
+o2 = s2.run(None, {"q4": q4, "k4": k4, "v4": v4})[0]
+tq, tk, tv = map(torch.from_numpy, (q4, k4, v4))
+o3 = torch.nn.functional.scaled_dot_product_attention(
+    tq, tk.repeat_interleave(3, 1), tv.repeat_interleave(3, 1), is_causal=True
+)
+print(
+    "diff gqa-sdpa",
+    np.abs(o1.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max(),
+    "att-sdpa",
+    np.abs(o2 - o3.numpy()).max(),
+)
+print("GQA contrib", t(lambda: s1.run(None, feeds1)))
+print("opset23 Attention", t(lambda: s2.run(None, {"q4": q4, "k4": k4, "v4": v4})))
+print(
+    "torch sdpa",
+    t(
+        lambda: torch.nn.functional.scaled_dot_product_attention(
+            tq, tk.repeat_interleave(3, 1), tv.repeat_interleave(3, 1), is_causal=True
+        )
+    ),
+)
+mha = helper.make_node(
+    "MultiHeadAttention",
+    ["q", "kk", "vv"],
+    ["o"],
+    domain="com.microsoft",
+    num_heads=H,
+    unidirectional=1,
+)
+g3 = helper.make_graph(
+    [mha],
+    "m",
+    [
+        helper.make_tensor_value_info("q", T.FLOAT, [1, N, H * D]),
+        helper.make_tensor_value_info("kk", T.FLOAT, [1, N, H * D]),
+        helper.make_tensor_value_info("vv", T.FLOAT, [1, N, H * D]),
+    ],
+    [helper.make_tensor_value_info("o", T.FLOAT, None)],
+)
+m3 = helper.make_model(
+    g3, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+)
+s3 = sess(m3)
+kk = np.repeat(k.reshape(1, N, G, D), 3, axis=2).reshape(1, N, H * D)
+vv = np.repeat(v.reshape(1, N, G, D), 3, axis=2).reshape(1, N, H * D)
+o5 = s3.run(None, {"q": q, "kk": kk, "vv": vv})[0]
+print("diff mha-sdpa", np.abs(o5.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max())
+print("MHA contrib", t(lambda: s3.run(None, {"q": q, "kk": kk, "vv": vv})))
