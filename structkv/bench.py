@@ -126,6 +126,64 @@ def bench_decode(lm, length, names, steps=32, repeats=3, knobs=None) -> list[dic
     ]
 
 
+def bench_engines(
+    engine_dirs: list[str],
+    backend: str,
+    lengths: list[int],
+    repeats: int = 3,
+    warmup: int = 1,
+    steps: int = 0,
+) -> list[dict]:
+    """Engines side by side (e.g. StructKV vs a full-context export with R_struct = R_KV = 1),
+    interleaved rounds in one run: prefill median seconds, or decode tokens/s when ``steps``.
+    ``speedup_vs_last``: each engine against the LAST one listed (put the baseline last)."""
+    from structkv.eval.needle import make_needle_prompt
+    from structkv.generate import encode_prompt
+    from structkv.runtime.engine import Engine
+
+    engines = [Engine.load(d, backend=backend, verify=False) for d in engine_dirs]
+    tok = engines[0].tokenizer
+    rows = []
+    for length in lengths:
+        if tok is not None:
+            prompt = make_needle_prompt(tok, length, depth=0.5, seed=0).prompt
+            ids = encode_prompt(tok, prompt, chat=bool(tok.chat_template)).numpy()
+        else:  # tiny test engines: random ids
+            ids = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(0))
+            ids = ids.numpy()
+        times: dict[int, list[float]] = {i: [] for i in range(len(engines))}
+        kv_blocks: dict[int, int] = {}
+        for round_ in range(warmup + repeats):
+            for i, engine in enumerate(engines):
+                if steps:
+                    seq, _ = engine.add_request(ids, steps + 1)
+                    kv_blocks[i] = engine.cache.blocks_used
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        engine.step()
+                    elapsed = time.perf_counter() - start
+                    engine.finish(seq)
+                else:
+                    start = time.perf_counter()
+                    engine.prefill(ids)
+                    elapsed = time.perf_counter() - start
+                if round_ >= warmup:
+                    times[i].append(elapsed)
+        base = statistics.median(times[len(engines) - 1])
+        for i, d in enumerate(engine_dirs):
+            med = statistics.median(times[i])
+            m = engines[i].manifest["method"]
+            row = {"length": int(ids.shape[0]), "engine": d, "r_struct": m["r_struct"],
+                   "r_kv": m["r_kv"]}  # fmt: skip
+            if steps:
+                row.update(tokens_per_s=round(steps / med, 2), speedup_vs_last=round(base / med, 3),
+                           kv_blocks=kv_blocks[i])  # fmt: skip
+            else:
+                row.update(median_s=round(med, 3), speedup_vs_last=round(base / med, 3))
+            rows.append(row)
+    return rows
+
+
 def format_rows(rows: list[dict], keys: list[str]) -> str:
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
     lines = [" | ".join(k.ljust(w) for k, w in zip(keys, widths))]
@@ -156,6 +214,12 @@ def add_bench_parser(sub) -> None:
         p.add_argument("--r-kv", type=float)
         p.add_argument("--pivot", type=lambda s: s if s in ("auto", "online") else int(s))
         p.add_argument("--lambda", dest="lam", type=float)
+        p.add_argument(
+            "--engine",
+            action="append",
+            help="exported engine directory (repeat to compare; the last is the baseline)",
+        )
+        p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
         if name == "prefill":
             p.add_argument("--lengths", default="1024,4096")
             p.add_argument("--warmup", type=int, default=1)
@@ -167,6 +231,24 @@ def add_bench_parser(sub) -> None:
 
 def main_from_args(args: argparse.Namespace) -> int:
     from structkv.models import load
+
+    if args.engine:
+        prefill = args.what == "prefill"
+        lengths = parse_ints(args.lengths) if prefill else [args.length]
+        steps = 0 if prefill else args.steps
+        rows = bench_engines(args.engine, args.backend, lengths, args.repeats, 1, steps)
+        keys = ["length", "engine", "r_struct", "r_kv"] + (
+            ["median_s", "speedup_vs_last"] if prefill else
+            ["tokens_per_s", "speedup_vs_last", "kv_blocks"]
+        )  # fmt: skip
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if args.json:
+            print(json.dumps({"bench": args.what, "backend": args.backend, "date": date,
+                              "rows": rows}))  # fmt: skip
+        else:
+            print(f"# {args.what} engines ({args.backend}), {date}")
+            print(format_rows(rows, keys))
+        return 0
 
     knobs = {"r_struct": args.r_struct, "r_kv": args.r_kv, "pivot": args.pivot, "lam": args.lam}
     knobs = {k: v for k, v in knobs.items() if v is not None}

@@ -239,3 +239,26 @@ def test_smollm2_engine_end_to_end(smollm2, tmp_path, capsys):
     assert needle.answer in ran["text"]
     for key in ("prompt_tokens", "pivot_layer", "propagated_tokens", "kv_tokens_per_layer"):
         assert ran["stats"][key] == generated["stats"][key], key
+
+
+def test_full_context_engine_equals_the_full_model_and_benches(tmp_path, capsys):
+    """R_struct = R_KV = 1 (the baseline engine of the speed comparisons) keeps every token:
+    its tokens are the unmodified model's; `structkv bench --engine A --engine B` compares."""
+    from structkv.cli import main
+    from structkv.methods import Full
+
+    full_dir = tmp_path / "full"
+    export_engine("tiny-llama", full_dir, ExportSettings(pivot=PIVOT, r_struct=1.0, r_kv=1.0))
+    engine = Engine.load(full_dir)
+    ids = _prompt(150, 4)
+    expected = generate_ids(tiny_model("tiny-llama").model, ids, Full(), NEW).tokens
+    tokens, stats = engine.generate(ids.numpy(), NEW)
+    assert tokens == expected and stats["kv_tokens_per_layer"] == [150] * 6
+    capsys.readouterr()
+    args = ["--engine", str(full_dir), "--engine", str(full_dir), "--repeats", "1", "--json"]
+    assert main(["bench", "prefill", "--lengths", "120", *args]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["length"] for r in rows] == [120, 120] and rows[1]["speedup_vs_last"] == 1.0
+    assert main(["bench", "decode", "--length", "120", "--steps", "3", *args]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["kv_blocks"] == math.ceil((120 + 3) / 16)

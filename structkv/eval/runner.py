@@ -116,6 +116,8 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
             if bar:
                 bar.update(1)
         _save_json(path, results)
+        # The table too, so a stopped run (they take hours) leaves a readable report.
+        (out_dir / "results.md").write_text(results_table(results, cfg))
     if bar:
         bar.close()
     (out_dir / "results.md").write_text(results_table(results, cfg))
