@@ -56,8 +56,7 @@ class ExportSettings:
             raise StructKVError(
                 f"unsupported --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
             )
-        from structkv.methods import get_method
-
+        self.method().check_knobs()
         if self.r_kv > self.r_struct:
             raise StructKVError(
                 f"--r-kv ({self.r_kv}) must not exceed --r-struct ({self.r_struct}): layers after "
@@ -65,16 +64,12 @@ class ExportSettings:
                 "layer to keep the same count"
             )
 
-        get_method(
-            "structkv",
-            r_struct=self.r_struct,
-            r_kv=self.r_kv,
-            window=self.window,
-            pooling=self.pooling,
-            pool_mode=self.pool_mode,
-            lam=self.lam,
-            pivot=self.pivot,
-        )
+    def method(self):
+        """The StructKV configuration these settings describe (pivot/λ still unresolved)."""
+        from structkv.methods import StructKV
+
+        fields = ("r_struct", "r_kv", "window", "pooling", "pool_mode", "lam", "pivot")
+        return StructKV(**{f: getattr(self, f) for f in fields})
 
 
 # torch.onnx announces every optional torchvision op it cannot register; not our business.
@@ -97,18 +92,9 @@ def check_out_dir(out: Path, force: bool) -> None:
 def resolve_method(lm, settings: ExportSettings, log=_log):
     """The StructKV configuration the engine bakes in, and where its pivot came from."""
     from structkv.calibration import calibrate
-    from structkv.methods import StructKV
     from structkv.profile import find_profile, save_profile, user_profile_path
 
-    method = StructKV(
-        r_struct=settings.r_struct,
-        r_kv=settings.r_kv,
-        window=settings.window,
-        pooling=settings.pooling,
-        pool_mode=settings.pool_mode,
-        lam=settings.lam,
-        pivot=settings.pivot,
-    )
+    method = settings.method()
     profile = None
     if settings.pivot == "auto":
         profile = find_profile(lm.model_id)
