@@ -30,11 +30,13 @@ import torch
 
 from structkv.errors import StructKVError
 from structkv.export import graphs
+from structkv.export.fusion import fuse_causal_attention
 from structkv.export.manifest import FORMAT_VERSION, describe_io, write_manifest
 from structkv.export.weights import WeightStore
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 23
+ATTENTION = ("contrib", "onnx")
 
 
 @dataclass
@@ -50,11 +52,18 @@ class ExportSettings:
     pooling: int = 7
     pool_mode: str = "max"
     dtype: str = "fp32"
+    #: "contrib": causal attention runs as ONNX Runtime's GroupQueryAttention kernel (fast on
+    #: CPU, ONNX Runtime only); "onnx": the standard opset-23 Attention operator everywhere.
+    attention: str = "contrib"
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise StructKVError(
                 f"unsupported --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+        if self.attention not in ATTENTION:
+            raise StructKVError(
+                f"unsupported --attention {self.attention!r}; choose one of {', '.join(ATTENTION)}"
             )
         self.method().check_knobs()
         if self.r_kv > self.r_struct:
@@ -120,7 +129,7 @@ def resolve_method(lm, settings: ExportSettings, log=_log):
     return method, source, profile
 
 
-def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]]):
+def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]], attention: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Budgets such as min(ceil(R·N), N - w) are beyond the shape solver: keep them as
@@ -140,6 +149,8 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
             output_names=names[1],
             verbose=False,
         )
+    if attention == "contrib":
+        fuse_causal_attention(program.model)
     return program.model
 
 
@@ -271,7 +282,7 @@ def export_engine(
                 model, method, dtype
             ):
                 t = time.perf_counter()
-                ir_model = _export(module, args, dynamic, (in_names, out_names))
+                ir_model = _export(module, args, dynamic, (in_names, out_names), settings.attention)
                 store.externalize_ir(ir_model)
                 path = tmp / f"{name}.onnx"
                 onnx_ir.save(ir_model, path)
@@ -292,6 +303,7 @@ def export_engine(
             pivot_source=source,
             profile=profile,
             dtype=settings.dtype,
+            attention=settings.attention,
             graphs=io,
             export_stats={
                 "seconds": round(time.perf_counter() - start, 1),
@@ -347,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling", type=int, default=7)
     p.add_argument("--pool-mode", choices=("max", "avg"), default="max")
     p.add_argument("--dtype", default="fp32", help="fp32 (default on CPU) | fp16 | bf16")
+    p.add_argument(
+        "--attention",
+        default="contrib",
+        help="contrib (ONNX Runtime's fused GroupQueryAttention, default) | onnx (standard "
+        "opset-23 Attention, for other runtimes)",
+    )
     args = p.parse_args(argv)
     try:
         pivot: int | str = args.pivot
@@ -366,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             pooling=args.pooling,
             pool_mode=args.pool_mode,
             dtype=args.dtype,
+            attention=args.attention,
         )
         export_engine(args.model, Path(args.out), settings, force=args.force)
     except StructKVError as e:

@@ -52,6 +52,7 @@ def write_manifest(
     dtype: str,
     graphs: dict,
     export_stats: dict,
+    attention: str = "onnx",
 ) -> dict:
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     manifest = {
@@ -59,6 +60,7 @@ def write_manifest(
         "model_id": model_id,
         "config": config,
         "dtype": dtype,
+        "attention": attention,
         "method": {
             "name": method.name,
             "window": method.window,

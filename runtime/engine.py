@@ -8,6 +8,7 @@ Hugging Face model: the oracle the parity tests compare ONNX Runtime with.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,9 @@ class OrtStages:
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        # ONNX Runtime sizes its pool from the machine's cores; a process pinned to fewer CPUs
+        # (taskset, container cpusets) would oversubscribe them. Use the CPUs we may run on.
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         available = ort.get_available_providers()
         providers = [
             p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available

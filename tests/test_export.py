@@ -94,6 +94,61 @@ def test_graphs_pass_the_full_checker_and_weights_are_stored_once(engine_dir):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["method"]["pivot"] == PIVOT and manifest["method"]["lambda"] == LAM
     assert set(manifest["graphs"]) == set(GRAPHS)
+    assert manifest["attention"] == "contrib"
+    ops = [
+        (n.domain, n.op_type)
+        for name in ("pre_pivot", "post_pivot")
+        for n in onnx.load(out / f"{name}.onnx", load_external_data=False).graph.node
+    ]
+    fused = ops.count(("com.microsoft", "GroupQueryAttention"))
+    standard = ops.count(("", "Attention"))
+    if family == "tiny-mistral":  # sliding-window layers keep the masked standard operator
+        assert (fused, standard) == (0, 6)
+    else:
+        assert (fused, standard) == (6, 0)
+
+
+class _CausalGQA(torch.nn.Module):
+    def forward(self, q, k, v):
+        from structkv.layers import repeat_kv
+
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, 3), repeat_kv(v, 3), is_causal=True, scale=0.3
+        )
+        return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1) * 2
+
+
+@pytest.mark.parametrize("attention", ["contrib", "onnx"])
+def test_causal_attention_fusion_matches_torch(attention):
+    """The GroupQueryAttention rewrite (and the standard operator it replaces) against torch
+    SDPA on a length the graph was not traced with; the rewrite reads the 2 KV heads directly."""
+    import onnxruntime as ort
+
+    from structkv.export.exporter import _export
+
+    def qkv(n):
+        return torch.randn(1, 6, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+
+    n = torch.export.Dim("n", min=2)
+    dyn = {"q": {2: n}, "k": {2: n}, "v": {2: n}}
+    model = _export(_CausalGQA(), qkv(20), dyn, (["q", "k", "v"], ["o"]), attention)
+    ops = [(node.domain, node.op_type) for node in model.graph]
+    if attention == "contrib":
+        assert ("com.microsoft", "GroupQueryAttention") in ops and ("", "Attention") not in ops
+        gqa = next(node for node in model.graph if node.op_type == "GroupQueryAttention")
+        assert gqa.attributes["kv_num_heads"].as_int() == 2  # reads K/V before repeat_kv
+        assert sum(op == "Unsqueeze" for _, op in ops) == 0  # the expansion was dropped
+    else:
+        assert ("", "Attention") in ops and all(d != "com.microsoft" for d, _ in ops)
+    import onnx_ir
+
+    sess = ort.InferenceSession(
+        onnx_ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for length in (2, 37):
+        q, k, v = qkv(length)
+        (got,) = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+        np.testing.assert_allclose(got, _CausalGQA()(q, k, v).numpy(), atol=2e-5)
 
 
 def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
