@@ -132,3 +132,20 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
                 "corrupt); re-export the engine"
             )
     return manifest
+
+
+def method_from_manifest(manifest: dict):
+    """The reference :class:`~structkv.methods.StructKV` an engine was exported with, for
+    comparing the engine with the torch implementation of the same method."""
+    from structkv.methods import StructKV
+
+    m = manifest["method"]
+    return StructKV(
+        r_struct=m["r_struct"],
+        r_kv=m["r_kv"],
+        window=m["window"],
+        pooling=m["pooling"],
+        pool_mode=m["pool_mode"],
+        lam=m["lambda"],
+        pivot=m["pivot"],
+    )

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from structkv.eval.ruler import make_sample
+from structkv.export.manifest import method_from_manifest
 from structkv.generate import encode_prompt, eos_token_ids, generate_ids
-from structkv.methods import StructKV
 from structkv.models import load
 from structkv.runtime.engine import Engine
 
@@ -37,17 +37,8 @@ def main() -> None:
     args = p.parse_args()
 
     engine = Engine.load(args.engine)
-    m = engine.manifest["method"]
     lm = load(engine.manifest["model_id"])
-    method = StructKV(
-        r_struct=m["r_struct"],
-        r_kv=m["r_kv"],
-        window=m["window"],
-        pooling=m["pooling"],
-        pool_mode=m["pool_mode"],
-        lam=m["lambda"],
-        pivot=m["pivot"],
-    )
+    method = method_from_manifest(engine.manifest)
     eos = eos_token_ids(lm)
     lengths = [int(x) for x in args.lengths.split(",")]
     tasks = args.tasks.split(",")

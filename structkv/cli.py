@@ -240,6 +240,14 @@ def cmd_eval_report(args) -> int:
         )
         summary = {k: data[k] for k in ("budgets", "lambda_pivot")}
         summary["survival"] = {k: v["propagated"] for k, v in data["survival"].items()}
+    elif args.kind == "survival":
+        data = reports.survival_report(
+            lm, methods, out, lengths, args.samples, args.seed, task=args.task
+        )
+        summary = {
+            n: {k: {"accuracy": v["accuracy"], "propagated": v["propagated"]} for k, v in d.items()}
+            for n, d in data.items()
+        }
     elif args.kind == "latency":
         summary = reports.latency_report(lm, methods, out, lengths[0], args.repeats, args.seed)
     else:
@@ -334,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pivot", "per-layer entropy / sparsity / variance / T_l and pivots (Figure 5)"),
         ("latency", "prefill time per stage and method, stacked bars (Figure 8)"),
         ("decoupling", "R_struct x R_KV and λ x pivot grids, needle survival (Figure 7)"),
+        ("survival", "needle survival per stage (propagated set, KV per layer) per length"),
     ):
         k = kinds.add_parser(kind, help=text)
         k.add_argument("--model", default=DEFAULT_MODEL)
@@ -346,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
         if kind == "latency":
             k.add_argument("--repeats", type=int, default=3)
+        if kind == "survival":
+            k.add_argument("--task", default="niah_single_1", help="a needle task")
         k.set_defaults(func=cmd_eval_report)
 
     from structkv.bench import add_bench_parser

@@ -59,3 +59,18 @@ def test_decoupling_report(lm, tmp_path):
     if full["propagated"] is not None:  # the byte tokenizer finds the needle value
         assert full["propagated"] == 1.0 and full["kv_per_layer"] == [1.0] * 10
     assert (tmp_path / "decoupling.png").is_file() and (tmp_path / "lambda-pivot.png").is_file()
+
+
+def test_survival_report_full_keeps_everything_and_streaming_only_the_ends(lm, tmp_path):
+    """full keeps every needle token at every stage; streamingllm (sink + recent window) keeps
+    none of a needle placed mid-prompt, so its KV survival is 0 in every layer."""
+    data = reports.survival_report(
+        lm, ["full", "streamingllm"], tmp_path, [300], samples=2, task="niah_single_1"
+    )
+    saved = json.loads((tmp_path / "survival.json").read_text())
+    assert saved["lengths"]["300"]["full"]["accuracy"] == data[300]["full"]["accuracy"]
+    full, stream = data[300]["full"], data[300]["streamingllm"]
+    assert full["propagated"] == 1.0 and full["kv_per_layer"] == [1.0] * 10
+    assert len(stream["propagated_per_sample"]) == 2
+    assert stream["propagated"] == 1.0  # streamingllm propagates everything through prefill
+    assert stream["kv_per_layer"] == [0.0] * 10

@@ -205,6 +205,33 @@ def _survival(lm, sample, ids, gen) -> dict:
     return {"propagated": len(needle & propagated) / len(needle), "kv_per_layer": per_layer}
 
 
+def _survival_table(lm, methods, task: str, length: int, samples: int, seed: int) -> dict:
+    """Per method: accuracy, mean needle survival in the propagated set, and per layer in KV."""
+    table = {}
+    for name in methods:
+        acc, gens = _accuracy(lm, as_method(name, lm.model_id), task, length, samples, seed)
+        rows = [_survival(lm, *g) for g in gens]
+        kept = [r["propagated"] for r in rows if r["propagated"] is not None]
+        layers = [r["kv_per_layer"] for r in rows if r["kv_per_layer"]]
+        table[name] = {
+            "accuracy": acc,
+            "propagated": statistics.mean(kept) if kept else None,
+            "propagated_per_sample": [r["propagated"] for r in rows],
+            "kv_per_layer": [statistics.mean(c) for c in zip(*layers)] if layers else [],
+        }
+    return table
+
+
+@torch.inference_mode()
+def survival_report(lm, methods, out: Path, lengths, samples: int, seed=0, task="niah_single_1"):
+    """Needle survival per stage (propagated set, each layer's KV) and accuracy, per length and
+    method: explains a needle-task score without touching the method (issue 3, item 5)."""
+    data = {n: _survival_table(lm, methods, task, n, samples, seed) for n in lengths}
+    _write(out, "survival.json", {"model": lm.model_id, "task": task, "samples": samples,
+                                  "seed": seed, "lengths": data})  # fmt: skip
+    return data
+
+
 @torch.inference_mode()
 def decoupling_report(
     lm, out: Path, length: int, samples: int, seed: int = 0, task: str = "niah_single_1",
@@ -226,17 +253,7 @@ def decoupling_report(
     pivots = pivots or range(search_range(num_layers)[0], search_range(num_layers)[1] + 1, 2)
     sweep = grid({(p, lam): replace(base, lam=lam, pivot=p) for lam in lambdas for p in pivots})
     plots.plot_grid(sweep, out / "lambda-pivot.png", "pivot layer", "λ", f"structkv: {task}")
-    survival = {}
-    for name in methods:
-        acc, gens = _accuracy(lm, as_method(name, lm.model_id), task, length, samples, seed)
-        rows = [_survival(lm, *g) for g in gens]
-        kept = [r["propagated"] for r in rows if r["propagated"] is not None]
-        layers = [r["kv_per_layer"] for r in rows if r["kv_per_layer"]]
-        survival[name] = {
-            "accuracy": acc,
-            "propagated": statistics.mean(kept) if kept else None,
-            "kv_per_layer": [statistics.mean(c) for c in zip(*layers)] if layers else [],
-        }
+    survival = _survival_table(lm, methods, task, length, samples, seed)
     data = {
         "model": lm.model_id,
         "task": task,
