@@ -76,7 +76,8 @@ class TorchStages:
         with torch.inference_mode():
             args = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
             out = self.modules[name](**args)
-        return [o.float().numpy() if o.is_floating_point() else o.numpy() for o in out]
+        # numpy has no bfloat16; fp32/fp16 stages hand over their own dtype, as ONNX Runtime does
+        return [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in out]
 
 
 @dataclass

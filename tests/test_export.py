@@ -317,3 +317,30 @@ def test_full_context_engine_equals_the_full_model_and_benches(tmp_path, capsys)
     assert main(["bench", "decode", "--length", "120", "--steps", "3", *args]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["kv_blocks"] == math.ceil((120 + 3) / 16)
+
+
+def test_fp16_engine_matches_its_torch_oracle(tmp_path):
+    """--dtype fp16: weights stored at half the bytes, and ONNX Runtime's fp16 graphs agree with
+    the fp16 torch stages: logits to fp16 precision, greedy tokens equal, kept sets nearly equal
+    (fp16 saliency has ~3 significant digits, so near-ties may rank differently per backend)."""
+    out = tmp_path / "fp16"
+    export_engine(
+        "tiny-llama", out, ExportSettings(pivot=PIVOT, lam=LAM, dtype="fp16"), log=lambda m: None
+    )
+    params = tiny_model("tiny-llama").model.parameters()
+    big = [p.numel() * 2 for p in params if p.numel() * 2 > INLINE_BYTES]
+    assert sum(big) <= (out / "weights.bin").stat().st_size <= sum(big) + ALIGN * len(big)
+    engine, oracle = Engine.load(out), Engine.load(out, backend="torch")
+    ids = _prompt(300, seed=5).numpy()
+    a, b = engine.prefill(ids), oracle.prefill(ids)
+    assert a.keys.dtype == np.float16 and b.keys.dtype == np.float16
+    layers, heads, _ = a.positions.shape
+    overlap = [
+        len(set(a.positions[i, j]) & set(b.positions[i, j])) / a.positions.shape[2]
+        for i in range(layers)
+        for j in range(heads)
+    ]
+    assert np.mean(overlap) >= 0.95 and min(overlap) >= 0.8
+    np.testing.assert_array_equal(a.positions[: PIVOT + 1], b.positions[: PIVOT + 1])
+    np.testing.assert_allclose(a.logits, b.logits, atol=0.05)
+    assert engine.generate(ids, NEW)[0] == oracle.generate(ids, NEW)[0]
