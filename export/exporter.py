@@ -251,11 +251,18 @@ def build_graphs(model, method, dtype: torch.dtype):
 
 
 def export_engine(
-    model_name: str, out: Path, settings: ExportSettings, force: bool = False, log=_log
+    model_name: str,
+    out: Path,
+    settings: ExportSettings,
+    force: bool = False,
+    log=_log,
+    progress: bool = True,
 ) -> Path:
-    """Export ``model_name`` to the engine directory ``out``; returns ``out``."""
+    """Export ``model_name`` to the engine directory ``out`` (a progress bar per graph on
+    stderr unless ``progress`` is False); returns ``out``."""
     import onnx
     import onnx_ir
+    from tqdm import tqdm
 
     from structkv.models import load
 
@@ -278,9 +285,10 @@ def export_engine(
         store = WeightStore(tmp)
         io = {}
         with torch.inference_mode(False), torch.no_grad():
-            for name, module, args, dynamic, in_names, out_names in build_graphs(
-                model, method, dtype
-            ):
+            stages = build_graphs(model, method, dtype)
+            bar = tqdm(stages, desc="export", unit="graph", file=sys.stderr, disable=not progress)
+            for name, module, args, dynamic, in_names, out_names in bar:
+                bar.set_postfix_str(f"tracing {name}")
                 t = time.perf_counter()
                 ir_model = _export(module, args, dynamic, (in_names, out_names), settings.attention)
                 store.externalize_ir(ir_model)
