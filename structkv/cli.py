@@ -185,9 +185,14 @@ def cmd_eval_ruler(args) -> int:
     )
     if args.haystack_file and not Path(args.haystack_file).is_file():
         raise StructKVError(f"haystack file {args.haystack_file} does not exist")
-    lm = load(args.model)
     out = Path(args.out)
-    run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
+    if args.report_only:  # rewrite results.md from what is scored, generate nothing
+        from structkv.eval.runner import load_results, results_table
+
+        (out / "results.md").write_text(results_table(load_results(out), cfg))
+    else:
+        lm = load(args.model)
+        run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "results.md").read_text(), end="")
     return 0
 
@@ -323,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
     r.add_argument("--haystack-file", help="your own prose for the haystack (default: docstrings)")
+    r.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite results.md from results.json without generating anything",
+    )
     _add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
 

@@ -74,3 +74,31 @@ def test_quick_profile_on_the_embedded_model(tmp_path, capsys):
     start = time.perf_counter()
     assert main(["eval", "ruler", "--profile", "quick", "--out", str(tmp_path)]) == 0
     assert time.perf_counter() - start < 10  # everything was already scored
+
+
+def test_length_tables_by_hand(tmp_path):
+    """Per-length table: needle mean over niah_* tasks only, % of full, '–' until complete;
+    `--report-only` rewrites results.md from results.json without loading a model."""
+    from structkv.cli import main
+    from structkv.eval.runner import length_tables
+
+    cfg = RunConfig(["full", "snapkv"], ["niah_single_1", "vt"], [10, 20], samples=1)
+    results = {
+        "full|niah_single_1|10|0": {"score": 1.0},
+        "full|vt|10|0": {"score": 0.5},
+        "snapkv|niah_single_1|10|0": {"score": 0.5},
+        "snapkv|vt|10|0": {"score": 0.5},
+        "full|niah_single_1|20|0": {"score": 1.0},  # 20 tokens: only this cell so far
+    }
+    lines = length_tables(results, cfg).splitlines()
+    assert lines[1] == "### 10 tokens"
+    assert lines[5] == "| full | 100.0 | 50.0 | 100.0 | 75.0 | 100.0 | 100.0 |"
+    assert lines[6] == "| snapkv | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 66.7 |"
+    assert "| full | 100.0 | – | 100.0 | – | 100.0 | – |" in lines
+    assert "| snapkv | – | – | – | – | – | – |" in lines
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    args = ["eval", "ruler", "--methods", "full,snapkv", "--tasks", "niah_single_1,vt"]
+    args += ["--lengths", "10,20", "--samples", "1", "--out", str(tmp_path), "--report-only"]
+    assert main(args) == 0
+    written = (tmp_path / "results.md").read_text()
+    assert "| snapkv | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 66.7 |" in written

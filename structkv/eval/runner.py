@@ -61,11 +61,17 @@ def _save_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_results(out_dir: Path) -> dict:
+    """What a run has scored so far (``out_dir/results.json``), or nothing."""
+    path = out_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
     """Score every (method, task, length, sample) not already in ``out_dir/results.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = load_results(out_dir)
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     eos = eos_token_ids(lm)
     # Length-major, then sample: a stopped run leaves whole (task, length) cells for all
@@ -152,7 +158,63 @@ def results_table(results: dict, cfg: RunConfig) -> str:
         pct = f"{100 * avg / full:.1f}" if avg is not None and full else "–"
         avg_s = f"{avg:.1f}" if avg is not None else "–"
         out.append("| " + " | ".join([m, *cells, avg_s, pct, str(errors)]) + " |")
-    return "\n".join(out) + "\n" + _wall_time(results) + "\n"
+    return "\n".join(out) + "\n" + _wall_time(results) + "\n" + length_tables(results, cfg)
+
+
+#: Column names for the per-length tables (RULER's own abbreviations).
+SHORT = {"niah_single_": "s", "niah_multikey_": "mk", "niah_multivalue": "mv",
+         "niah_multiquery": "mq"}  # fmt: skip
+
+
+def _short(task: str) -> str:
+    for prefix, short in SHORT.items():
+        if task.startswith(prefix):
+            return short + task[len(prefix) :]
+    return task
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _pct(value: float | None, ref: float | None) -> str:
+    return "–" if value is None or not ref else f"{100 * value / ref:.1f}"
+
+
+def length_tables(results: dict, cfg: RunConfig) -> str:
+    """One table per length: score (%) per task, the mean over the needle tasks (``niah_*``)
+    and over all tasks, each also as % of full; only complete lengths get the means."""
+    parts = []
+    needle = [t for t in cfg.tasks if t.startswith("niah_")]
+    for n in cfg.lengths:
+        means: dict[str, dict[str, float | None]] = {}
+        for m in cfg.methods:
+            row = {}
+            for t in cfg.tasks:
+                entries = [results.get(_key(m, t, n, cfg.seed + i)) for i in range(cfg.samples)]
+                scored = [e["score"] for e in entries if e and e.get("score") is not None]
+                row[t] = 100 * statistics.mean(scored) if len(scored) == cfg.samples else None
+            means[m] = row
+        if not any(v is not None for row in means.values() for v in row.values()):
+            continue
+
+        def avg(row: dict, tasks: list[str]) -> float | None:
+            vals = [row[t] for t in tasks]
+            return statistics.mean(vals) if tasks and None not in vals else None
+
+        full = means.get("full")
+        head = ["method", *map(_short, cfg.tasks), "needle avg", "all avg", "needle % full",
+                "all % full"]  # fmt: skip
+        lines = [f"\n### {n} tokens\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m, row in means.items():
+            a_needle, a_all = avg(row, needle), avg(row, cfg.tasks)
+            f_needle = avg(full, needle) if full else None
+            f_all = avg(full, cfg.tasks) if full else None
+            cells = [m, *(_fmt(row[t]) for t in cfg.tasks), _fmt(a_needle), _fmt(a_all)]
+            cells += [_pct(a_needle, f_needle), _pct(a_all, f_all)]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
 
 
 def _wall_time(results: dict) -> str:
