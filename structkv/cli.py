@@ -228,6 +228,9 @@ def cmd_eval_report(args) -> int:
     for name in methods:
         if name not in METHODS:
             raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    task = getattr(args, "task", None)
+    if task is not None and not task.startswith("niah_"):
+        raise StructKVError(f"--task must be a needle task (niah_single_1, ...), got {task!r}")
     lengths = parse_ints(args.lengths)
     if not lengths or min(lengths) < 64:
         raise StructKVError("--lengths must list token counts >= 64, e.g. 1024,2048")
@@ -257,7 +260,9 @@ def cmd_eval_report(args) -> int:
         summary = reports.latency_report(lm, methods, out, lengths[0], args.repeats, args.seed)
     else:
         depths = [float(d) for d in args.depths.split(",")]
-        summary = reports.niah_report(lm, methods, out, lengths, depths, args.samples, args.seed)
+        summary = reports.niah_report(
+            lm, methods, out, lengths, depths, args.samples, args.seed, task=args.task
+        )
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -365,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
         if kind == "latency":
             k.add_argument("--repeats", type=int, default=3)
-        if kind == "survival":
-            k.add_argument("--task", default="niah_single_1", help="a needle task")
+        if kind in ("survival", "niah"):
+            default = "niah_single_1" if kind == "survival" else "niah_single_2"
+            k.add_argument("--task", default=default, help=f"a needle task (default {default})")
         k.set_defaults(func=cmd_eval_report)
 
     from structkv.bench import add_bench_parser
