@@ -27,6 +27,8 @@ BAD_INPUTS = [
     (["generate", "--prompt", "hi", "--window", "0"], "window must be a positive integer"),
     (["generate"], "required"),
     (["bench", "prefill", "--lengths", "1k"], "comma-separated integers"),
+    (["eval", "niah", "--task", "vt", "--out", "x"], "--task must be a needle task"),
+    (["eval", "survival", "--task", "cwe", "--out", "x"], "--task must be a needle task"),
 ]
 
 
