@@ -123,8 +123,8 @@ class Engine:
         manifest = read_manifest(directory, verify=verify)
         if manifest["dtype"] not in _NP_DTYPES:
             raise StructKVError(
-                f"this runtime decodes fp32/fp16 engines; {manifest['dtype']} engines need the "
-                "TensorRT path"
+                f"{directory} is a {manifest['dtype']} engine; this runtime keeps its paged KV "
+                "cache in numpy, which has no bfloat16: re-export with --dtype fp32 or fp16"
             )
         stages = (
             OrtStages(directory, threads) if backend == "onnxruntime" else TorchStages(manifest)

@@ -237,6 +237,10 @@ def test_engine_refuses_tampered_missing_and_newer(engine_dir, tmp_path):
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(StructKVError, match="newer than this structkv reads"):
         Engine.load(copy)
+    manifest["format_version"], manifest["dtype"] = FORMAT_VERSION, "bf16"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StructKVError, match="re-export with --dtype fp32 or fp16"):
+        Engine.load(copy)
     with pytest.raises(StructKVError, match="not a StructKV engine"):
         Engine.load(tmp_path)
     engine = Engine.load(out)
