@@ -21,47 +21,39 @@ def sess(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def one_op(op: str, inputs: dict, outputs: list[str], domain: str = "", **attrs):
+    """A model of one node; ``inputs`` maps name -> (element type, shape); blank names ("",
+    " ", ...: distinct dict keys) leave an optional input slot empty."""
+    names = [k if k.strip() else "" for k in inputs]
+    node = helper.make_node(op, names, outputs, domain=domain, **attrs)
+    graph = helper.make_graph(
+        [node],
+        op,
+        [helper.make_tensor_value_info(k, *v) for k, v in inputs.items() if k.strip()],
+        [helper.make_tensor_value_info(o, T.FLOAT, None) for o in outputs],
+    )
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+F = T.FLOAT
 # contrib GQA
-gqa = helper.make_node(
+m1 = one_op(
     "GroupQueryAttention",
-    ["q", "k", "v", "", "", "seqlens_k", "total_len"],
+    {"q": (F, [1, N, H * D]), "k": (F, [1, N, G * D]), "v": (F, [1, N, G * D]),
+     "": None, " ": None, "seqlens_k": (T.INT32, [1]), "total_len": (T.INT32, [1])},
     ["o", "pk", "pv"],
     domain="com.microsoft",
     num_heads=H,
     kv_num_heads=G,
-)
-g = helper.make_graph(
-    [gqa],
-    "g",
-    [
-        helper.make_tensor_value_info("q", T.FLOAT, [1, N, H * D]),
-        helper.make_tensor_value_info("k", T.FLOAT, [1, N, G * D]),
-        helper.make_tensor_value_info("v", T.FLOAT, [1, N, G * D]),
-        helper.make_tensor_value_info("seqlens_k", T.INT32, [1]),
-        helper.make_tensor_value_info("total_len", T.INT32, [1]),
-    ],
-    [
-        helper.make_tensor_value_info("o", T.FLOAT, None),
-        helper.make_tensor_value_info("pk", T.FLOAT, None),
-        helper.make_tensor_value_info("pv", T.FLOAT, None),
-    ],
-)
-m1 = helper.make_model(
-    g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
-)
+)  # fmt: skip
 # opset-23 Attention, 4D BNSH, causal
-att = helper.make_node("Attention", ["q4", "k4", "v4"], ["o4"], is_causal=1)
-g2 = helper.make_graph(
-    [att],
-    "a",
-    [
-        helper.make_tensor_value_info("q4", T.FLOAT, [1, H, N, D]),
-        helper.make_tensor_value_info("k4", T.FLOAT, [1, G, N, D]),
-        helper.make_tensor_value_info("v4", T.FLOAT, [1, G, N, D]),
-    ],
-    [helper.make_tensor_value_info("o4", T.FLOAT, None)],
+m2 = one_op(
+    "Attention",
+    {"q4": (F, [1, H, N, D]), "k4": (F, [1, G, N, D]), "v4": (F, [1, G, N, D])},
+    ["o4"],
+    is_causal=1,
 )
-m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 23)])
 rng = np.random.default_rng(0)
 q = rng.standard_normal((1, N, H * D), dtype=np.float32)
 k = rng.standard_normal((1, N, G * D), dtype=np.float32)
@@ -111,26 +103,13 @@ print(
         )
     ),
 )
-mha = helper.make_node(
+m3 = one_op(
     "MultiHeadAttention",
-    ["q", "kk", "vv"],
+    {"q": (F, [1, N, H * D]), "kk": (F, [1, N, H * D]), "vv": (F, [1, N, H * D])},
     ["o"],
     domain="com.microsoft",
     num_heads=H,
     unidirectional=1,
-)
-g3 = helper.make_graph(
-    [mha],
-    "m",
-    [
-        helper.make_tensor_value_info("q", T.FLOAT, [1, N, H * D]),
-        helper.make_tensor_value_info("kk", T.FLOAT, [1, N, H * D]),
-        helper.make_tensor_value_info("vv", T.FLOAT, [1, N, H * D]),
-    ],
-    [helper.make_tensor_value_info("o", T.FLOAT, None)],
-)
-m3 = helper.make_model(
-    g3, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
 )
 s3 = sess(m3)
 kk = np.repeat(k.reshape(1, N, G, D), 3, axis=2).reshape(1, N, H * D)
