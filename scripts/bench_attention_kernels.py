@@ -2,6 +2,8 @@
 """One causal attention at 4K tokens (SmolLM2 shapes: 9 query heads, 3 KV heads, head dim 64):
 ONNX Runtime's opset-23 Attention, com.microsoft GroupQueryAttention and MultiHeadAttention vs
 torch SDPA, in one run (best of 3 after a warm-up). Why: the engine's prefill is bound by it.
+Also GQA in 16 query blocks (block c attends to blocks 0..c, the earlier ones as GQA's past):
+the experiment docs/BENCHMARKS.md reports as not adopted.
 
 Example: python scripts/bench_attention_kernels.py
 """
@@ -117,3 +119,70 @@ vv = np.repeat(v.reshape(1, N, G, D), 3, axis=2).reshape(1, N, H * D)
 o5 = s3.run(None, {"q": q, "kk": kk, "vv": vv})[0]
 print("diff mha-sdpa", np.abs(o5.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max())
 print("MHA contrib", t(lambda: s3.run(None, {"q": q, "kk": kk, "vv": vv})))
+
+
+def blocked_gqa(blocks: int):
+    """GQA over ``blocks`` query blocks of a prompt zero-padded to a multiple of ``blocks``."""
+    i64 = lambda name, vals: helper.make_tensor(name, T.INT64, [len(vals)], vals)  # noqa: E731
+    inits = [i64("c0", [0]), i64("c1", [1]), i64("ax2", [2]), i64("nb", [blocks])]
+    inits += [i64("nb1", [blocks - 1]), i64("bnsh", [1, -1, G, D]), i64("z3", [0, 0, 0])]
+    inits += [i64(f"i{c}", [c]) for c in range(blocks + 1)]
+    nodes = [
+        helper.make_node("Shape", ["q"], ["shape"]),
+        helper.make_node("Gather", ["shape", "c1"], ["n"], axis=0),
+        helper.make_node("Add", ["n", "nb1"], ["n_up"]),
+        helper.make_node("Div", ["n_up", "nb"], ["size"]),  # S = ceil(n / blocks)
+        helper.make_node("Mul", ["size", "nb"], ["padded"]),
+        helper.make_node("Sub", ["padded", "n"], ["pad"]),
+        helper.make_node("Concat", ["z3", "c0", "pad", "c0"], ["pads"], axis=0),
+    ]
+    for x in "qkv":
+        nodes.append(helper.make_node("Pad", [x, "pads"], [f"{x}_p"]))
+    for x in "kv":  # the past: padded K/V as [1, G, n, D]
+        nodes.append(helper.make_node("Reshape", [f"{x}_p", "bnsh"], [f"{x}_4d"]))
+        nodes.append(helper.make_node("Transpose", [f"{x}_4d"], [f"{x}_past"], perm=[0, 2, 1, 3]))
+    outs = []
+    for c in range(blocks):
+        b, e = f"begin{c}", f"end{c}"
+        nodes += [
+            helper.make_node("Mul", ["size", f"i{c}"], [b]),
+            helper.make_node("Mul", ["size", f"i{c + 1}"], [e]),
+            helper.make_node("Sub", [e, "c1"], [f"last{c}"]),
+            helper.make_node("Cast", [f"last{c}"], [f"seqlens{c}"], to=T.INT32),
+            helper.make_node("Cast", [e], [f"total{c}"], to=T.INT32),
+        ]
+        for x in "qkv":
+            nodes.append(helper.make_node("Slice", [f"{x}_p", b, e, "c1"], [f"{x}{c}"]))
+        past = ["", ""]
+        if c:
+            for x in "kv":
+                nodes.append(helper.make_node("Slice", [f"{x}_past", "c0", b, "ax2"], [f"{x}h{c}"]))
+            past = [f"kh{c}", f"vh{c}"]
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [f"q{c}", f"k{c}", f"v{c}", *past, f"seqlens{c}", f"total{c}"],
+                [f"o{c}", f"pk{c}", f"pv{c}"],
+                domain="com.microsoft",
+                num_heads=H,
+                kv_num_heads=G,
+            )
+        )
+        outs.append(f"o{c}")
+    nodes += [
+        helper.make_node("Concat", outs, ["o_p"], axis=1),
+        helper.make_node("Slice", ["o_p", "c0", "n", "c1"], ["o"]),
+    ]
+    inputs = [helper.make_tensor_value_info(x, F, [1, "n", w]) for x, w in
+              (("q", H * D), ("k", G * D), ("v", G * D))]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "blocked", inputs, [helper.make_tensor_value_info("o", F, None)], inits
+    )
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+s4 = sess(blocked_gqa(16))
+o6 = s4.run(None, {"q": q, "k": k, "v": v})[0]
+print("diff gqa16-sdpa", np.abs(o6.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max())
+print("GQA contrib, 16 query blocks", t(lambda: s4.run(None, {"q": q, "k": k, "v": v})))
