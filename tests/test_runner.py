@@ -102,3 +102,28 @@ def test_length_tables_by_hand(tmp_path):
     assert main(args) == 0
     written = (tmp_path / "results.md").read_text()
     assert "| snapkv | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 66.7 |" in written
+
+
+def test_target_table_pools_lengths_by_hand():
+    """The 2K-4K verdict table: every task x length cell weighs the same, as % of full's mean;
+    nothing until every cell of those lengths is scored."""
+    from structkv.eval.runner import target_table
+
+    cfg = RunConfig(["full", "snapkv"], ["niah_single_1", "vt"], [10, 20], samples=1)
+    scores = {
+        ("full", "niah_single_1", 10): 1.0, ("full", "vt", 10): 0.5,
+        ("full", "niah_single_1", 20): 1.0, ("full", "vt", 20): 0.0,
+        ("snapkv", "niah_single_1", 10): 0.5, ("snapkv", "vt", 10): 0.5,
+        ("snapkv", "niah_single_1", 20): 0.0, ("snapkv", "vt", 20): 1.0,
+    }  # fmt: skip
+    results = {f"{m}|{t}|{n}|0": {"score": v} for (m, t, n), v in scores.items()}
+    lines = target_table(results, cfg, lengths=(10, 20)).splitlines()
+    assert lines[1] == "### Pooled over 10-20"
+    # full: needle (100 + 100) / 2 = 100, all (100 + 50 + 100 + 0) / 4 = 62.5
+    # snapkv: needle (50 + 0) / 2 = 25 -> 25 %; all (50 + 50 + 0 + 100) / 4 = 50 -> 80 %
+    assert lines[-2:] == ["| full | 100.0 | 100.0 |", "| snapkv | 25.0 | 80.0 |"]
+    del results["snapkv|vt|20|0"]
+    # vt is not a needle task: the needle column stands, the all-task one waits
+    assert target_table(results, cfg, lengths=(10, 20)).splitlines()[-1] == "| snapkv | 25.0 | – |"
+    del results["full|vt|20|0"]
+    assert target_table(results, cfg, lengths=(10, 20)) == ""

@@ -158,7 +158,8 @@ def results_table(results: dict, cfg: RunConfig) -> str:
         pct = f"{100 * avg / full:.1f}" if avg is not None and full else "–"
         avg_s = f"{avg:.1f}" if avg is not None else "–"
         out.append("| " + " | ".join([m, *cells, avg_s, pct, str(errors)]) + " |")
-    return "\n".join(out) + "\n" + _wall_time(results) + "\n" + length_tables(results, cfg)
+    tables = length_tables(results, cfg) + target_table(results, cfg)
+    return "\n".join(out) + "\n" + _wall_time(results) + "\n" + tables
 
 
 #: Column names for the per-length tables (RULER's own abbreviations).
@@ -181,26 +182,66 @@ def _pct(value: float | None, ref: float | None) -> str:
     return "–" if value is None or not ref else f"{100 * value / ref:.1f}"
 
 
+def _cell_means(results: dict, cfg: RunConfig, n: int) -> dict[str, dict[str, float | None]]:
+    """Mean score (%) per method and task at length ``n``; ``None`` where a sample is missing."""
+    means: dict[str, dict[str, float | None]] = {}
+    for m in cfg.methods:
+        row = {}
+        for t in cfg.tasks:
+            entries = [results.get(_key(m, t, n, cfg.seed + i)) for i in range(cfg.samples)]
+            scored = [e["score"] for e in entries if e and e.get("score") is not None]
+            row[t] = 100 * statistics.mean(scored) if len(scored) == cfg.samples else None
+        means[m] = row
+    return means
+
+
+def _mean_or_none(vals: list) -> float | None:
+    return statistics.mean(vals) if vals and None not in vals else None
+
+
+def avg(row: dict, tasks: list[str]) -> float | None:
+    return _mean_or_none([row[t] for t in tasks])
+
+
+#: The issue's accuracy target is stated over these lengths (2K-4K).
+TARGET_LENGTHS = (2048, 4096)
+
+
+def target_table(results: dict, cfg: RunConfig, lengths=TARGET_LENGTHS) -> str:
+    """Needle and all-task means pooled over ``lengths`` (every task x length cell weighs the
+    same) as % of full context's same pooled mean; empty unless every cell is complete."""
+    if "full" not in cfg.methods or not set(lengths) <= set(cfg.lengths):
+        return ""
+    needle = [t for t in cfg.tasks if t.startswith("niah_")]
+    per_length = [_cell_means(results, cfg, n) for n in lengths]
+    pooled = {}
+    for m in cfg.methods:
+        cells = [(means[m][t], t) for means in per_length for t in cfg.tasks]
+        pooled[m] = [
+            _mean_or_none([v for v, t in cells if t in keep]) for keep in (needle, cfg.tasks)
+        ]
+    full = pooled["full"]
+    if None in full:
+        return ""
+    span = "-".join(
+        f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in (min(lengths), max(lengths))
+    )
+    head = ["method", f"needle % full, {span}", f"all tasks % full, {span}"]
+    lines = [f"\n### Pooled over {span}\n", "| " + " | ".join(head) + " |", "|---|---|---|"]
+    for m, (a_needle, a_all) in pooled.items():
+        lines.append(f"| {m} | {_pct(a_needle, full[0])} | {_pct(a_all, full[1])} |")
+    return "\n".join(lines) + "\n"
+
+
 def length_tables(results: dict, cfg: RunConfig) -> str:
     """One table per length: score (%) per task, the mean over the needle tasks (``niah_*``)
     and over all tasks, each also as % of full; only complete lengths get the means."""
     parts = []
     needle = [t for t in cfg.tasks if t.startswith("niah_")]
     for n in cfg.lengths:
-        means: dict[str, dict[str, float | None]] = {}
-        for m in cfg.methods:
-            row = {}
-            for t in cfg.tasks:
-                entries = [results.get(_key(m, t, n, cfg.seed + i)) for i in range(cfg.samples)]
-                scored = [e["score"] for e in entries if e and e.get("score") is not None]
-                row[t] = 100 * statistics.mean(scored) if len(scored) == cfg.samples else None
-            means[m] = row
+        means = _cell_means(results, cfg, n)
         if not any(v is not None for row in means.values() for v in row.values()):
             continue
-
-        def avg(row: dict, tasks: list[str]) -> float | None:
-            vals = [row[t] for t in tasks]
-            return statistics.mean(vals) if tasks and None not in vals else None
 
         full = means.get("full")
         head = ["method", *map(_short, cfg.tasks), "needle avg", "all avg", "needle % full",
