@@ -36,7 +36,7 @@ from structkv.export.weights import WeightStore
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 23
-ATTENTION = ("contrib", "onnx")
+ATTENTION = ("auto", "structkv", "contrib", "onnx")
 
 
 @dataclass
@@ -52,9 +52,20 @@ class ExportSettings:
     pooling: int = 7
     pool_mode: str = "max"
     dtype: str = "fp32"
-    #: "contrib": causal attention runs as ONNX Runtime's GroupQueryAttention kernel (fast on
-    #: CPU, ONNX Runtime only); "onnx": the standard opset-23 Attention operator everywhere.
-    attention: str = "contrib"
+    #: Causal attention in the prefill graphs. "structkv": StructKV's CPU kernel, an ONNX
+    #: Runtime custom op built on first use (``structkv.runtime.ort_ops``; fp32; fastest on CPU);
+    #: "contrib": ONNX Runtime's GroupQueryAttention (CPU and CUDA, no extra library);
+    #: "onnx": the standard opset-23 Attention operator, for other runtimes (TensorRT's parser).
+    #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
+    attention: str = "auto"
+
+    def resolved_attention(self) -> str:
+        """The attention kernel this export will use ("auto" decided for this machine)."""
+        if self.attention != "auto":
+            return self.attention
+        from structkv.runtime import ort_ops
+
+        return "structkv" if self.dtype == "fp32" and ort_ops.available() else "contrib"
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
@@ -64,6 +75,11 @@ class ExportSettings:
         if self.attention not in ATTENTION:
             raise StructKVError(
                 f"unsupported --attention {self.attention!r}; choose one of {', '.join(ATTENTION)}"
+            )
+        if self.attention == "structkv" and self.dtype != "fp32":
+            raise StructKVError(
+                f"--attention structkv is an fp32 CPU kernel; with --dtype {self.dtype} use "
+                "--attention contrib (ONNX Runtime's GroupQueryAttention also runs on CUDA)"
             )
         self.method().check_knobs()
         if self.r_kv > self.r_struct:
@@ -149,8 +165,8 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
             output_names=names[1],
             verbose=False,
         )
-    if attention == "contrib":
-        fuse_causal_attention(program.model)
+    if attention in ("contrib", "structkv"):
+        fuse_causal_attention(program.model, attention)
     return program.model
 
 
@@ -270,6 +286,12 @@ def export_engine(
     out = Path(out)
     check_out_dir(out, force)
     start = time.perf_counter()
+    attention = settings.resolved_attention()
+    if attention == "structkv":
+        from structkv.runtime import ort_ops
+
+        ort_ops.library_path()  # build it now: a compiler problem fails before any tracing
+    log(f"attention kernel: {attention}")
     lm = load(model_name)
     dtype = DTYPES[settings.dtype]
     model = lm.model.to(dtype).eval()
@@ -290,7 +312,7 @@ def export_engine(
             for name, module, args, dynamic, in_names, out_names in bar:
                 bar.set_postfix_str(f"tracing {name}")
                 t = time.perf_counter()
-                ir_model = _export(module, args, dynamic, (in_names, out_names), settings.attention)
+                ir_model = _export(module, args, dynamic, (in_names, out_names), attention)
                 store.externalize_ir(ir_model)
                 path = tmp / f"{name}.onnx"
                 onnx_ir.save(ir_model, path)
@@ -311,7 +333,7 @@ def export_engine(
             pivot_source=source,
             profile=profile,
             dtype=settings.dtype,
-            attention=settings.attention,
+            attention=attention,
             graphs=io,
             export_stats={
                 "seconds": round(time.perf_counter() - start, 1),
@@ -369,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", help="fp32 (default on CPU) | fp16 | bf16")
     p.add_argument(
         "--attention",
-        default="contrib",
-        help="contrib (ONNX Runtime's fused GroupQueryAttention, default) | onnx (standard "
-        "opset-23 Attention, for other runtimes)",
+        default="auto",
+        help="auto (default: structkv for fp32 when a C++ compiler is present, else contrib) | "
+        "structkv (StructKV's CPU kernel, an ONNX Runtime custom op built on first use) | "
+        "contrib (ONNX Runtime's GroupQueryAttention; CPU and CUDA) | onnx (standard opset-23 "
+        "Attention, for other runtimes)",
     )
     args = p.parse_args(argv)
     try:

@@ -1,4 +1,7 @@
-"""Rewrite the exported graphs' causal attention into ONNX Runtime's fused GQA kernel.
+"""Rewrite the exported graphs' causal attention into a fused causal-attention kernel:
+ONNX Runtime's ``com.microsoft.GroupQueryAttention`` ("contrib") or StructKV's own
+``structkv::CausalAttention`` ("structkv", ``runtime/csrc``; faster on CPU because it skips the
+masked half of the scores).
 
 Why: torch.onnx maps SDPA to the opset-23 ``Attention`` operator, which ONNX Runtime's CPU
 provider runs 2-3x slower than ``com.microsoft.GroupQueryAttention`` on the same causal
@@ -10,8 +13,9 @@ Only the plain case is rewritten: ``Attention(q, k, v)`` with ``is_causal=1``, n
 softcap, 4-D ``[B, heads, n, D]`` inputs of one sequence length and static head counts. Masked
 attention (sliding-window layers, the decode step) keeps the standard operator. Causal order is
 index order, which is position order in every graph because compacted sequences stay sorted.
-The rewritten graphs need ONNX Runtime (the contrib op is not part of the ONNX standard), which
-is why ``structkv-export --attention onnx`` keeps the standard operator for other runtimes.
+The rewritten graphs need ONNX Runtime (neither op is part of the ONNX standard; the structkv
+one also needs the library from ``structkv.runtime.ort_ops``), which is why ``structkv-export
+--attention onnx`` keeps the standard operator for other runtimes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
+KERNELS = ("contrib", "structkv")
 
 
 def _const(ints: list[int]):
@@ -66,17 +71,51 @@ def _is_plain_causal(node) -> bool:
     )
 
 
-def fuse_causal_attention(model) -> int:
-    """Replace every plain causal ``Attention`` node of an ``onnx_ir`` model by
-    ``GroupQueryAttention``; returns how many were replaced."""
+def fuse_causal_attention(model, kernel: str = "contrib") -> int:
+    """Replace every plain causal ``Attention`` node of an ``onnx_ir`` model by the fused
+    ``kernel`` ("contrib": ``GroupQueryAttention``; "structkv": ``structkv::CausalAttention``);
+    returns how many were replaced."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
     graph = model.graph
     targets = [node for node in graph if _is_plain_causal(node)]
     for node in targets:
-        _rewrite(graph, node)
+        if kernel == "contrib":
+            _rewrite(graph, node)
+        else:
+            _rewrite_structkv(graph, node)
     if targets:
-        model.opset_imports[MS_DOMAIN] = 1
+        if kernel == "contrib":
+            model.opset_imports[MS_DOMAIN] = 1
+        else:
+            from structkv.runtime.ort_ops import DOMAIN
+
+            model.opset_imports[DOMAIN] = 1
         _drop_dead(graph)
     return len(targets)
+
+
+def _rewrite_structkv(graph, node) -> None:
+    """``Attention(q, k, v)`` -> ``structkv::CausalAttention(q, k, v)`` on the same 4-D
+    ``[B, heads, n, D]`` layout (no transposes), reading K/V before ``repeat_kv``."""
+    import onnx_ir as ir
+
+    from structkv.runtime.ort_ops import DOMAIN, OP
+
+    q, k, v = node.inputs
+    kv = [_unexpanded(k), _unexpanded(v)]
+    if kv[0] is not None and kv[1] is not None and kv[0][1] == kv[1][1]:
+        (k, _), (v, _) = kv
+    attrs = {}
+    scale = node.attributes.get("scale")
+    if scale is not None:
+        attrs["scale"] = scale.as_float()
+    fused = ir.node(OP, [q, k, v], attrs, domain=DOMAIN, name=f"{node.name}_structkv")
+    out = fused.outputs[0]
+    out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+    graph.insert_before(node, [fused])
+    node.outputs[0].replace_all_uses_with(out)
+    graph.remove(node, safe=True)
 
 
 def _rewrite(graph, node) -> None:

@@ -27,10 +27,16 @@ _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 class OrtStages:
     """One ONNX Runtime session per graph; ``run(name, **inputs)`` returns numpy outputs."""
 
-    def __init__(self, directory: Path, threads: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, threads: int | None = None, attention: str = "contrib"
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        if attention == "structkv":  # the engine's prefill graphs use StructKV's CPU kernel
+            from structkv.runtime import ort_ops
+
+            ort_ops.register(opts)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime sizes its pool from the machine's cores; a process pinned to fewer CPUs
         # (taskset, container cpusets) would oversubscribe them. Use the CPUs we may run on.
@@ -127,7 +133,9 @@ class Engine:
                 "cache in numpy, which has no bfloat16: re-export with --dtype fp32 or fp16"
             )
         stages = (
-            OrtStages(directory, threads) if backend == "onnxruntime" else TorchStages(manifest)
+            OrtStages(directory, threads, manifest.get("attention", "onnx"))
+            if backend == "onnxruntime"
+            else TorchStages(manifest)
         )
         tokenizer = None
         if manifest.get("tokenizer"):

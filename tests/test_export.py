@@ -22,17 +22,23 @@ from structkv.export.weights import ALIGN, INLINE_BYTES
 from structkv.generate import generate_ids
 from structkv.methods import StructKV
 from structkv.models import tiny_model
+from structkv.runtime import ort_ops
 from structkv.runtime.engine import GRAPHS, Engine
 
 PIVOT, LAM, NEW = 2, 0.5, 10
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+# Default attention (auto: StructKV's CPU kernel where a compiler can build it) for every
+# family, plus ONNX Runtime's GroupQueryAttention, the portable kernel, on one of them.
+ENGINES = [(f, "auto") for f in FAMILIES] + [("tiny-llama", "contrib")]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=ENGINES, ids=[f"{f}-{a}" for f, a in ENGINES])
 def engine_dir(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / request.param
-    export_engine(request.param, out, ExportSettings(pivot=PIVOT, lam=LAM), log=lambda m: None)
-    return request.param, out
+    family, attention = request.param
+    out = tmp_path_factory.mktemp("engines") / f"{family}-{attention}"
+    settings = ExportSettings(pivot=PIVOT, lam=LAM, attention=attention)
+    export_engine(family, out, settings, log=lambda m: None)
+    return family, out
 
 
 def _prompt(n: int, seed: int) -> torch.Tensor:
@@ -94,13 +100,20 @@ def test_graphs_pass_the_full_checker_and_weights_are_stored_once(engine_dir):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["method"]["pivot"] == PIVOT and manifest["method"]["lambda"] == LAM
     assert set(manifest["graphs"]) == set(GRAPHS)
-    assert manifest["attention"] == "contrib"
+    attention = manifest["attention"]
+    assert attention == (
+        "structkv" if out.name.endswith("auto") and ort_ops.available() else "contrib"
+    )
     ops = [
         (n.domain, n.op_type)
         for name in ("pre_pivot", "post_pivot")
         for n in onnx.load(out / f"{name}.onnx", load_external_data=False).graph.node
     ]
-    fused = ops.count(("com.microsoft", "GroupQueryAttention"))
+    kernel = {
+        "contrib": ("com.microsoft", "GroupQueryAttention"),
+        "structkv": ("structkv", "CausalAttention"),
+    }
+    fused = ops.count(kernel[attention])
     standard = ops.count(("", "Attention"))
     if family == "tiny-mistral":  # sliding-window layers keep the masked standard operator
         assert (fused, standard) == (0, 6)
@@ -118,10 +131,10 @@ class _CausalGQA(torch.nn.Module):
         return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1) * 2
 
 
-@pytest.mark.parametrize("attention", ["contrib", "onnx"])
+@pytest.mark.parametrize("attention", ["structkv", "contrib", "onnx"])
 def test_causal_attention_fusion_matches_torch(attention):
-    """The GroupQueryAttention rewrite (and the standard operator it replaces) against torch
-    SDPA on a length the graph was not traced with; the rewrite reads the 2 KV heads directly."""
+    """The fused rewrites (and the standard operator they replace) against torch SDPA on a
+    length the graph was not traced with; the rewrites read the 2 KV heads directly."""
     import onnxruntime as ort
 
     from structkv.export.exporter import _export
@@ -138,12 +151,22 @@ def test_causal_attention_fusion_matches_torch(attention):
         gqa = next(node for node in model.graph if node.op_type == "GroupQueryAttention")
         assert gqa.attributes["kv_num_heads"].as_int() == 2  # reads K/V before repeat_kv
         assert sum(op == "Unsqueeze" for _, op in ops) == 0  # the expansion was dropped
+    elif attention == "structkv":
+        assert ("structkv", "CausalAttention") in ops and ("", "Attention") not in ops
+        fused = next(node for node in model.graph if node.op_type == "CausalAttention")
+        assert fused.inputs[1].shape[1] == 2  # K before repeat_kv
+        assert sum(op == "Unsqueeze" for _, op in ops) == 0
     else:
         assert ("", "Attention") in ops and all(d != "com.microsoft" for d, _ in ops)
     import onnx_ir
 
+    opts = ort.SessionOptions()
+    if attention == "structkv":
+        ort_ops.register(opts)
     sess = ort.InferenceSession(
-        onnx_ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+        onnx_ir.serde.serialize_model(model).SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
     )
     for length in (2, 37):
         q, k, v = qkv(length)
@@ -152,12 +175,14 @@ def test_causal_attention_fusion_matches_torch(attention):
 
 
 def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
-    """`polygraphy run --onnxrt` on each graph against the torch stage module's outputs."""
+    """`polygraphy run --onnxrt` on each graph against the torch stage module's outputs (through
+    polygraphy's API for graphs with StructKV's attention operator)."""
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
 
     _, out = engine_dir
+    attention = json.loads((out / MANIFEST).read_text())["attention"]
     oracle = Engine.load(out, backend="torch")
     ids = _prompt(120, 9).numpy()
     feeds = {"pre_pivot": {"input_ids": ids[None]}}
@@ -189,10 +214,26 @@ def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
         names = [
             o["name"] for o in json.loads((out / MANIFEST).read_text())["graphs"][name]["outputs"]
         ]
-        save_json([feeds[name]], tmp_path / f"{name}-in.json")
-        RunResults(
+        reference = RunResults(
             [("torch", [IterationResult(dict(zip(names, outputs)), runner_name="torch")])]
-        ).save(str(tmp_path / f"{name}-ref.json"))
+        )
+        if attention == "structkv":
+            # polygraphy's CLI cannot load an ONNX Runtime custom-op library: the same
+            # comparison through its Python API, with the library registered on the session.
+            import onnxruntime as ort
+            from polygraphy.backend.onnxrt import OnnxrtRunner
+            from polygraphy.comparator import Comparator, CompareFunc
+
+            opts = ort.SessionOptions()
+            ort_ops.register(opts)
+            sess = ort.InferenceSession(str(out / f"{name}.onnx"), opts)
+            results = Comparator.run([OnnxrtRunner(sess)], data_loader=[feeds[name]])
+            results.extend(reference)
+            check = CompareFunc.simple(atol=1e-4, rtol=1e-4)
+            assert bool(Comparator.compare_accuracy(results, compare_func=check)), name
+            continue
+        save_json([feeds[name]], tmp_path / f"{name}-in.json")
+        reference.save(str(tmp_path / f"{name}-ref.json"))
         proc = subprocess.run(
             [
                 str(Path(sys.executable).parent / "polygraphy"),  # the CLI, as users run it

@@ -1,0 +1,252 @@
+// Causal grouped-query attention for prefill on CPU; see causal_attention.h for the why.
+//
+// Work is split into tasks of one (batch, query head, block of kBlock query rows). A task
+// computes the block's scores against keys 0..end of block only (the causal triangle), as
+// register tiles of 8 rows x 32 keys over a transposed copy of K, takes the softmax in that
+// per-thread buffer, and multiplies by V in tiles of a few rows x the whole head dimension.
+// Tasks run longest first on a few std::threads that pull from one atomic counter.
+#include "causal_attention.h"
+
+#include <sched.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace structkv {
+namespace {
+
+constexpr int64_t kBlock = 64;   // query rows per task
+constexpr int64_t kRows = 8;     // rows of a score tile
+constexpr int64_t kCols = 32;    // keys of a score tile (two 16-float vectors)
+constexpr int64_t kLanes = 16;
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline v16 splat(float a) { return v16{} + a; }
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int default_threads() {
+  if (const char* env = std::getenv("STRUCTKV_ATTENTION_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Run fn(task) for task in [0, count) on `threads` threads (the caller is one of them).
+template <typename Fn>
+void parallel_for(int64_t count, int threads, Fn fn) {
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int tid) {
+    for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) fn(t, tid);
+  };
+  int extra = static_cast<int>(std::min<int64_t>(threads, count)) - 1;
+  std::vector<std::thread> pool;
+  pool.reserve(std::max(extra, 0));
+  for (int i = 0; i < extra; ++i) pool.emplace_back(worker, i + 1);
+  worker(0);
+  for (auto& th : pool) th.join();
+}
+
+// s[r][0..kCols) = scale * q[r] . kt[:, 0..kCols) for kRows rows; q rows have stride D, kt
+// rows (one per head dimension) stride ldk, s rows stride lds.
+inline void score_tile(const float* q, const float* kt, int64_t D, int64_t ldk, float* s,
+                       int64_t lds, float scale) {
+  v16 acc[kRows][2] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const v16 k0 = load(kt + d * ldk), k1 = load(kt + d * ldk + kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const v16 a = splat(q[r * D + d]);
+      acc[r][0] += a * k0;
+      acc[r][1] += a * k1;
+    }
+  }
+  const v16 sc = splat(scale);
+  for (int64_t r = 0; r < kRows; ++r) {
+    store(s + r * lds, acc[r][0] * sc);
+    store(s + r * lds + kLanes, acc[r][1] * sc);
+  }
+}
+
+#ifdef __AVX512F__
+// exp on 16 lanes: 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from
+// its degree-6 Taylor polynomial (relative error ~1.2e-7, at float precision). Why not
+// std::exp: glibc's vector expf made the softmax the most expensive part of the kernel.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below that the result is 0 for our sums
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// row[0..len) <- exp(row - max(row[0..len))); returns their sum (the softmax denominator).
+inline float softmax_numerator(float* row, int64_t len) {
+#ifdef __AVX512F__
+  const int64_t full = len / kLanes * kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (len - full)) - 1u);
+  const __m512 lowest = _mm512_set1_ps(std::numeric_limits<float>::lowest());
+  __m512 vm = lowest;
+  for (int64_t j = 0; j < full; j += kLanes) vm = _mm512_max_ps(vm, _mm512_loadu_ps(row + j));
+  vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(lowest, tail, row + full));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+  __m512 vs = _mm512_setzero_ps();
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), m));
+    _mm512_storeu_ps(row + j, e);
+    vs = _mm512_add_ps(vs, e);
+  }
+  if (tail) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + full), m));
+    _mm512_mask_storeu_ps(row + full, tail, e);
+    vs = _mm512_mask_add_ps(vs, tail, vs, e);
+  }
+  return _mm512_reduce_add_ps(vs);
+#else
+  float m = std::numeric_limits<float>::lowest();
+  for (int64_t j = 0; j < len; ++j) m = std::max(m, row[j]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    const float e = std::exp(row[j] - m);
+    row[j] = e;
+    sum += e;
+  }
+  return sum;
+#endif
+}
+
+// o[r][0..ND*16) = sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp.
+template <int R, int ND>
+inline void value_tile(const float* p, int64_t ldp, const float* v, int64_t n, float* o,
+                       int64_t ldo) {
+  v16 acc[R][ND] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    v16 vr[ND];
+    for (int c = 0; c < ND; ++c) vr[c] = load(v + j * ND * kLanes + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const v16 a = splat(p[r * ldp + j]);
+      for (int c = 0; c < ND; ++c) acc[r][c] += a * vr[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
+}
+
+// out rows [0, rows) = p[:, 0..n) @ v, dispatching on the head dimension; p has kBlock rows
+// (rows beyond `rows` are scratch).
+void values(const float* p, int64_t ldp, const float* v, int64_t n, int64_t D, int64_t rows,
+            float* out) {
+  auto run = [&](auto tile, int64_t step) {
+    float tmp[4 * 256];
+    for (int64_t r = 0; r < rows; r += step) {
+      tile(p + r * ldp, ldp, v, n, tmp, D);
+      std::memcpy(out + r * D, tmp, sizeof(float) * D * std::min(step, rows - r));
+    }
+  };
+  switch (D) {
+    case 64: run(value_tile<4, 4>, 4); return;
+    case 128: run(value_tile<2, 8>, 2); return;
+    case 32: run(value_tile<4, 2>, 4); return;
+    case 256: run(value_tile<1, 16>, 1); return;
+    default:
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = out + r * D;
+        std::fill(o, o + D, 0.0f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = p[r * ldp + j];
+          for (int64_t c = 0; c < D; ++c) o[c] += a * v[j * D + c];
+        }
+      }
+  }
+}
+
+}  // namespace
+
+void causal_attention(const float* q, const float* k, const float* v, float* out, int64_t B,
+                      int64_t H, int64_t G, int64_t N, int64_t D, float scale, int threads) {
+  if (B <= 0 || H <= 0 || N <= 0 || D <= 0) return;
+  if (scale == 0.0f) scale = 1.0f / std::sqrt(static_cast<float>(D));
+  if (threads <= 0) threads = default_threads();
+  const int64_t group = H / G;
+  const int64_t Np = round_up(N, kCols);
+
+  // K transposed per (batch, KV head): [D, Np], zero beyond N, so score tiles read whole
+  // 32-key vectors along a row.
+  std::vector<float> kt(static_cast<size_t>(B * G * D * Np), 0.0f);
+  parallel_for(B * G, threads, [&](int64_t bg, int) {
+    const float* src = k + bg * N * D;
+    float* dst = kt.data() + bg * D * Np;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d) dst[d * Np + n] = src[n * D + d];
+  });
+
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  std::vector<std::vector<float>> scores(threads), qbuf(threads);
+  for (int t = 0; t < threads; ++t) {
+    scores[t].resize(static_cast<size_t>(kBlock * Np));
+    qbuf[t].resize(static_cast<size_t>(kBlock * D));
+  }
+  // Longest tasks (last query blocks) first, so the tail of the schedule is short tasks.
+  parallel_for(B * H * blocks, threads, [&](int64_t task, int tid) {
+    const int64_t blk = blocks - 1 - task / (B * H);
+    const int64_t bh = task % (B * H);
+    const int64_t b = bh / H, h = bh % H, g = h / group;
+    const int64_t r0 = blk * kBlock, rows = std::min(kBlock, N - r0);
+    const int64_t end = r0 + rows;  // keys [0, end) are visible to some row of the block
+    const int64_t cols = round_up(end, kCols);
+    float* s = scores[tid].data();
+    float* qb = qbuf[tid].data();
+    const float* qh = q + (bh * N + r0) * D;
+    std::memcpy(qb, qh, sizeof(float) * rows * D);
+    std::fill(qb + rows * D, qb + kBlock * D, 0.0f);
+    const float* ktg = kt.data() + (b * G + g) * D * Np;
+    for (int64_t c = 0; c < cols; c += kCols)
+      for (int64_t r = 0; r < round_up(rows, kRows); r += kRows)
+        score_tile(qb + r * D, ktg + c, D, Np, s + r * Np + c, Np, scale);
+
+    float inv[kBlock];
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * Np;
+      const int64_t len = r0 + r + 1;  // query r0 + r sees keys 0..r0 + r
+      inv[r] = 1.0f / softmax_numerator(row, len);
+      std::fill(row + len, row + end, 0.0f);
+    }
+    float* o = out + (bh * N + r0) * D;
+    values(s, Np, v + (b * G + g) * N * D, end, D, rows, o);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] *= inv[r];
+  });
+}
+
+}  // namespace structkv
+
+extern "C" void structkv_causal_attention(const float* q, const float* k, const float* v,
+                                          float* out, int64_t B, int64_t H, int64_t G,
+                                          int64_t N, int64_t D, float scale, int threads) {
+  structkv::causal_attention(q, k, v, out, B, H, G, N, D, scale, threads);
+}

@@ -1,0 +1,111 @@
+"""StructKV's own ONNX Runtime operator library: ``structkv::CausalAttention`` on CPU.
+
+Why: ONNX Runtime's CPU attention kernels score every query against every key before masking
+the causal triangle, so prefill attention ran at half of torch's speed and the engine prefilled
+slower than the PyTorch reference (docs/BENCHMARKS.md). ``runtime/csrc`` holds a causal GQA
+kernel that stops at the diagonal; this module compiles it into a custom-op library on first use
+(like ``torch.utils.cpp_extension.load``: the pip wheel stays pure Python, the library is built
+for the CPU it runs on) and registers it with a session. Engines exported with
+``--attention structkv`` need it; ``--attention contrib`` engines do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from structkv.errors import StructKVError
+
+DOMAIN = "structkv"
+OP = "CausalAttention"
+SOURCES = ("causal_attention.cc", "ort_op.cc")
+HEADERS = ("causal_attention.h",)
+# -march=native: built where it runs (the cache key includes the CPU's feature flags).
+# -ffast-math only licenses reassociation and vector exp; parity tests bound the difference.
+FLAGS = (
+    "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17",
+    "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized",
+)  # fmt: skip
+_CSRC = Path(__file__).parent / "csrc"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise StructKVError(
+            "the structkv attention operator is built on first use and needs a C++17 compiler: "
+            "install g++ (apt install g++) or set CXX, or export the engine with "
+            "--attention contrib (ONNX Runtime's own kernel, slower on CPU)"
+        )
+    return cxx
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STRUCTKV_CACHE") or Path.home() / ".cache" / "structkv"
+    return Path(root) / "ort_ops"
+
+
+def library_path() -> Path:
+    """The compiled library for this source, compiler flags and CPU; built when missing."""
+    cxx = _compiler()
+    key = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        key.update((_CSRC / name).read_bytes())
+    key.update(" ".join((cxx, *FLAGS, platform.machine(), _cpu_flags())).encode())
+    target = cache_dir() / key.hexdigest()[:16] / "libstructkv_ort.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent or interrupted build never leaves a
+    # half-written library where a session would load it.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, *(str(_CSRC / s) for s in SOURCES), "-o", tmp]
+    try:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            error = done.stderr[-2000:] if done.returncode != 0 else None
+        except OSError as e:  # CXX names no runnable program
+            error = str(e)
+        if error is not None:
+            raise StructKVError(
+                f"building the structkv attention operator failed ({' '.join(cmd)}):\n"
+                f"{error}\nfix the compiler setup (CXX), or export the engine with "
+                "--attention contrib"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def available() -> bool:
+    """Whether the operator library can be built (or is built) on this machine."""
+    try:
+        library_path()
+    except StructKVError:
+        return False
+    return True
+
+
+def register(session_options) -> Path:
+    """Register the operator library with an ``onnxruntime.SessionOptions``."""
+    path = library_path()
+    session_options.register_custom_ops_library(str(path))
+    return path
