@@ -32,24 +32,38 @@ class OrtStages:
     ) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if attention == "structkv":  # the engine's prefill graphs use StructKV's CPU kernel
-            from structkv.runtime import ort_ops
-
-            ort_ops.register(opts)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ONNX Runtime sizes its pool from the machine's cores; a process pinned to fewer CPUs
-        # (taskset, container cpusets) would oversubscribe them. Use the CPUs we may run on.
-        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         available = ort.get_available_providers()
         providers = [
             p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
         ] + ["CPUExecutionProvider"]
         self.providers = providers
         self.sessions = {
-            name: ort.InferenceSession(str(directory / f"{name}.onnx"), opts, providers=providers)
+            name: ort.InferenceSession(
+                str(directory / f"{name}.onnx"),
+                self._options(name, threads, attention),
+                providers=providers,
+            )
             for name in GRAPHS
         }
+
+    @staticmethod
+    def _options(name: str, threads: int | None, attention: str):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime sizes its pool from the machine's cores; a process pinned to fewer CPUs
+        # (taskset, container cpusets) would oversubscribe them. Use the CPUs we may run on.
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        if attention == "structkv" and name in ("pre_pivot", "post_pivot"):
+            from structkv.runtime import ort_ops
+
+            ort_ops.register(opts)  # the prefill graphs' attention is StructKV's CPU kernel
+            # Its own worker threads share the cores with ONNX Runtime's pool, whose threads
+            # otherwise spin after each operator and steal them: 25 % of the attention time
+            # at 4K on 2 cores (ORT profile, docs/BENCHMARKS.md).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
 
     def run(self, name: str, **inputs) -> list[np.ndarray]:
         return self.sessions[name].run(None, inputs)

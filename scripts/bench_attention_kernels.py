@@ -2,8 +2,9 @@
 """One causal attention at 4K tokens (SmolLM2 shapes: 9 query heads, 3 KV heads, head dim 64):
 ONNX Runtime's opset-23 Attention, com.microsoft GroupQueryAttention and MultiHeadAttention vs
 torch SDPA, in one run (best of 3 after a warm-up). Why: the engine's prefill is bound by it.
-Also GQA in 16 query blocks (block c attends to blocks 0..c, the earlier ones as GQA's past):
-the experiment docs/BENCHMARKS.md reports as not adopted.
+Also StructKV's own structkv::CausalAttention operator (the engine's default on CPU), and GQA
+in 16 query blocks (block c attends to blocks 0..c, the earlier ones as GQA's past): the
+experiment docs/BENCHMARKS.md reports as not adopted.
 
 Example: python scripts/bench_attention_kernels.py
 """
@@ -186,3 +187,18 @@ s4 = sess(blocked_gqa(16))
 o6 = s4.run(None, {"q": q, "k": k, "v": v})[0]
 print("diff gqa16-sdpa", np.abs(o6.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max())
 print("GQA contrib, 16 query blocks", t(lambda: s4.run(None, {"q": q, "k": k, "v": v})))
+
+# StructKV's own operator (runtime/csrc, what `structkv-export --attention structkv` emits):
+# [B, heads, N, D] in and out, the 3 KV heads read directly. Spinning off, as the engine runs it.
+from structkv.runtime import ort_ops  # noqa: E402
+
+m5 = one_op("CausalAttention", {"q4": (F, [1, H, N, D]), "k4": (F, [1, G, N, D]),
+            "v4": (F, [1, G, N, D])}, ["o4"], domain=ort_ops.DOMAIN)  # fmt: skip
+m5.opset_import.append(helper.make_opsetid(ort_ops.DOMAIN, 1))
+opts = ort.SessionOptions()
+ort_ops.register(opts)
+opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+s5 = ort.InferenceSession(m5.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+o7 = s5.run(None, {"q4": q4, "k4": k4, "v4": v4})[0]
+print("diff structkv-sdpa", np.abs(o7 - o3.numpy()).max())
+print("structkv CausalAttention", t(lambda: s5.run(None, {"q4": q4, "k4": k4, "v4": v4})))

@@ -29,6 +29,7 @@ constexpr int64_t kBlock = 64;   // query rows per task
 constexpr int64_t kRows = 8;     // rows of a score tile
 constexpr int64_t kCols = 32;    // keys of a score tile (two 16-float vectors)
 constexpr int64_t kLanes = 16;
+constexpr int64_t kKeys = 128;  // keys of V per L1-resident chunk
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
@@ -140,11 +141,13 @@ inline float softmax_numerator(float* row, int64_t len) {
 #endif
 }
 
-// o[r][0..ND*16) = sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp.
+// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp.
 template <int R, int ND>
 inline void value_tile(const float* p, int64_t ldp, const float* v, int64_t n, float* o,
                        int64_t ldo) {
-  v16 acc[R][ND] = {};
+  v16 acc[R][ND];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) acc[r][c] = load(o + r * ldo + c * kLanes);
   for (int64_t j = 0; j < n; ++j) {
     v16 vr[ND];
     for (int c = 0; c < ND; ++c) vr[c] = load(v + j * ND * kLanes + c * kLanes);
@@ -157,29 +160,35 @@ inline void value_tile(const float* p, int64_t ldp, const float* v, int64_t n, f
     for (int c = 0; c < ND; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
 }
 
-// out rows [0, rows) = p[:, 0..n) @ v, dispatching on the head dimension; p has kBlock rows
-// (rows beyond `rows` are scratch).
+// o[0..kBlock) = p[:, 0..n) @ v (o: kBlock x D scratch; rows past the block's are garbage).
+// Keys go in chunks of kKeys so each chunk of V stays in L1 while every row tile reads it.
+template <int R, int ND>
+void values_blocked(const float* p, int64_t ldp, const float* v, int64_t n, int64_t rows,
+                    float* o) {
+  constexpr int64_t D = ND * kLanes;
+  const int64_t tiles = round_up(rows, R);
+  std::fill(o, o + tiles * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
+    const int64_t nj = std::min(kKeys, n - j0);
+    for (int64_t r = 0; r < tiles; r += R) value_tile<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
+  }
+}
+
+// o[0..rows) = p[:, 0..n) @ v, dispatching on the head dimension; o has kBlock x D floats.
 void values(const float* p, int64_t ldp, const float* v, int64_t n, int64_t D, int64_t rows,
-            float* out) {
-  auto run = [&](auto tile, int64_t step) {
-    float tmp[4 * 256];
-    for (int64_t r = 0; r < rows; r += step) {
-      tile(p + r * ldp, ldp, v, n, tmp, D);
-      std::memcpy(out + r * D, tmp, sizeof(float) * D * std::min(step, rows - r));
-    }
-  };
+            float* o) {
   switch (D) {
-    case 64: run(value_tile<4, 4>, 4); return;
-    case 128: run(value_tile<2, 8>, 2); return;
-    case 32: run(value_tile<4, 2>, 4); return;
-    case 256: run(value_tile<1, 16>, 1); return;
+    case 32: values_blocked<4, 2>(p, ldp, v, n, rows, o); return;
+    case 64: values_blocked<4, 4>(p, ldp, v, n, rows, o); return;
+    case 128: values_blocked<2, 8>(p, ldp, v, n, rows, o); return;
+    case 256: values_blocked<1, 16>(p, ldp, v, n, rows, o); return;
     default:
       for (int64_t r = 0; r < rows; ++r) {
-        float* o = out + r * D;
-        std::fill(o, o + D, 0.0f);
+        float* orow = o + r * D;
+        std::fill(orow, orow + D, 0.0f);
         for (int64_t j = 0; j < n; ++j) {
           const float a = p[r * ldp + j];
-          for (int64_t c = 0; c < D; ++c) o[c] += a * v[j * D + c];
+          for (int64_t c = 0; c < D; ++c) orow[c] += a * v[j * D + c];
         }
       }
   }
@@ -206,10 +215,11 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
   });
 
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-  std::vector<std::vector<float>> scores(threads), qbuf(threads);
+  std::vector<std::vector<float>> scores(threads), qbuf(threads), obuf(threads);
   for (int t = 0; t < threads; ++t) {
     scores[t].resize(static_cast<size_t>(kBlock * Np));
     qbuf[t].resize(static_cast<size_t>(kBlock * D));
+    obuf[t].resize(static_cast<size_t>(kBlock * D));
   }
   // Longest tasks (last query blocks) first, so the tail of the schedule is short tasks.
   parallel_for(B * H * blocks, threads, [&](int64_t task, int tid) {
@@ -236,10 +246,11 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
       inv[r] = 1.0f / softmax_numerator(row, len);
       std::fill(row + len, row + end, 0.0f);
     }
+    float* ob = obuf[tid].data();
+    values(s, Np, v + (b * G + g) * N * D, end, D, rows, ob);
     float* o = out + (bh * N + r0) * D;
-    values(s, Np, v + (b * G + g) * N * D, end, D, rows, o);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < D; ++c) o[r * D + c] *= inv[r];
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] = ob[r * D + c] * inv[r];
   });
 }
 
