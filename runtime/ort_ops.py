@@ -29,7 +29,7 @@ HEADERS = ("causal_attention.h",)
 # -ffast-math only licenses reassociation and vector exp; parity tests bound the difference.
 FLAGS = (
     "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17",
-    "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized",
+    "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-Wno-psabi",
 )  # fmt: skip
 _CSRC = Path(__file__).parent / "csrc"
 
