@@ -61,7 +61,17 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    """The compiled library for this source, compiler flags and CPU; built when missing."""
+    """The compiled library for this source, compiler flags and CPU; built when missing.
+    ``STRUCTKV_ORT_OPS_LIB`` names a prebuilt one instead (machines without a compiler, such as
+    serving containers: copy the library built on a machine with the same CPU features)."""
+    prebuilt = os.environ.get("STRUCTKV_ORT_OPS_LIB")
+    if prebuilt:
+        if not Path(prebuilt).is_file():
+            raise StructKVError(
+                f"STRUCTKV_ORT_OPS_LIB={prebuilt} is not a file: point it at a "
+                "libstructkv_ort.so built by structkv.runtime.ort_ops, or unset it"
+            )
+        return Path(prebuilt)
     cxx = _compiler()
     key = hashlib.sha256()
     for name in SOURCES + HEADERS:

@@ -303,6 +303,11 @@ def test_export_cli_refusals_leave_nothing(tmp_path, capsys):
     assert "--pivot must be in [0, 4]" in capsys.readouterr().err
     assert main(["--model", "tiny-llama", "--out", str(out), "--r-kv", "0.5"]) == 2
     assert "must not exceed --r-struct" in capsys.readouterr().err
+    argv = ["--model", "tiny-llama", "--out", str(out), "--attention", "structkv", "--dtype"]
+    assert main([*argv, "fp16"]) == 2
+    assert "--attention structkv is an fp32 CPU kernel" in capsys.readouterr().err
+    assert main(["--model", "tiny-llama", "--out", str(out), "--attention", "flash"]) == 2
+    assert "unsupported --attention 'flash'" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "keep.txt").write_text("user data")

@@ -100,3 +100,9 @@ def test_library_is_cached_and_rebuilt_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTKV_CACHE", str(tmp_path / "other"))
     with pytest.raises(ort_ops.StructKVError, match="building the structkv attention operator"):
         ort_ops.library_path()
+    # A prebuilt library serves machines without a compiler; a wrong path is named.
+    monkeypatch.setenv("STRUCTKV_ORT_OPS_LIB", str(first))
+    assert ort_ops.library_path() == first
+    monkeypatch.setenv("STRUCTKV_ORT_OPS_LIB", str(tmp_path / "missing.so"))
+    with pytest.raises(ort_ops.StructKVError, match="is not a file"):
+        ort_ops.library_path()
