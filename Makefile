@@ -20,10 +20,10 @@ test: install $(PEER)/bin/python
 	$(PY) -m pytest -q
 	$(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer.py
 
-# kvpress (the peer cross-check) needs transformers < 5.3: its own environment, sharing torch.
+# kvpress (the peer cross-check) needs transformers < 5.3: its own environment, layered on the
+# interpreter that runs make (a virtualenv's torch included), so nothing CUDA is ever pulled.
 $(PEER)/bin/python:
-	$(PY) -m venv --system-site-packages $(PEER)
-	$(PEER)/bin/python -m pip install -q -e ".[peer]"
+	$(PY) scripts/make_peer_env.py $(PEER)
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

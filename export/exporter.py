@@ -6,7 +6,7 @@ maps SDPA / RMSNorm / RoPE to the opset-23 ``Attention``, ``RMSNormalization`` a
 ``RotaryEmbedding`` operators that ONNX Runtime fuses; the TorchScript exporter specialises the
 lengths and unrolls attention into MatMul/Softmax.
 
-Layout of an engine (see :mod:`structkv.export.manifest` for the manifest):
+Layout of an engine (see :mod:`structkv.manifest` for the manifest):
 ``pre_pivot.onnx``, ``compact.onnx``, ``post_pivot.onnx``, ``kv_select.onnx``, ``decode.onnx``,
 ``weights.bin`` (every weight once, graphs reference it by offset), ``tokenizer/``,
 ``manifest.json``. It is built in a temporary sibling directory and renamed into place, so an
@@ -23,38 +23,37 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from structkv.errors import StructKVError
-from structkv.export import graphs
 from structkv.export.fusion import fuse_causal_attention
-from structkv.export.manifest import FORMAT_VERSION, describe_io, write_manifest
 from structkv.export.weights import WeightStore
+from structkv.graphs import DTYPES, stage_modules
+from structkv.kernels import ort_ops
+from structkv.knobs import add_method_args, method_knobs
+from structkv.layers import head_dims
+from structkv.manifest import FORMAT_VERSION, describe_io, write_manifest
+from structkv.methods import StructKV, get_method
+from structkv.profile import find_profile, save_profile, user_profile_path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 23
 ATTENTION = ("auto", "structkv", "contrib", "onnx")
 
 
 @dataclass
 class ExportSettings:
-    """Engine knobs: the method's (§1–§5) plus the export dtype. ``pivot`` "auto" reads the
-    model's calibration profile (and calibrates when there is none); an int fixes it."""
+    """What an export bakes in: the method's configuration (the same :class:`StructKV` type the
+    CLI, the manifest and the engine read; ``pivot`` "auto" reads the model's calibration
+    profile and calibrates when there is none) plus the engine's dtype and attention kernel."""
 
-    pivot: int | str = "auto"
-    lam: float | None = None
-    r_struct: float = 0.2
-    r_kv: float = 0.1
-    window: int = 8
-    pooling: int = 7
-    pool_mode: str = "max"
+    method: StructKV = field(default_factory=StructKV)
     dtype: str = "fp32"
     #: Causal attention in the prefill graphs. "structkv": StructKV's CPU kernel, an ONNX
-    #: Runtime custom op built on first use (``structkv.runtime.ort_ops``; fp32; fastest on CPU);
-    #: "contrib": ONNX Runtime's GroupQueryAttention (CPU and CUDA, no extra library);
+    #: Runtime custom op built on first use (``structkv.kernels.ort_ops``; fp32; fastest on
+    #: CPU); "contrib": ONNX Runtime's GroupQueryAttention (CPU and CUDA, no extra library);
     #: "onnx": the standard opset-23 Attention operator, for other runtimes (TensorRT's parser).
     #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
     attention: str = "auto"
@@ -63,8 +62,6 @@ class ExportSettings:
         """The attention kernel this export will use ("auto" decided for this machine)."""
         if self.attention != "auto":
             return self.attention
-        from structkv.runtime import ort_ops
-
         return "structkv" if self.dtype == "fp32" and ort_ops.available() else "contrib"
 
     def check(self) -> None:
@@ -81,20 +78,8 @@ class ExportSettings:
                 f"--attention structkv is an fp32 CPU kernel; with --dtype {self.dtype} use "
                 "--attention contrib (ONNX Runtime's GroupQueryAttention also runs on CUDA)"
             )
-        self.method().check_knobs()
-        if self.r_kv > self.r_struct:
-            raise StructKVError(
-                f"--r-kv ({self.r_kv}) must not exceed --r-struct ({self.r_struct}): layers after "
-                "the pivot only hold the propagated tokens, and the paged cache needs every "
-                "layer to keep the same count"
-            )
-
-    def method(self):
-        """The StructKV configuration these settings describe (pivot/λ still unresolved)."""
-        from structkv.methods import StructKV
-
-        fields = ("r_struct", "r_kv", "window", "pooling", "pool_mode", "lam", "pivot")
-        return StructKV(**{f: getattr(self, f) for f in fields})
+        self.method.check_knobs()
+        self.method.check_engine()  # the budgets; the pivot is checked once the model is known
 
 
 # torch.onnx announces every optional torchvision op it cannot register; not our business.
@@ -114,14 +99,13 @@ def check_out_dir(out: Path, force: bool) -> None:
         )
 
 
-def resolve_method(lm, settings: ExportSettings, log=_log):
-    """The StructKV configuration the engine bakes in, and where its pivot came from."""
+def resolve_method(lm, settings: ExportSettings, log=_log) -> tuple[StructKV, str, dict | None]:
+    """The StructKV configuration the engine bakes in, where its pivot came from, and the
+    calibration profile it was read from (calibrating first when ``--pivot auto`` finds none)."""
     from structkv.calibration import calibrate
-    from structkv.profile import find_profile, save_profile, user_profile_path
 
-    method = settings.method()
-    profile = None
-    if settings.pivot == "auto":
+    method, profile = settings.method, None
+    if method.pivot == "auto":
         profile = find_profile(lm.model_id)
         if profile is None:
             log(f"no calibration profile for {lm.model_id}: calibrating (method.md §6)")
@@ -130,18 +114,8 @@ def resolve_method(lm, settings: ExportSettings, log=_log):
         source = "calibration profile"
     else:
         source = "fixed by --pivot"
-    method = method.resolve(lm.model_id)
-    if not isinstance(method.pivot, int):
-        raise StructKVError(
-            f"the calibration profile of {lm.model_id} uses the online rule {method.rule!r}; an "
-            "engine needs a fixed pivot: pass --pivot N"
-        )
-    num_layers = len(lm.model.model.layers)
-    if not 0 <= method.pivot < num_layers - 1:
-        raise StructKVError(
-            f"--pivot must be in [0, {num_layers - 2}] for this {num_layers}-layer model, "
-            f"got {method.pivot}"
-        )
+    method, _ = method.with_profile(profile)
+    method.check_engine(len(lm.model.model.layers))
     return method, source, profile
 
 
@@ -171,10 +145,13 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
 
 
 def build_graphs(model, method, dtype: torch.dtype):
-    """(name, module, example args, dynamic shapes, input names, output names) per graph."""
+    """(name, module, example args, dynamic shapes, input names, output names) per graph: a
+    flat table of what to trace (the modules themselves are :func:`structkv.graphs.stage_modules`).
+    """
     cfg = model.config
     num_layers = len(model.model.layers)
-    _, g, d = graphs.head_dims(model)
+    _, g, d = head_dims(model)
+    modules = stage_modules(model, method)
     e = cfg.hidden_size
     n_dim = torch.export.Dim("n", min=method.window + 2)
     k_dim = torch.export.Dim("kept", min=method.window + 1)
@@ -189,7 +166,7 @@ def build_graphs(model, method, dtype: torch.dtype):
     return [
         (
             "pre_pivot",
-            graphs.PrePivot(model, method.pivot, method.window, method.lam),
+            modules["pre_pivot"],
             (ids,),
             {"input_ids": {1: n_dim}},
             ["input_ids"],
@@ -197,7 +174,7 @@ def build_graphs(model, method, dtype: torch.dtype):
         ),
         (
             "compact",
-            graphs.Compact(method.r_struct, method.window, method.pooling, method.pool_mode),
+            modules["compact"],
             (hidden, torch.rand(n)),
             {"hidden": {1: n_dim}, "centrality": {0: n_dim}},
             ["hidden", "centrality"],
@@ -205,7 +182,7 @@ def build_graphs(model, method, dtype: torch.dtype):
         ),
         (
             "post_pivot",
-            graphs.PostPivot(model, method.pivot, method.window),
+            modules["post_pivot"],
             (hidden[:, :kept], torch.arange(kept) * 2),
             {"hidden": {1: k_dim}, "positions": {0: k_dim}},
             ["hidden", "positions"],
@@ -213,7 +190,7 @@ def build_graphs(model, method, dtype: torch.dtype):
         ),
         (
             "kv_select",
-            graphs.KVSelect(method.r_kv, method.window, method.pooling, method.pool_mode),
+            modules["kv_select"],
             (
                 torch.randn(3, g, kept, d, dtype=dtype),
                 torch.randn(3, g, kept, d, dtype=dtype),
@@ -233,7 +210,7 @@ def build_graphs(model, method, dtype: torch.dtype):
         ),
         (
             "decode",
-            graphs.DecodeStep(model),
+            modules["decode"],
             (
                 torch.randint(0, cfg.vocab_size, (b,)),
                 torch.tensor([40, 50]),
@@ -276,10 +253,6 @@ def export_engine(
 ) -> Path:
     """Export ``model_name`` to the engine directory ``out`` (a progress bar per graph on
     stderr unless ``progress`` is False); returns ``out``."""
-    import onnx
-    import onnx_ir
-    from tqdm import tqdm
-
     from structkv.models import load
 
     settings.check()
@@ -288,8 +261,6 @@ def export_engine(
     start = time.perf_counter()
     attention = settings.resolved_attention()
     if attention == "structkv":
-        from structkv.runtime import ort_ops
-
         ort_ops.library_path()  # build it now: a compiler problem fails before any tracing
     log(f"attention kernel: {attention}")
     lm = load(model_name)
@@ -305,23 +276,7 @@ def export_engine(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         store = WeightStore(tmp)
-        io = {}
-        with torch.inference_mode(False), torch.no_grad():
-            stages = build_graphs(model, method, dtype)
-            bar = tqdm(stages, desc="export", unit="graph", file=sys.stderr, disable=not progress)
-            for name, module, args, dynamic, in_names, out_names in bar:
-                bar.set_postfix_str(f"tracing {name}")
-                t = time.perf_counter()
-                ir_model = _export(module, args, dynamic, (in_names, out_names), attention)
-                store.externalize_ir(ir_model)
-                path = tmp / f"{name}.onnx"
-                onnx_ir.save(ir_model, path)
-                del ir_model
-                io[name] = describe_io(onnx.load(path, load_external_data=False))
-                log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
-        store.close()
-        for name in io:
-            onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
+        io = _trace_graphs(model, method, dtype, attention, store, tmp, log, progress)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp / "tokenizer")
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -340,7 +295,7 @@ def export_engine(
                 "peak_rss_mb": round(peak_mb, 1),
                 "weights_bytes": store.bytes,
                 "torch": torch.__version__,
-                "onnx": onnx.__version__,
+                "onnx": _onnx_version(),
             },
         )
         _move_into_place(tmp, out)
@@ -353,6 +308,39 @@ def export_engine(
         f"{store.bytes / 2**20:.0f} MiB)"
     )
     return out
+
+
+def _onnx_version() -> str:
+    import onnx
+
+    return onnx.__version__
+
+
+def _trace_graphs(model, method, dtype, attention, store, tmp: Path, log, progress) -> dict:
+    """Trace every stage graph into ``tmp`` (weights externalised into ``store``), check each
+    with the full ONNX checker, and return their I/O descriptions for the manifest."""
+    import onnx
+    import onnx_ir
+    from tqdm import tqdm
+
+    io = {}
+    with torch.inference_mode(False), torch.no_grad():
+        stages = build_graphs(model, method, dtype)
+        bar = tqdm(stages, desc="export", unit="graph", file=sys.stderr, disable=not progress)
+        for name, module, args, dynamic, in_names, out_names in bar:
+            bar.set_postfix_str(f"tracing {name}")
+            t = time.perf_counter()
+            ir_model = _export(module, args, dynamic, (in_names, out_names), attention)
+            store.externalize_ir(ir_model)
+            path = tmp / f"{name}.onnx"
+            onnx_ir.save(ir_model, path)
+            del ir_model
+            io[name] = describe_io(onnx.load(path, load_external_data=False))
+            log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
+    store.close()
+    for name in io:
+        onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
+    return io
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -371,8 +359,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``structkv-export --model M --out DIR [--pivot auto|N] [--lambda X] [--dtype ...]``."""
+def build_parser():
+    """``structkv-export``'s options (the method knobs are :mod:`structkv.knobs`'s table)."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -381,14 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf")
     p.add_argument("--out", required=True, help="engine directory (refused if not empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--pivot", default="auto", help="auto (calibration profile) or a layer index")
-    p.add_argument("--lambda", dest="lam", type=float, help="centrality decay (default: profile)")
-    p.add_argument("--r-struct", type=float, default=0.2, help="tokens propagated after L*")
-    p.add_argument("--r-kv", type=float, default=0.1, help="KV tokens kept per layer and head")
-    p.add_argument("--window", type=int, default=8)
-    p.add_argument("--pooling", type=int, default=7)
-    p.add_argument("--pool-mode", choices=("max", "avg"), default="max")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default on CPU) | fp16 | bf16")
+    add_method_args(p)
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) | fp16 | bf16")
     p.add_argument(
         "--attention",
         default="auto",
@@ -397,24 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         "contrib (ONNX Runtime's GroupQueryAttention; CPU and CUDA) | onnx (standard opset-23 "
         "Attention, for other runtimes)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``structkv-export --model M --out DIR [--pivot auto|N] [--lambda X] [--dtype ...]``."""
+    p = build_parser()
     try:
-        pivot: int | str = args.pivot
-        if pivot != "auto":
-            try:
-                pivot = int(pivot)
-            except ValueError:
-                raise StructKVError(
-                    f"--pivot must be auto or a layer index, got {pivot!r}"
-                ) from None
+        args = p.parse_args(argv)  # a bad --pivot is a StructKVError from its type function
         settings = ExportSettings(
-            pivot=pivot,
-            lam=args.lam,
-            r_struct=args.r_struct,
-            r_kv=args.r_kv,
-            window=args.window,
-            pooling=args.pooling,
-            pool_mode=args.pool_mode,
+            method=get_method("structkv", **method_knobs(args)),
             dtype=args.dtype,
             attention=args.attention,
         )

@@ -1,7 +1,7 @@
 """Rewrite the exported graphs' causal attention into a fused causal-attention kernel:
 ONNX Runtime's ``com.microsoft.GroupQueryAttention`` ("contrib") or StructKV's own
-``structkv::CausalAttention`` ("structkv", ``runtime/csrc``; faster on CPU because it skips the
-masked half of the scores).
+``structkv::CausalAttention`` ("structkv", ``structkv/kernels/csrc``; faster on CPU because it
+skips the masked half of the scores).
 
 Why: torch.onnx maps SDPA to the opset-23 ``Attention`` operator, which ONNX Runtime's CPU
 provider runs 2-3x slower than ``com.microsoft.GroupQueryAttention`` on the same causal
@@ -14,7 +14,7 @@ softcap, 4-D ``[B, heads, n, D]`` inputs of one sequence length and static head 
 attention (sliding-window layers, the decode step) keeps the standard operator. Causal order is
 index order, which is position order in every graph because compacted sequences stay sorted.
 The rewritten graphs need ONNX Runtime (neither op is part of the ONNX standard; the structkv
-one also needs the library from ``structkv.runtime.ort_ops``), which is why ``structkv-export
+one also needs the library from ``structkv.kernels.ort_ops``), which is why ``structkv-export
 --attention onnx`` keeps the standard operator for other runtimes.
 """
 
@@ -88,7 +88,7 @@ def fuse_causal_attention(model, kernel: str = "contrib") -> int:
         if kernel == "contrib":
             model.opset_imports[MS_DOMAIN] = 1
         else:
-            from structkv.runtime.ort_ops import DOMAIN
+            from structkv.kernels.ort_ops import DOMAIN
 
             model.opset_imports[DOMAIN] = 1
         _drop_dead(graph)
@@ -100,7 +100,7 @@ def _rewrite_structkv(graph, node) -> None:
     ``[B, heads, n, D]`` layout (no transposes), reading K/V before ``repeat_kv``."""
     import onnx_ir as ir
 
-    from structkv.runtime.ort_ops import DOMAIN, OP
+    from structkv.kernels.ort_ops import DOMAIN, OP
 
     q, k, v = node.inputs
     kv = [_unexpanded(k), _unexpanded(v)]

@@ -1,7 +1,8 @@
 // StructKV structural compaction on the GPU (method.md §4): top-k of the (pooled) centrality
 // over the non-window tokens, plus the observation window, in ascending index order, then a
 // gather of the hidden rows and original position ids. This is the subgraph that the ONNX
-// `compact.onnx` expresses with TopK/Sort/Gather; the TensorRT plugin wraps these kernels.
+// `compact.onnx` expresses with TopK/Sort/Gather. No TensorRT plugin wraps these kernels yet
+// (planned), and nothing here runs without a GPU.
 //
 // Why one block and a radix select instead of a sort: k is a large fraction of N (20%), the
 // output must be in index order anyway, and a threshold + stable compaction gives exactly
@@ -25,10 +26,12 @@ __device__ __forceinline__ uint32_t float_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ float pooled(const float* scores, int n, int j, int kernel) {
+// Max pooling over the n - window candidates only, as the torch path (structkv.saliency.
+// pool_scores) does: the window's scores never leak into the tokens just before it.
+__device__ float pooled(const float* scores, int candidates, int j, int kernel) {
   const int r = kernel / 2;
   const int lo = j - r < 0 ? 0 : j - r;
-  const int hi = j + r >= n ? n - 1 : j + r;
+  const int hi = j + r >= candidates ? candidates - 1 : j + r;
   float m = scores[lo];
   for (int i = lo + 1; i <= hi; ++i) m = fmaxf(m, scores[i]);
   return m;
@@ -76,7 +79,7 @@ __global__ void select_kernel(const float* scores, int n, int k, int window, int
     __syncthreads();
     const uint32_t mask_hi = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
     for (int j = tid; j < candidates; j += blockDim.x) {
-      uint32_t key = float_key(pooled(scores, n, j, pool_kernel));
+      uint32_t key = float_key(pooled(scores, candidates, j, pool_kernel));
       if ((key & mask_hi) == (prefix_s & mask_hi)) atomicAdd(&hist[(key >> shift) & 0xFF], 1u);
     }
     __syncthreads();
@@ -106,7 +109,7 @@ __global__ void select_kernel(const float* scores, int n, int k, int window, int
     const int j = start + tid;
     bool above = false, tie = false;
     if (j < candidates && k_eff > 0) {
-      const uint32_t key = float_key(pooled(scores, n, j, pool_kernel));
+      const uint32_t key = float_key(pooled(scores, candidates, j, pool_kernel));
       above = key > threshold;
       tie = key == threshold;
     }

@@ -12,9 +12,9 @@
 static std::vector<int> reference(const std::vector<float>& s, int k, int window, int kernel) {
   const int n = (int)s.size(), cand = n - window, r = kernel / 2;
   std::vector<float> pooled(n);
-  for (int j = 0; j < n; ++j) {
+  for (int j = 0; j < cand; ++j) {  // pooling reads the candidates only (window excluded)
     float m = s[std::max(0, j - r)];
-    for (int i = std::max(0, j - r); i <= std::min(n - 1, j + r); ++i) m = std::max(m, s[i]);
+    for (int i = std::max(0, j - r); i <= std::min(cand - 1, j + r); ++i) m = std::max(m, s[i]);
     pooled[j] = m;
   }
   std::vector<int> order(cand);

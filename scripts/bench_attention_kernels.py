@@ -188,9 +188,9 @@ o6 = s4.run(None, {"q": q, "k": k, "v": v})[0]
 print("diff gqa16-sdpa", np.abs(o6.reshape(1, N, H, D).transpose(0, 2, 1, 3) - o3.numpy()).max())
 print("GQA contrib, 16 query blocks", t(lambda: s4.run(None, {"q": q, "k": k, "v": v})))
 
-# StructKV's own operator (runtime/csrc, what `structkv-export --attention structkv` emits):
+# StructKV's own operator (structkv/kernels/csrc; `structkv-export --attention structkv` emits it):
 # [B, heads, N, D] in and out, the 3 KV heads read directly. Spinning off, as the engine runs it.
-from structkv.runtime import ort_ops  # noqa: E402
+from structkv.kernels import ort_ops  # noqa: E402
 
 m5 = one_op("CausalAttention", {"q4": (F, [1, H, N, D]), "k4": (F, [1, G, N, D]),
             "v4": (F, [1, G, N, D])}, ["o4"], domain=ort_ops.DOMAIN)  # fmt: skip

@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from structkv.eval.needle import make_needle_prompt
-from structkv.export.manifest import method_from_manifest
 from structkv.generate import decode_step, encode_prompt
+from structkv.manifest import method_from_manifest
 from structkv.models import load
+from structkv.prompts.needle import make_needle_prompt
+from structkv.runtime.batch import Batch
 from structkv.runtime.engine import Engine
 
 
@@ -65,12 +66,13 @@ def main() -> None:
         if length == lengths[-1]:
             steps, ort_tps, torch_tps = args.decode_steps, [], []
             for i in range(args.repeats + 1):
-                seq, _ = engine.add_request(ids, steps + 1)
+                batch = Batch(engine)
+                seq, _ = batch.add(ids, steps + 1)
                 t = time.perf_counter()
                 for _ in range(steps):
-                    engine.step()
+                    batch.step()
                 a = steps / (time.perf_counter() - t)
-                engine.finish(seq)
+                batch.finish(seq)
                 ref = method.prefill(lm.model, t_ids, extra_capacity=steps + 1)
                 t = time.perf_counter()
                 for _ in range(steps):

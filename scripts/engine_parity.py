@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from structkv.eval.ruler import make_sample
-from structkv.export.manifest import method_from_manifest
 from structkv.generate import encode_prompt, eos_token_ids, generate_ids
+from structkv.manifest import method_from_manifest
 from structkv.models import load
 from structkv.runtime.engine import Engine
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from structkv.eval.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
 from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
 from structkv.models import DEFAULT_MODEL, load
+from structkv.prompts.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
 
 METHODS = "full,snapkv,fastkv,gemfilter,structkv-paper,structkv"
 

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from structkv.eval.needle import HAYSTACKS, make_needle_prompt
 from structkv.models import DEFAULT_MODEL, load
+from structkv.prompts.needle import HAYSTACKS, make_needle_prompt
 
 
 def main() -> int:

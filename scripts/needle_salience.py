@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from structkv.eval.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
 from structkv.generate import encode_prompt
 from structkv.methods import SnapKV
 from structkv.models import DEFAULT_MODEL, load
+from structkv.prompts.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
 from structkv.saliency import pool_scores
 
 

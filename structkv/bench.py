@@ -15,11 +15,12 @@ import time
 import torch
 
 from structkv.errors import StructKVError
+from structkv.knobs import add_method_args, method_knobs
 
 
 def _prompt_ids(lm, length: int) -> torch.Tensor:
-    from structkv.eval.needle import make_needle_prompt
     from structkv.generate import encode_prompt
+    from structkv.prompts.needle import make_needle_prompt
 
     prompt = make_needle_prompt(lm.tokenizer, length, depth=0.5, seed=0).prompt
     return encode_prompt(lm.tokenizer, prompt, chat=bool(lm.tokenizer.chat_template))
@@ -137,8 +138,9 @@ def bench_engines(
     """Engines side by side (e.g. StructKV vs a full-context export with R_struct = R_KV = 1),
     interleaved rounds in one run: prefill median seconds, or decode tokens/s when ``steps``.
     ``speedup_vs_last``: each engine against the LAST one listed (put the baseline last)."""
-    from structkv.eval.needle import make_needle_prompt
     from structkv.generate import encode_prompt
+    from structkv.prompts.needle import make_needle_prompt
+    from structkv.runtime.batch import Batch
     from structkv.runtime.engine import Engine
 
     engines = [Engine.load(d, backend=backend, verify=False) for d in engine_dirs]
@@ -156,13 +158,14 @@ def bench_engines(
         for round_ in range(warmup + repeats):
             for i, engine in enumerate(engines):
                 if steps:
-                    seq, _ = engine.add_request(ids, steps + 1)
+                    batch = Batch(engine)
+                    seq, _ = batch.add(ids, steps + 1)
                     kv_blocks[i] = engine.cache.blocks_used
                     start = time.perf_counter()
                     for _ in range(steps):
-                        engine.step()
+                        batch.step()
                     elapsed = time.perf_counter() - start
-                    engine.finish(seq)
+                    batch.finish(seq)
                 else:
                     start = time.perf_counter()
                     engine.prefill(ids)
@@ -205,27 +208,34 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="prefill / decode benchmarks (medians, ratios vs full)")
     which = b.add_subparsers(dest="what", required=True, parser_class=type(b))
     for name in ("prefill", "decode"):
-        p = which.add_parser(name)
-        p.add_argument("--model", default=DEFAULT_MODEL)
-        p.add_argument("--methods", default="full,snapkv,fastkv,gemfilter,structkv")
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--r-struct", type=float)
-        p.add_argument("--r-kv", type=float)
-        p.add_argument("--pivot", type=lambda s: s if s in ("auto", "online") else int(s))
-        p.add_argument("--lambda", dest="lam", type=float)
+        p = which.add_parser(name, help=f"{name} time per method (or per --engine), medians")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="model (default: the embedded one)")
+        p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda")
+        p.add_argument(
+            "--methods",
+            default="full,snapkv,fastkv,gemfilter,structkv",
+            help="comma-separated methods (full is the baseline)",
+        )
+        p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        add_method_args(p)
         p.add_argument(
             "--engine",
             action="append",
             help="exported engine directory (repeat to compare; the last is the baseline)",
         )
-        p.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+        p.add_argument(
+            "--backend",
+            choices=("onnxruntime", "torch"),
+            default="onnxruntime",
+            help="engine backend (with --engine)",
+        )
         if name == "prefill":
-            p.add_argument("--lengths", default="1024,4096")
-            p.add_argument("--warmup", type=int, default=1)
+            p.add_argument("--lengths", default="1024,4096", help="comma-separated prompt lengths")
+            p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
         else:
-            p.add_argument("--length", type=int, default=4096)
-            p.add_argument("--steps", type=int, default=32)
+            p.add_argument("--length", type=int, default=4096, help="prompt length")
+            p.add_argument("--steps", type=int, default=32, help="decode steps timed")
         p.set_defaults(func=main_from_args)
 
 
@@ -250,10 +260,9 @@ def main_from_args(args: argparse.Namespace) -> int:
             print(format_rows(rows, keys))
         return 0
 
-    knobs = {"r_struct": args.r_struct, "r_kv": args.r_kv, "pivot": args.pivot, "lam": args.lam}
-    knobs = {k: v for k, v in knobs.items() if v is not None}
+    knobs = method_knobs(args)
     names = [n for n in args.methods.split(",") if n]
-    lm = load(args.model)
+    lm = load(args.model, device=args.device)
     header = {
         "model": lm.model_id,
         "threads": torch.get_num_threads(),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from structkv.errors import StructKVError
+
 
 @dataclass
 class LayerCache:
@@ -33,16 +35,13 @@ class LayerCache:
         return cls(kb, vb, pb, t)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+        """Write one token's K/V ``[1, G, 1, D]`` into the next slot, in place. The buffers never
+        grow (a copy of the whole cache per overflow): size them with the prefill's
+        ``extra_capacity``, as :func:`structkv.generate_ids` does with ``max_new_tokens``."""
         if self.length >= self.k.shape[2]:
-            grow = max(16, self.k.shape[2] // 2)
-            self.k = torch.cat(
-                [self.k, self.k.new_empty(*self.k.shape[:2], grow, self.k.shape[3])], 2
-            )
-            self.v = torch.cat(
-                [self.v, self.v.new_empty(*self.v.shape[:2], grow, self.v.shape[3])], 2
-            )
-            self.positions = torch.cat(
-                [self.positions, self.positions.new_empty(self.positions.shape[0], grow)], 1
+            raise StructKVError(
+                f"the decode cache is full ({self.k.shape[2]} slots); prefill with "
+                "extra_capacity >= the number of tokens to decode"
             )
         t = self.length
         self.k[:, :, t : t + 1] = k

@@ -7,8 +7,8 @@ distribution at the last prompt position, and teacher-forced greedy top-1 agreem
 next ``steps`` tokens of the full model. Only pivots under the compute cap are searched.
 
 Cost: one full prefill per prompt, recorded layer by layer; each candidate then re-runs only
-the layers after its pivot on the compacted tokens (:class:`structkv.prefill.Resume`), since the
-KV selection of the layers before the pivot does not depend on the candidate.
+the layers after its pivot on the compacted tokens (:func:`structkv.prefill.continue_prefill`),
+since the KV selection of the layers before the pivot does not depend on the candidate.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from structkv.cache import LayerCache
+from structkv.centrality import accumulate
 from structkv.errors import StructKVError
-from structkv.eval.haystack import paragraphs
-from structkv.eval.needle import build_context
 from structkv.generate import decode_step, encode_prompt
 from structkv.methods import Full, SnapKV, StructKV
 from structkv.pivot import OnlinePivot, metric_scales, search_range
-from structkv.prefill import LayerView, Resume, run_prefill
+from structkv.prefill import Compacted, LayerView, compact, continue_prefill, run_prefill_shared
 from structkv.profile import FORMAT_VERSION
-from structkv.selection import budget, topk_with_window
+from structkv.prompts.haystack import paragraphs
+from structkv.prompts.needle import build_context
+from structkv.selection import budget
 
 #: Generic endings: a question or continuation about the prose itself (no needle, no lookup).
 TASKS = (
@@ -69,18 +70,18 @@ def max_pivot_under_cap(num_layers: int, r_struct: float, cap: float) -> int:
 
 
 @dataclass
-class _Recording(SnapKV):
-    """SnapKV's KV selection plus a record of every layer's hidden state, saliency, metrics."""
+class _Recording:
+    """Every layer's hidden state, saliency and pivot statistics of one full-length prefill,
+    collected by the prefill's observer hook."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     saliency: list[torch.Tensor] = field(default_factory=list)
     metrics: list[tuple[float, float, float]] = field(default_factory=list)
 
-    def select_kv(self, view: LayerView, state: object):
+    def __call__(self, view: LayerView) -> None:
         self.hidden.append(view.hidden)
         self.saliency.append(view.saliency)
         self.metrics.append(view.metrics)
-        return super().select_kv(view, state)
 
 
 @dataclass
@@ -98,12 +99,17 @@ def _fresh(cache: LayerCache, extra: int) -> LayerCache:
 
 @torch.inference_mode()
 def _record(model, ids, r_kv, window, pooling, steps) -> _PromptRun:
-    full = Full().prefill(model, ids, extra_capacity=steps)
+    # One pass over the layers serves both: the full model's cache and logits (the reference),
+    # and SnapKV's per-layer KV selection with every layer's state recorded by the observer.
+    record = _Recording()
+    snap = SnapKV(r_kv=r_kv, window=window, pooling=pooling)
+    full, snapped = run_prefill_shared(
+        model, ids, [Full(), snap], extra_capacity=steps, observer=record
+    )
     tokens = [int(full.logits.argmax())]
     for _ in range(steps - 1):
         tokens.append(int(decode_step(model, full.cache, tokens[-1]).argmax()))
-    record = _Recording(r_kv=r_kv, window=window, pooling=pooling)
-    caches = run_prefill(model, ids, record).cache.layers
+    caches = snapped.cache.layers
     return _PromptRun(ids, record, caches, torch.log_softmax(full.logits, -1), tokens)
 
 
@@ -111,15 +117,13 @@ def _record(model, ids, r_kv, window, pooling, steps) -> _PromptRun:
 def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, steps: int):
     """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement)."""
     n = int(run.ids.shape[0])
-    c = sum(lam ** (pivot - l) * run.record.saliency[l] for l in range(pivot + 1))
-    keep = topk_with_window(method.pool(c), budget(method.r_struct, n), method.window)
-    resume = Resume(
-        pivot,
-        run.record.hidden[pivot][:, keep],
-        torch.arange(n)[keep],
-        [_fresh(c_, steps) for c_ in run.caches[: pivot + 1]],
-    )
-    out = run_prefill(model, run.ids, method, extra_capacity=steps, resume=resume)
+    c = None
+    for saliency in run.record.saliency[: pivot + 1]:
+        c = accumulate(c, saliency, lam)
+    keep = method.select(c, budget(method.r_struct, n))
+    hidden, positions = compact(run.record.hidden[pivot], torch.arange(n, device=keep.device), keep)
+    caches = [_fresh(c_, steps) for c_ in run.caches[: pivot + 1]]
+    out = continue_prefill(model, n, method, Compacted(pivot, hidden, positions, caches), steps)
     logprobs = torch.log_softmax(out.logits, -1)
     kl = float((run.full_logprobs.exp() * (run.full_logprobs - logprobs)).sum())
     agree = [int(out.logits.argmax()) == run.full_tokens[0]]
@@ -136,6 +140,37 @@ def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
         if decided is not None:
             return decided
     return l_max
+
+
+def _search(model, runs, candidates, method, lambdas, steps, num_layers, progress) -> list[dict]:
+    """One table row per (candidate pivot choice, λ): mean KL, top-1 agreement, compute."""
+    cache: dict[tuple[int, int, float], tuple[float, float]] = {}
+    table = []
+    for label, pivots in candidates:
+        for lam in lambdas:
+            scores = []
+            for i, (run, pivot) in enumerate(zip(runs, pivots)):
+                key = (i, pivot, lam)
+                if key not in cache:
+                    cache[key] = _fidelity(model, run, method, pivot, lam, steps)
+                scores.append(cache[key])
+            kl = sum(s[0] for s in scores) / len(scores)
+            agree = sum(s[1] for s in scores) / len(scores)
+            frac = sum(compute_fraction(p, num_layers, method.r_struct) for p in pivots)
+            table.append(
+                {
+                    "rule": label if label in ("argmax", "stabilised") else "fixed",
+                    "layer": pivots[0] if label.startswith("layer") else pivots,
+                    "lambda": lam,
+                    "kl": round(kl, 5),
+                    "top1": round(agree, 4),
+                    "compute_fraction": round(frac / len(pivots), 4),
+                    "score": round(agree - kl, 5),
+                }
+            )
+        if progress:
+            progress(f"searched {label}")
+    return table
 
 
 def calibrate(
@@ -165,47 +200,19 @@ def calibrate(
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     runs = []
     for i, text in enumerate(calibration_prompts(lm.tokenizer, n_prompts, length)):
-        runs.append(
-            _record(model, encode_prompt(lm.tokenizer, text, chat), r_kv, window, pooling, steps)
-        )
+        ids = encode_prompt(lm.tokenizer, text, chat)
+        runs.append(_record(model, ids, r_kv, window, pooling, steps))
         if progress:
             progress(f"recorded prompt {i + 1}/{n_prompts}")
     per_prompt_scales = [metric_scales(r.record.metrics) for r in runs]
     scales = tuple(sorted(s[i] for s in per_prompt_scales)[len(runs) // 2] for i in range(3))
-
     candidates: list[tuple[str, list[int]]] = [
         (f"layer {p}", [p] * len(runs)) for p in range(l_min, cap_layer + 1)
     ]
     for rule in ("argmax", "stabilised"):
         pivots = [_rule_pivot(r.record.metrics, l_min, cap_layer, rule, scales) for r in runs]
         candidates.append((rule, pivots))
-
-    cache: dict[tuple[int, int, float], tuple[float, float]] = {}
-    table = []
-    for label, pivots in candidates:
-        for lam in lambdas:
-            scores = []
-            for i, (run, pivot) in enumerate(zip(runs, pivots)):
-                key = (i, pivot, lam)
-                if key not in cache:
-                    cache[key] = _fidelity(model, run, method, pivot, lam, steps)
-                scores.append(cache[key])
-            kl = sum(s[0] for s in scores) / len(scores)
-            agree = sum(s[1] for s in scores) / len(scores)
-            frac = sum(compute_fraction(p, num_layers, r_struct) for p in pivots) / len(pivots)
-            table.append(
-                {
-                    "rule": label if label in ("argmax", "stabilised") else "fixed",
-                    "layer": pivots[0] if label.startswith("layer") else pivots,
-                    "lambda": lam,
-                    "kl": round(kl, 5),
-                    "top1": round(agree, 4),
-                    "compute_fraction": round(frac, 4),
-                    "score": round(agree - kl, 5),
-                }
-            )
-        if progress:
-            progress(f"searched {label}")
+    table = _search(model, runs, candidates, method, lambdas, steps, num_layers, progress)
     best = max(table, key=lambda r: (r["score"], -r["compute_fraction"]))
     fixed = best["rule"] == "fixed"
     return {
@@ -219,16 +226,16 @@ def calibrate(
         "l_max": cap_layer,
         "metric_scales": list(scales),
         "objective": "maximise top1 - KL (teacher-forced, vs full context); ties: less compute",
-        "settings": {
-            "prompts": n_prompts,
-            "length": length,
-            "r_struct": r_struct,
-            "r_kv": r_kv,
-            "window": window,
-            "pooling": pooling,
-            "compute_cap": compute_cap,
-            "steps": steps,
-        },
+        "settings": dict(
+            prompts=n_prompts,
+            length=length,
+            r_struct=r_struct,
+            r_kv=r_kv,
+            window=window,
+            pooling=pooling,
+            compute_cap=compute_cap,
+            steps=steps,
+        ),
         "best": best,
         "paper_preset": next(
             (r for r in table if r["rule"] == "argmax" and r["lambda"] == 0.9), None

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def accumulate(previous: torch.Tensor | None, saliency: torch.Tensor, lam: float) -> torch.Tensor:
+    """One step of C^(l) = λ·C^(l-1) + S^(l) (C^(0) = S^(0)): the torch methods, calibration and
+    the exported ``pre_pivot`` graph all fold centrality through this function."""
+    return saliency.clone() if previous is None else lam * previous + saliency
+
+
 @dataclass
 class Centrality:
     """Running C over the full-length layers; ``update`` once per layer, in order."""
@@ -20,5 +26,5 @@ class Centrality:
 
     def update(self, saliency: torch.Tensor) -> torch.Tensor:
         """Fold in one layer's per-token saliency S^(l) (shape ``[n]``)."""
-        self.value = saliency.clone() if self.value is None else self.lam * self.value + saliency
+        self.value = accumulate(self.value, saliency, self.lam)
         return self.value

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from structkv.errors import StructKVError
+from structkv.knobs import add_method_args, method_knobs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,39 +20,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise StructKVError(f"{message} (see `{self.prog} --help`)")
-
-
-def _pivot(text: str) -> int | str:
-    if text in ("auto", "online"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise StructKVError(
-            f"--pivot must be auto, online or a layer index, got {text!r}"
-        ) from None
-
-
-def _method_knobs(args) -> dict:
-    return {
-        "r_struct": args.r_struct,
-        "r_kv": args.r_kv,
-        "window": args.window,
-        "pooling": args.pooling,
-        "pool_mode": args.pool_mode,
-        "lam": args.lam,
-        "pivot": args.pivot,
-    }
-
-
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--r-struct", type=float, help="tokens propagated after the pivot (fraction)")
-    p.add_argument("--r-kv", type=float, help="KV tokens kept per layer and head (fraction)")
-    p.add_argument("--window", type=int, help="observation window w (default 8)")
-    p.add_argument("--pooling", type=int, help="pooling kernel over token scores (default 7)")
-    p.add_argument("--pool-mode", choices=("max", "avg"), help="pooling mode (default max)")
-    p.add_argument("--lambda", dest="lam", type=float, help="centrality decay λ")
-    p.add_argument("--pivot", type=_pivot, help="auto | online | layer index")
 
 
 def _read_prompt(args) -> str:
@@ -71,8 +39,8 @@ def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     if not prompt or not prompt.strip():
         raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
-    method = get_method(args.method, **_method_knobs(args))  # validate names before loading
-    lm = load(args.model)
+    method = get_method(args.method, **method_knobs(args))  # validate names before loading
+    lm = load(args.model, device=args.device)
     out = generate_text(
         lm,
         prompt,
@@ -129,7 +97,7 @@ def cmd_calibrate(args) -> int:
     from structkv.models import load
     from structkv.profile import save_profile, user_profile_path
 
-    lm = load(args.model)
+    lm = load(args.model, device=args.device)
     profile = calibrate(
         lm,
         n_prompts=args.prompts,
@@ -180,7 +148,7 @@ def cmd_eval_ruler(args) -> int:
         lengths=parse_ints(args.lengths or preset["lengths"]),
         samples=args.samples or preset["samples"],
         seed=args.seed,
-        knobs=_method_knobs(args),
+        knobs=method_knobs(args),
         haystack_file=args.haystack_file,
     )
     if args.haystack_file and not Path(args.haystack_file).is_file():
@@ -191,7 +159,7 @@ def cmd_eval_ruler(args) -> int:
 
         (out / "results.md").write_text(results_table(load_results(out), cfg))
     else:
-        lm = load(args.model)
+        lm = load(args.model, device=args.device)
         run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "results.md").read_text(), end="")
     return 0
@@ -211,7 +179,7 @@ def cmd_eval_peer(args) -> int:
             raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     import_kvpress()  # fail before loading the model
     cfg = PeerConfig(tasks, parse_ints(args.lengths), args.samples, args.seed)
-    lm = load(args.model)
+    lm = load(args.model, device=args.device)
     out = Path(args.out)
     run_peer(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "peer.md").read_text(), end="")
@@ -234,7 +202,7 @@ def cmd_eval_report(args) -> int:
     lengths = parse_ints(args.lengths)
     if not lengths or min(lengths) < 64:
         raise StructKVError("--lengths must list token counts >= 64, e.g. 1024,2048")
-    lm = load(args.model)
+    lm = load(args.model, device=args.device)
     out = Path(args.out)
     if args.kind == "pivot":
         data = reports.pivot_report(lm, out, lengths[0], args.samples, args.seed)
@@ -278,6 +246,18 @@ def cmd_methods(args) -> int:
     return 0
 
 
+MODEL_HELP = "smollm2-135m (embedded, default), an alias, an HF directory, a .gguf or tiny-*"
+BACKEND_HELP = "onnxruntime (default) or torch (the stage modules eagerly: the parity oracle)"
+SEED_HELP = "seed of the generated prompts (default 0)"
+DEVICE_HELP = "torch device for the model: cpu (default), cuda, cuda:N"
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from structkv.calibration import DEFAULT_COMPUTE_CAP
     from structkv.models import DEFAULT_MODEL
@@ -286,51 +266,68 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate with a compression method")
-    g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--method", default="structkv")
-    _add_method_args(g)
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-file")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    g.add_argument(
+        "--method", default="structkv", help="compression method (see `structkv methods`)"
+    )
+    add_method_args(g)
+    _prompt_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
     rn = sub.add_parser("run", help="generate with an exported engine (structkv-export)")
     rn.add_argument("--engine", required=True, help="engine directory")
-    src = rn.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-file")
-    rn.add_argument("--max-new-tokens", type=int, default=64)
+    _prompt_args(rn)
+    rn.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)"
+    )
     rn.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    rn.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    rn.add_argument(
+        "--backend", choices=("onnxruntime", "torch"), default="onnxruntime", help=BACKEND_HELP
+    )
     rn.add_argument("--kv-cache-mb", type=float, default=512, help="paged KV pool size")
-    rn.add_argument("--json", action="store_true")
+    rn.add_argument("--json", action="store_true", help="print one JSON object")
     rn.set_defaults(func=cmd_run)
 
     c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
-    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--device", default="cpu", help=DEVICE_HELP)
     c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
-    c.add_argument("--prompts", type=int, default=8)
-    c.add_argument("--length", type=int, default=2048)
-    c.add_argument("--steps", type=int, default=16)
-    c.add_argument("--compute-cap", type=float, default=DEFAULT_COMPUTE_CAP)
+    c.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
+    c.add_argument("--length", type=int, default=2048, help="tokens per prompt (default 2048)")
+    c.add_argument(
+        "--steps", type=int, default=16, help="teacher-forced tokens scored per prompt (default 16)"
+    )
+    c.add_argument(
+        "--compute-cap",
+        type=float,
+        default=DEFAULT_COMPUTE_CAP,
+        help=f"largest prefill compute fraction searched (default {DEFAULT_COMPUTE_CAP})",
+    )
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", help="accuracy evaluations (resumable; results.json/.md)")
     kinds = e.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     r = kinds.add_parser("ruler", help="RULER-style tasks: needles, vt, cwe, fwe")
-    r.add_argument("--model", default=DEFAULT_MODEL)
-    r.add_argument("--profile", choices=("quick", "full"), default="quick")
+    r.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    r.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    r.add_argument(
+        "--profile",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick (CI-sized) or full (the report) task/length/sample set",
+    )
     r.add_argument("--methods", help="comma-separated (default: the profile's)")
     r.add_argument("--tasks", help="comma-separated (default: the profile's)")
     r.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
     r.add_argument("--samples", type=int, help="samples per task and length")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
     r.add_argument("--haystack-file", help="your own prose for the haystack (default: docstrings)")
     r.add_argument(
@@ -338,17 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rewrite results.md from results.json without generating anything",
     )
-    _add_method_args(r)
+    add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
 
     pe = kinds.add_parser("peer", help="kvpress cross-check: kept sets and accuracy side by side")
-    pe.add_argument("--peer", choices=("kvpress",), default="kvpress")
-    pe.add_argument("--model", default=DEFAULT_MODEL)
-    pe.add_argument("--tasks", default="niah_single_1,niah_single_2,niah_multikey_1")
+    pe.add_argument("--peer", choices=("kvpress",), default="kvpress", help="the peer library")
+    pe.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    pe.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    pe.add_argument(
+        "--tasks",
+        default="niah_single_1,niah_single_2,niah_multikey_1",
+        help="comma-separated RULER tasks",
+    )
     pe.add_argument("--lengths", default="2048,4096", help="comma-separated token lengths")
-    pe.add_argument("--samples", type=int, default=5)
-    pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--out", required=True)
+    pe.add_argument(
+        "--samples", type=int, default=5, help="samples per task and length (default 5)"
+    )
+    pe.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    pe.add_argument("--out", required=True, help="results directory")
     pe.set_defaults(func=cmd_eval_peer)
 
     for kind, text in (
@@ -360,16 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
         ("survival", "needle survival per stage (propagated set, KV per layer) per length"),
     ):
         k = kinds.add_parser(kind, help=text)
-        k.add_argument("--model", default=DEFAULT_MODEL)
-        k.add_argument("--methods", default="full,snapkv,fastkv,structkv-paper,structkv")
+        k.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+        k.add_argument("--device", default="cpu", help=DEVICE_HELP)
+        k.add_argument(
+            "--methods",
+            default="full,snapkv,fastkv,structkv-paper,structkv",
+            help="comma-separated methods",
+        )
         k.add_argument("--lengths", default="2048", help="comma-separated token lengths")
-        k.add_argument("--samples", type=int, default=4)
-        k.add_argument("--seed", type=int, default=0)
-        k.add_argument("--out", required=True)
+        k.add_argument("--samples", type=int, default=4, help="prompts per cell (default 4)")
+        k.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+        k.add_argument("--out", required=True, help="results directory (JSON + PNG)")
         if kind == "niah":
-            k.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+            k.add_argument(
+                "--depths",
+                default="0.1,0.3,0.5,0.7,0.9",
+                help="needle depths as fractions of the context",
+            )
         if kind == "latency":
-            k.add_argument("--repeats", type=int, default=3)
+            k.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
         if kind in ("survival", "niah"):
             default = "niah_single_1" if kind == "survival" else "niah_single_2"
             k.add_argument("--task", default=default, help=f"a needle task (default {default})")

@@ -14,31 +14,51 @@ import torch
 
 from structkv.cache import CompressedKVCache
 from structkv.errors import StructKVError
-from structkv.layers import attend, decoder_layers, final_logits, qkv, rope, sliding_window
+from structkv.layers import (
+    decode_layer,
+    decode_mask,
+    decoder_layers,
+    final_logits,
+    rope,
+    sliding_window,
+)
 from structkv.methods import Method, get_method, prefill_shared
 from structkv.prefill import PrefillResult, PrefillStats
 
 
 @torch.inference_mode()
 def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
-    """Append ``token`` at the next position to every layer and return next-token logits ``[V]``."""
+    """Append ``token`` at the next position to every layer and return next-token logits ``[V]``.
+
+    The layer step is :func:`structkv.layers.decode_layer`, as in the exported decode graph; the
+    new token's K/V are written in place into the cache's preallocated buffers."""
     pos = cache.next_position
-    h = model.model.embed_tokens(torch.tensor([[token]]))
-    cos, sin = rope(model, torch.tensor([pos]), h.dtype)
+    device = model_device(model)
+    position = torch.tensor([pos], device=device)
+    h = model.model.embed_tokens(torch.tensor([[token]], device=device))
+    cos, sin = rope(model, position, h.dtype)
+    n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer, lc in zip(decoder_layers(model), cache.layers):
-        q, k, v = qkv(layer, layer.input_layernorm(h), cos, sin)
-        lc.append(k, v, pos)
+
+        def with_new_token(k, v, lc=lc):
+            lc.append(k, v, pos)
+            return lc.keys(), lc.values()
+
         mask = None
         window = sliding_window(layer)
-        if window is not None:
-            kept = lc.kept_positions()
-            if pos - int(kept.min()) >= window:
-                n_rep = q.shape[1] // kept.shape[0]
-                mask = (pos - kept < window).repeat_interleave(n_rep, dim=0)[None, :, None, :]
-        h = h + attend(layer, q, lc.keys(), lc.values(), mask, causal=False)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        # Only a sliding-window layer whose kept tokens reach back past its window needs a mask
+        # (the new token's own slot is written before attention reads it: pos - pos = 0).
+        if window is not None and pos - int(lc.kept_positions().min()) >= window:
+            key_pos = torch.cat([lc.kept_positions(), position.expand(lc.k.shape[1], 1)], 1)
+            mask = decode_mask(position, key_pos[None], window, n_rep)
+        h, _, _ = decode_layer(layer, h, cos, sin, with_new_token, mask)
     cache.next_position = pos + 1
     return final_logits(model, h[:, -1])[0]
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights live; every tensor the torch path makes goes there too."""
+    return model.model.embed_tokens.weight.device
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
@@ -50,7 +70,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return int(torch.multinomial((probs / probs.sum()).cpu(), 1, generator=generator))
 
 
 @dataclass
@@ -75,9 +95,11 @@ class Generation:
 
 def as_method(method: str | Method, model_id: str, **knobs) -> Method:
     """A method instance with model-dependent defaults (calibration profile) filled in."""
+    from structkv.profile import resolve_method
+
     if isinstance(method, str):
         method = get_method(method, **knobs)
-    return method.resolve(model_id)
+    return resolve_method(method, model_id)
 
 
 def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
@@ -104,6 +126,7 @@ def generate_ids(
     if max_new_tokens < 1:
         raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_context(model, int(input_ids.shape[0]), max_new_tokens)
+    input_ids = input_ids.to(model_device(model))
     result = method.prefill(model, input_ids, extra_capacity=max_new_tokens)
     return decode(model, result, max_new_tokens, temperature, top_p, seed, eos_ids)
 
@@ -121,6 +144,7 @@ def generate_many(
     if max_new_tokens < 1:
         raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_context(model, int(input_ids.shape[0]), max_new_tokens)
+    input_ids = input_ids.to(model_device(model))
     results = prefill_shared(model, input_ids, methods, extra_capacity=max_new_tokens)
     return [decode(model, r, max_new_tokens, eos_ids=eos_ids) for r in results]
 
@@ -164,15 +188,24 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eos_token_ids(lm) -> tuple[int, ...]:
+def eos_ids_of(config, generation_config, tokenizer) -> tuple[int, ...]:
+    """Every end-of-sequence id a model declares (config, generation config, tokenizer; each
+    may hold one id or a list). ``config`` may be a dict (an engine manifest's)."""
     ids = set()
-    for source in (lm.model.config, getattr(lm.model, "generation_config", None), lm.tokenizer):
-        value = getattr(source, "eos_token_id", None)
+    for source in (config, generation_config, tokenizer):
+        if isinstance(source, dict):
+            value = source.get("eos_token_id")
+        else:
+            value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(value)
     return tuple(sorted(ids))
+
+
+def eos_token_ids(lm) -> tuple[int, ...]:
+    return eos_ids_of(lm.model.config, getattr(lm.model, "generation_config", None), lm.tokenizer)
 
 
 def generate_text(

@@ -29,9 +29,10 @@ def head_dims(model) -> tuple[int, int, int]:
 
 
 def rope(model, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[1, n, D]`` for arbitrary (original, possibly gapped) positions."""
+    """cos/sin tables ``[b, n, D]`` for arbitrary (original, possibly gapped) positions ``[n]``
+    (then b = 1) or ``[b, n]`` (a decode batch)."""
     ref = torch.empty(0, dtype=dtype, device=positions.device)
-    return model.model.rotary_emb(ref, positions[None])
+    return model.model.rotary_emb(ref, positions if positions.dim() == 2 else positions[None])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,36 @@ def prefill_layer(layer, h: torch.Tensor, positions: torch.Tensor, cos, sin, tra
     h = h + attend(layer, q, k, v, mask, causal=True)
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return h, q, k, v
+
+
+def decode_mask(
+    position: torch.Tensor,
+    key_positions: torch.Tensor,
+    window: int,
+    n_rep: int,
+    visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sliding-window mask for one new query per sequence: ``position`` ``[B]``, the original
+    positions of the keys ``[B, G, T]`` (each KV head its own tokens), optional slot validity
+    ``[B, T]`` (paged cache) -> ``[B, H, 1, T]``, True where a key is attended."""
+    near = position[:, None, None] - key_positions < window
+    if visible is not None:
+        near = near & visible[:, None, :]
+    return near.repeat_interleave(n_rep, dim=1)[:, :, None]
+
+
+def decode_layer(layer, h: torch.Tensor, cos, sin, with_new_token, mask: torch.Tensor | None):
+    """One decoder layer for one new token per sequence (``h`` ``[B, 1, E]``).
+
+    ``with_new_token(k, v)`` returns the keys/values to attend over *including* the new token's:
+    the torch cache writes it into its preallocated buffer and returns views, the decode graph
+    concatenates it to the gathered pages. Returns the new hidden state and the token's k, v.
+    """
+    q, k, v = qkv(layer, layer.input_layernorm(h), cos, sin)
+    keys, values = with_new_token(k, v)
+    h = h + attend(layer, q, keys, values, mask, causal=False)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v
 
 
 def final_logits(model, h_last: torch.Tensor) -> torch.Tensor:

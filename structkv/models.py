@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from structkv.errors import StructKVError
+from structkv.paths import cache_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -72,14 +73,6 @@ class LoadedModel:
         from structkv.generate import generate_text
 
         return generate_text(self, prompt, method=method, **kwargs)
-
-
-def cache_dir() -> Path:
-    """User cache for converted models and calibration profiles (``$STRUCTKV_CACHE`` overrides)."""
-    base = os.environ.get("STRUCTKV_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "structkv"
-    )
-    return Path(base)
 
 
 def check_architecture(config) -> None:
@@ -205,8 +198,32 @@ def resolve_model_id(name: str) -> str:
     return str(Path(name).expanduser().resolve())
 
 
-def load(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model by alias, directory, GGUF path, or tiny config name (see module docstring)."""
+def check_device(device: str) -> torch.device:
+    """A torch device that exists here, or one clear error naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise StructKVError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StructKVError(
+            f"--device {device}: this torch build sees no CUDA GPU; use --device cpu"
+        )
+    return dev
+
+
+def load(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LoadedModel:
+    """Load a model by alias, directory, GGUF path, or tiny config name (see module docstring),
+    on ``device`` (the torch path follows the model's device everywhere)."""
+    dev = check_device(device)
+    lm = _load(name, dtype)
+    if dev.type != "cpu":
+        lm.model.to(dev)
+    return lm
+
+
+def _load(name: str, dtype: torch.dtype) -> LoadedModel:
     if not name:
         raise StructKVError("empty model name; pass --model smollm2-135m or a model directory")
     if name == DEFAULT_MODEL:

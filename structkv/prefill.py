@@ -1,9 +1,16 @@
-"""The shared prefill loop every method runs through, so comparisons between methods are fair.
+"""The shared prefill every method runs through, so comparisons between methods are fair.
 
-One pass over the layers. After each layer the method may (a) choose the KV tokens that layer
-keeps for decoding (§5) and (b) once, compact the running sequence to a subset of tokens with
-their original positions (§4). Saliency (§1) and the pivot metrics (§3) are computed here once
-per layer for any method that asks for them.
+It has the engine's phases, under the same names (``structkv-export`` traces each as a graph):
+
+- :func:`pre_pivot`  layers on the whole prompt, computing saliency (§1), the method's running
+  state such as centrality (§2, the ``track`` hook) and the pivot statistics (§3), until the
+  method decides to propagate (the ``propagate`` hook);
+- :func:`compact`    keep the chosen tokens' hidden rows with their original positions (§4);
+- :func:`post_pivot` the remaining layers on the compacted tokens;
+- :func:`kv_select`  after every layer of either phase, the tokens it keeps for decoding (§5).
+
+Several methods share one :func:`pre_pivot` pass: before its pivot a method's hidden states are
+the full model's, so an evaluation of eight methods pays for about one full prefill.
 """
 
 from __future__ import annotations
@@ -15,16 +22,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from structkv.cache import CompressedKVCache, LayerCache
-from structkv.layers import (
-    decoder_layers,
-    final_logits,
-    head_dims,
-    prefill_layer,
-    rope,
-    sliding_window,
-)
+from structkv.layers import decoder_layers, final_logits, head_dims, prefill_layer, rope
 from structkv.pivot import attention_metrics, transition_scores
-from structkv.saliency import saliency_per_head, window_attention
+from structkv.saliency import layer_saliency
+from structkv.selection import gather_tokens
 
 
 @dataclass
@@ -72,6 +73,21 @@ class PrefillStats:
     transition: list[float] = field(default_factory=list)
     propagated_positions: list[int] | None = None
 
+    def complete(
+        self, kv_tokens_per_layer: list[int], tokens_run: int, kv_bytes_per_token: int
+    ) -> PrefillStats:
+        """Fill what follows from the counts (the torch path and the engine both call this):
+        KV bytes kept vs full context, the compute fraction and the transition scores T_l."""
+        self.kv_tokens_per_layer = list(kv_tokens_per_layer)
+        self.kv_bytes = kv_bytes_per_token * sum(self.kv_tokens_per_layer)
+        self.kv_bytes_full = kv_bytes_per_token * self.num_layers * self.prompt_tokens
+        self.compute_fraction = tokens_run / (self.num_layers * self.prompt_tokens)
+        if len(self.entropy) > 1:
+            self.transition = transition_scores(
+                list(zip(self.entropy, self.sparsity, self.variance))
+            )
+        return self
+
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("propagated_positions")
@@ -79,18 +95,17 @@ class PrefillStats:
 
 
 @dataclass
-class Resume:
-    """Start a prefill after ``layer`` from a known (already compacted) state.
+class Compacted:
+    """A prompt after :func:`compact`: everything :func:`post_pivot` needs to continue.
 
-    Calibration uses it to try many pivots/λ without re-running the shared early layers, and a
-    shared pass hands each method that propagates over to its own compacted run with it. When
-    ``state`` and ``stats`` are given (a method leaving a shared pass) the run continues them, so
-    the result is exactly that of one uninterrupted prefill.
+    A method leaving a shared :func:`pre_pivot` pass hands this over with its ``state`` and
+    ``stats`` so that the result is exactly that of one uninterrupted prefill; calibration builds
+    one per candidate (pivot, λ) to re-run only the layers after the pivot.
     """
 
-    layer: int
+    layer: int  # the pivot: the last layer that ran on the whole prompt
     hidden: torch.Tensor  # [1, n, hidden] input to layer + 1
-    positions: torch.Tensor  # [n]
+    positions: torch.Tensor  # [n] original positions, ascending
     caches: list[LayerCache]  # KV of layers 0..layer, already selected
     state: object = None
     stats: PrefillStats | None = None
@@ -121,33 +136,170 @@ class _Rider:
     state: object
     stats: PrefillStats
     caches: list[LayerCache]
-    exit: Resume | None = None
+    exit: Compacted | None = None
 
 
-def _gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x ``[1, G, n, D]``, idx ``[G, K]`` -> ``[1, G, K, D]`` (each head its own tokens)."""
-    return x[0].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))[None]
+@dataclass
+class _Pass:
+    """What every phase of one prefill reads: the model, the prompt and the shared settings."""
+
+    model: object
+    n_prompt: int
+    window: int  # observation window of the methods that compute saliency; 0 if none does
+    extra_capacity: int
+    observer: Callable[[LayerView], None] | None
+    timer: _Timer
+    start: float
+
+    @property
+    def layers(self):
+        return decoder_layers(self.model)
 
 
-def run_prefill(
+def _run_layer(ctx: _Pass, index: int, h, positions, cos, sin, full_length: bool):
+    """One layer plus what the methods read of it: the view (saliency; pivot statistics on
+    full-length layers only, nothing reads them after compaction) and this layer's K/V."""
+    layers, timer = ctx.layers, ctx.timer
+    layer = layers[index]
+    t = time.perf_counter()
+    h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
+    t = timer.add("layers_full" if full_length else "layers_compacted", t)
+    _, num_kv, _ = head_dims(ctx.model)
+    view = LayerView(index, len(layers), ctx.n_prompt, num_kv, positions, hidden=h)
+    if ctx.window:
+        view.attn, view.saliency_heads = layer_saliency(layer, q, k, positions, ctx.window, num_kv)
+        view.saliency = view.saliency_heads.sum(0)
+        t = timer.add("saliency", t)
+        if full_length:
+            view.metrics = attention_metrics(view.attn, view.saliency)
+            timer.add("pivot_metrics", t)
+    if ctx.observer is not None:
+        ctx.observer(view)
+    return h, k, v, view
+
+
+def kv_select(ctx: _Pass, rider: _Rider, view: LayerView, k, v) -> None:
+    """§5 for one layer: the method's per-head token choice, gathered into a decode cache."""
+    t = time.perf_counter()
+    keep = rider.method.select_kv(view, rider.state)
+    if keep is None:
+        kept_k, kept_v, kept_pos = k, v, view.positions.expand(view.num_kv_heads, -1)
+    else:
+        kept_k, kept_v = gather_tokens(k[0], keep)[None], gather_tokens(v[0], keep)[None]
+        kept_pos = view.positions[keep]
+    rider.caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, ctx.extra_capacity))
+    ctx.timer.add("kv_select", t)
+
+
+def compact(hidden: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
+    """§4: the kept tokens' hidden rows ``[1, n', E]`` and their original positions ``[n']``."""
+    return hidden[:, keep], positions[keep]
+
+
+def pre_pivot(ctx: _Pass, input_ids: torch.Tensor, riders: list[_Rider], stop_after: int | None):
+    """Layers on the whole prompt until every rider has propagated (or the model ends).
+
+    A rider whose ``propagate`` hook returns indices leaves with a :class:`Compacted` state in
+    ``rider.exit``. Returns the last hidden state and the riders still running full length.
+    """
+    timer, num_layers = ctx.timer, len(ctx.layers)
+    positions = torch.arange(ctx.n_prompt, device=input_ids.device)
+    h = ctx.model.model.embed_tokens(input_ids[None])
+    cos, sin = rope(ctx.model, positions, h.dtype)
+    last = num_layers - 1 if stop_after is None else stop_after
+    active = list(riders)
+    for index in range(last + 1):
+        h, k, v, view = _run_layer(ctx, index, h, positions, cos, sin, full_length=True)
+        for rider in list(active):
+            if view.metrics is not None and rider.method.needs_saliency:
+                for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
+                    getattr(rider.stats, name).append(value)
+            if stop_after is None:  # a filter pass (GemFilter) decodes nothing: no cache to fill
+                kv_select(ctx, rider, view, k, v)
+            if index == num_layers - 1:
+                continue
+            t = time.perf_counter()
+            rider.method.track(view, rider.state)
+            chosen = rider.method.propagate(view, rider.state)
+            t = timer.add("centrality_pivot", t)
+            if chosen is not None:
+                kept_h, kept_pos = compact(h, positions, chosen)
+                rider.exit = Compacted(index, kept_h, kept_pos, rider.caches, rider.state)
+                t = timer.add("compaction", t)
+                rider.stats.pivot_layer = index
+                rider.stats.propagated_positions = kept_pos.tolist()
+                rider.stats.timings = dict(timer.totals)
+                rider.stats.prefill_s = t - ctx.start
+                rider.exit.stats = rider.stats
+                active.remove(rider)
+        if not active:
+            break
+    return h, active
+
+
+def post_pivot(ctx: _Pass, rider: _Rider, compacted: Compacted) -> torch.Tensor:
+    """The layers after the pivot on the compacted tokens (original positions); returns the
+    last hidden state. KV selection runs after each layer as in :func:`pre_pivot`."""
+    t = time.perf_counter()
+    h, positions = compacted.hidden, compacted.positions
+    cos, sin = rope(ctx.model, positions, h.dtype)
+    if compacted.stats is not None:  # continuing a shared pass: RoPE is part of compaction
+        ctx.timer.add("compaction", t)
+    for index in range(compacted.layer + 1, len(ctx.layers)):
+        h, k, v, view = _run_layer(ctx, index, h, positions, cos, sin, full_length=False)
+        kv_select(ctx, rider, view, k, v)
+    return h
+
+
+def _new_pass(model, n_prompt, methods, extra_capacity, observer, timings=None) -> _Pass:
+    windows = {m.window for m in methods if m.needs_saliency}
+    if len(windows) > 1:
+        raise ValueError(f"methods sharing a pass need one window, got {sorted(windows)}")
+    window = next(iter(windows)) if windows else 0
+    timer = _Timer(timings)
+    return _Pass(model, n_prompt, window, extra_capacity, observer, timer, time.perf_counter())
+
+
+def _result(ctx: _Pass, rider: _Rider, h, tokens_run: int, prior_s=0.0, logits=True):
+    stats = rider.stats
+    stats.prefill_s = time.perf_counter() - ctx.start + prior_s
+    stats.timings = dict(ctx.timer.totals)
+    stats.overhead_s = stats.timings.get("pivot_metrics", 0.0) + stats.timings.get(
+        "centrality_pivot", 0.0
+    )
+    cache = CompressedKVCache(rider.caches, next_position=ctx.n_prompt)
+    _, num_kv, head_dim = head_dims(ctx.model)
+    stats.complete(cache.tokens_per_layer(), tokens_run, 2 * num_kv * head_dim * h.element_size())
+    rider.method.finish(rider.state, stats)
+    out = final_logits(ctx.model, h[:, -1])[0] if logits else h.new_empty(0)
+    return PrefillResult(cache, out, stats)
+
+
+@torch.inference_mode()
+def continue_prefill(
     model,
-    input_ids: torch.Tensor,
+    n_prompt: int,
     method,
+    compacted: Compacted,
     extra_capacity: int = 0,
-    stop_after: int | None = None,
-    resume: Resume | None = None,
     observer: Callable[[LayerView], None] | None = None,
 ) -> PrefillResult:
-    """Prefill ``input_ids`` (``[N]``) with ``method``'s hooks; see the module docstring.
-
-    ``extra_capacity`` preallocates that many decode slots per layer. ``stop_after`` ends the pass
-    after that layer (GemFilter's filter pass) and returns empty logits. ``resume`` starts after
-    a given layer from a given compacted state (no further propagation happens then).
-    ``observer(view)`` sees every layer's view (fidelity analysis reads hidden states there).
-    """
-    return run_prefill_shared(
-        model, input_ids, [method], extra_capacity, stop_after, resume, observer
-    )[0]
+    """:func:`post_pivot` from a :class:`Compacted` state to the finished result (a method
+    leaving a shared pass, or a calibration candidate)."""
+    prior = compacted.stats
+    ctx = _new_pass(
+        model, n_prompt, [method], extra_capacity, observer, prior.timings if prior else None
+    )
+    state = compacted.state
+    if state is None:
+        state = method.begin(len(ctx.layers), n_prompt)
+    stats = prior or PrefillStats(method.name, n_prompt, len(ctx.layers))
+    stats.pivot_layer, stats.propagated_tokens = compacted.layer, int(compacted.positions.shape[0])
+    rider = _Rider(method, state, stats, list(compacted.caches))
+    h = post_pivot(ctx, rider, compacted)
+    layers_after = len(ctx.layers) - compacted.layer - 1
+    tokens_run = (compacted.layer + 1) * n_prompt + layers_after * stats.propagated_tokens
+    return _result(ctx, rider, h, tokens_run, prior.prefill_s if prior else 0.0)
 
 
 @torch.inference_mode()
@@ -157,148 +309,50 @@ def run_prefill_shared(
     methods: list,
     extra_capacity: int = 0,
     stop_after: int | None = None,
-    resume: Resume | None = None,
     observer: Callable[[LayerView], None] | None = None,
 ) -> list[PrefillResult]:
-    """One prefill per method, sharing every full-length layer until each method propagates.
-
-    Before its pivot a method's hidden states are the full model's, so the layers up to there
-    run once for all of them (an evaluation of eight methods at 4K pays for about one full
-    prefill instead of five); a method that propagates continues on its own compacted tokens.
-    Results equal separate :func:`run_prefill` calls; timings are those of the shared pass.
-    Methods that compute saliency must share one observation window.
-    """
-    windows = {m.window for m in methods if m.needs_saliency}
-    if len(windows) > 1:
-        raise ValueError(f"methods sharing a pass need one window, got {sorted(windows)}")
-    if resume is not None and len(methods) != 1:
-        raise ValueError("resume continues exactly one method")
-    t_start = time.perf_counter()
-    layers = decoder_layers(model)
-    num_layers = len(layers)
+    """One prefill per method, sharing :func:`pre_pivot` until each method propagates; a
+    method that propagates continues alone (:func:`continue_prefill`). Results equal separate
+    :func:`run_prefill` calls; timings are those of the shared pass. ``stop_after`` ends the
+    pass after that layer (GemFilter's filter pass) with empty logits and no cache."""
     n_prompt = int(input_ids.shape[0])
-    _, num_kv, head_dim = head_dims(model)
-    prior = resume.stats if resume is not None else None
-    timer = _Timer(prior.timings if prior is not None else None)
-
-    if resume is None:
-        first, positions = 0, torch.arange(n_prompt)
-        h = model.model.embed_tokens(input_ids[None])
-        riders = [
-            _Rider(
-                m,
-                m.begin(num_layers, n_prompt),
-                PrefillStats(m.name, n_prompt, num_layers, propagated_tokens=n_prompt),
-                [],
-            )
-            for m in methods
-        ]
-    else:
-        (method,) = methods
-        first, h, positions = resume.layer + 1, resume.hidden, resume.positions
-        state = resume.state if resume.state is not None else method.begin(num_layers, n_prompt)
-        stats = prior or PrefillStats(method.name, n_prompt, num_layers)
-        stats.pivot_layer, stats.propagated_tokens = resume.layer, int(positions.shape[0])
-        riders = [_Rider(method, state, stats, list(resume.caches))]
-    compacted = resume is not None
-    needs_saliency = bool(windows)
-    window = next(iter(windows)) if windows else 0
-    t = time.perf_counter()
-    cos, sin = rope(model, positions, h.dtype)
-    if prior is not None:
-        timer.add("compaction", t)
-    tokens_run = first * n_prompt
-    last = num_layers - 1 if stop_after is None else stop_after
-    active = list(riders)
-    for index in range(first, last + 1):
-        layer = layers[index]
-        t = time.perf_counter()
-        h, q, k, v = prefill_layer(layer, h, positions, cos, sin)
-        tokens_run += positions.shape[0]
-        t = timer.add("layers_compacted" if compacted else "layers_full", t)
-        view = LayerView(index, num_layers, n_prompt, num_kv, positions, hidden=h)
-        if needs_saliency:
-            view.attn = window_attention(
-                q, k, positions, window, layer.self_attn.scaling, sliding_window(layer)
-            )
-            view.saliency_heads = saliency_per_head(view.attn, num_kv)
-            view.saliency = view.saliency_heads.sum(0)
-            t = timer.add("saliency", t)
-            # The pivot statistics describe full-length layers; after compaction nothing reads
-            # them, so the hot post-pivot path skips them.
-            if not compacted:
-                view.metrics = attention_metrics(view.attn, view.saliency)
-                t = timer.add("pivot_metrics", t)
-
-        if observer is not None:
-            observer(view)
-        for rider in list(active):
-            if view.metrics is not None and rider.method.needs_saliency:
-                for name, value in zip(("entropy", "sparsity", "variance"), view.metrics):
-                    getattr(rider.stats, name).append(value)
-            if stop_after is None:  # a filter pass (GemFilter) decodes nothing: no cache to fill
-                keep = rider.method.select_kv(view, rider.state)
-                if keep is None:
-                    kept_k, kept_v = k, v
-                    kept_pos = positions.expand(num_kv, -1)
-                else:
-                    kept_k, kept_v = _gather_heads(k, keep), _gather_heads(v, keep)
-                    kept_pos = positions[keep]
-                rider.caches.append(LayerCache.from_kept(kept_k, kept_v, kept_pos, extra_capacity))
-                t = timer.add("kv_select", t)
-            if not compacted and index < num_layers - 1:
-                chosen = rider.method.propagate(view, rider.state)
-                t = timer.add("centrality_pivot", t)
-                if chosen is not None:
-                    kept = positions[chosen]
-                    rider.exit = Resume(
-                        index, h[:, chosen], kept, rider.caches, rider.state, rider.stats
-                    )
-                    t = timer.add("compaction", t)
-                    rider.stats.pivot_layer = index
-                    rider.stats.propagated_positions = kept.tolist()
-                    rider.stats.timings = dict(timer.totals)
-                    rider.stats.prefill_s = t - t_start
-                    active.remove(rider)
-        if not active:
-            break
-
-    logits = final_logits(model, h[:, -1])[0] if stop_after is None and active else None
+    ctx = _new_pass(model, n_prompt, methods, extra_capacity, observer)
+    num_layers = len(ctx.layers)
+    riders = [
+        _Rider(
+            m,
+            m.begin(num_layers, n_prompt),
+            PrefillStats(m.name, n_prompt, num_layers, propagated_tokens=n_prompt),
+            [],
+        )
+        for m in methods
+    ]
+    h, _ = pre_pivot(ctx, input_ids, riders, stop_after)
+    layers_run = num_layers if stop_after is None else stop_after + 1
     results = []
     for rider in riders:
         if rider.exit is not None:
-            results.extend(
-                run_prefill_shared(
-                    model,
-                    input_ids,
-                    [rider.method],
-                    extra_capacity,
-                    resume=rider.exit,
-                    observer=observer,
+            results.append(
+                continue_prefill(
+                    model, n_prompt, rider.method, rider.exit, extra_capacity, observer
                 )
             )
-            continue
-        stats = rider.stats
-        stats.prefill_s = time.perf_counter() - t_start + (prior.prefill_s if prior else 0.0)
-        stats.timings = dict(timer.totals)
-        cache = CompressedKVCache(rider.caches, next_position=n_prompt)
-        results.append(_finish(rider, cache, logits, tokens_run, num_kv, head_dim, h))
+        else:
+            full = _result(ctx, rider, h, layers_run * n_prompt, logits=stop_after is None)
+            results.append(full)
     return results
 
 
-def _finish(rider, cache, logits, tokens_run, num_kv, head_dim, h) -> PrefillResult:
-    stats = rider.stats
-    stats.overhead_s = stats.timings.get("pivot_metrics", 0.0) + stats.timings.get(
-        "centrality_pivot", 0.0
-    )
-    stats.kv_tokens_per_layer = cache.tokens_per_layer()
-    stats.kv_bytes = cache.nbytes()
-    elem = h.element_size()
-    stats.kv_bytes_full = 2 * stats.num_layers * num_kv * head_dim * stats.prompt_tokens * elem
-    stats.compute_fraction = tokens_run / (stats.num_layers * stats.prompt_tokens)
-    if len(stats.entropy) > 1:
-        stats.transition = transition_scores(
-            list(zip(stats.entropy, stats.sparsity, stats.variance))
-        )
-    rider.method.finish(rider.state, stats)
-    return PrefillResult(cache, logits if logits is not None else torch.empty(0), stats)
+def run_prefill(
+    model,
+    input_ids: torch.Tensor,
+    method,
+    extra_capacity: int = 0,
+    stop_after: int | None = None,
+    observer: Callable[[LayerView], None] | None = None,
+) -> PrefillResult:
+    """Prefill ``input_ids`` (``[N]``) with ``method``'s hooks; see the module docstring.
+
+    ``extra_capacity`` preallocates that many decode slots per layer; ``observer(view)`` sees
+    every layer's view (fidelity analysis and calibration read hidden states there)."""
+    return run_prefill_shared(model, input_ids, [method], extra_capacity, stop_after, observer)[0]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from structkv.models import cache_dir
+from structkv.paths import cache_dir
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "profiles"
@@ -47,3 +48,21 @@ def save_profile(profile: dict, path: Path) -> Path:
         json.dump(profile, f, indent=1)
     os.replace(tmp, path)
     return path
+
+
+def resolve_method(method, model_id: str, log=None):
+    """``method`` with its model-dependent defaults from ``model_id``'s calibration profile.
+
+    The I/O side of :meth:`structkv.methods.Method.with_profile`: find the profile, and tell
+    the user (``log``, default stderr) when the method fell back to a preset."""
+    resolved, note = method.with_profile(find_profile(model_id))
+    if note is not None:
+        message = (
+            f"[structkv] {model_id}: {note}. Run `structkv calibrate --model {model_id}` for a "
+            "calibrated one."
+        )
+        if log is None:
+            print(message, file=sys.stderr)
+        else:
+            log(message)
+    return resolved

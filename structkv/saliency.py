@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from structkv.layers import visibility_mask
+from structkv.layers import sliding_window, visibility_mask
 
 
 def window_attention(
@@ -73,3 +73,12 @@ def pool_scores(
     views = torch.stack([padded[..., i : i + m] for i in range(kernel)])
     pooled = views.amax(0) if mode == "max" else views.sum(0) / kernel
     return torch.cat([pooled, scores[..., m:]], dim=-1)
+
+
+def layer_saliency(
+    layer, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, window: int, num_kv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's window attention ``[H, w, n]`` and per-KV-head saliency ``[G, n]`` (§1), for
+    the prefill loop and the exported prefill graphs alike."""
+    attn = window_attention(q, k, positions, window, layer.self_attn.scaling, sliding_window(layer))
+    return attn, saliency_per_head(attn, num_kv)

@@ -10,6 +10,8 @@ from fractions import Fraction
 
 import torch
 
+from structkv.saliency import pool_scores
+
 
 def budget(ratio: float, n_prompt: int) -> int:
     """ceil(ratio · N) in exact integer arithmetic (0.1 · 30 is 3.0000000000000004 in floats).
@@ -25,7 +27,7 @@ def topk_with_window(scores: torch.Tensor, k: int, window: int) -> torch.Tensor:
     tokens, sorted ascending; ``k`` is capped at the ``n - window`` candidates.
 
     Ties go to the lower index (a stable sort), as ONNX TopK specifies: max pooling makes
-    plateaus of equal scores, and the torch reference, the ONNX engine and the TensorRT plugin
+    plateaus of equal scores, and the torch reference, the ONNX engine and any GPU kernel
     must keep the same tokens."""
     n = scores.shape[-1]
     candidates = n - window
@@ -38,3 +40,19 @@ def topk_with_window(scores: torch.Tensor, k: int, window: int) -> torch.Tensor:
     top = order[..., : max(0, min(k, candidates))]
     tail = torch.arange(candidates, n, device=scores.device).expand(*scores.shape[:-1], window)
     return torch.cat([top, tail], dim=-1).sort(dim=-1).values
+
+
+def select_tokens(
+    scores: torch.Tensor, k: int, window: int, pooling: int, pool_mode: str
+) -> torch.Tensor:
+    """The one selection of §4 and §5: pool the non-window scores, keep the top ``k`` plus the
+    window, ascending. ``scores`` is ``[..., n]`` (centrality ``[n]`` for propagation, per-head
+    saliency ``[G, n]`` or ``[layers, G, n]`` for KV selection). The torch methods, calibration
+    and the exported ``compact`` / ``kv_select`` graphs all call this."""
+    return topk_with_window(pool_scores(scores, pooling, window, pool_mode), k, window)
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-head gather: ``x`` ``[..., G, n, D]`` and ``keep`` ``[..., G, K]`` -> ``[..., G, K, D]``
+    (each KV head its own tokens; leading dims such as layers broadcast)."""
+    return x.gather(-2, keep[..., None].expand(*keep.shape, x.shape[-1]))

@@ -18,7 +18,8 @@ from structkv.calibration import (
 from structkv.generate import decode_step, encode_prompt, generate_ids
 from structkv.methods import Full, StructKV
 from structkv.models import LoadedModel, tiny_model
-from structkv.profile import find_profile, save_profile, user_profile_path
+from structkv.pivot import OnlinePivot
+from structkv.profile import find_profile, resolve_method, save_profile, user_profile_path
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +75,52 @@ def test_choice_is_the_best_row_under_the_cap(profile):
             )
 
 
-def test_profile_is_used_by_structkv(tiny_lm, profile, tmp_path, monkeypatch):
+def test_calibrated_profile_is_found_and_used_by_structkv(tiny_lm, profile, tmp_path, monkeypatch):
+    """The calibrated profile is saved, found by model id, and its λ / pivot reach StructKV."""
     monkeypatch.setenv("STRUCTKV_CACHE", str(tmp_path))
     save_profile(profile, user_profile_path(tiny_lm.model_id))
     assert find_profile(tiny_lm.model_id) == profile
-    method = StructKV().resolve(tiny_lm.model_id)
+    method = resolve_method(StructKV(), tiny_lm.model_id)
     assert method.lam == profile["lambda"]
-    if profile["rule"] is None:
-        assert method.pivot == profile["pivot"]
-        ids = encode_prompt(tiny_lm.tokenizer, "x" * 100, chat=False)
-        stats = method.prefill(tiny_lm.model, ids).stats
-        assert stats.pivot_layer == profile["pivot"]
-        assert stats.propagated_tokens == math.ceil(0.2 * 100) + 8
-    else:
-        assert method.pivot == "online" and method.rule == profile["rule"]
+    assert method.pivot == (profile["pivot"] if profile["rule"] is None else "online")
+
+
+def test_fixed_pivot_profile_drives_the_prefill(tiny_lm):
+    """A profile with a fixed layer: StructKV propagates exactly there, with the profile's λ."""
+    fixed = {"lambda": 0.3, "pivot": 4, "rule": None, "l_min": 2, "l_max": 7}
+    method, note = StructKV().with_profile(fixed)
+    assert (method.pivot, method.lam, note) == (4, 0.3, None)
+    ids = encode_prompt(tiny_lm.tokenizer, "x" * 100, chat=False)
+    stats = method.prefill(tiny_lm.model, ids).stats
+    assert stats.pivot_layer == 4 and stats.lam == 0.3 and stats.pivot_rule == "fixed"
+    assert stats.propagated_tokens == math.ceil(0.2 * 100) + 8
+
+
+def test_rule_profile_drives_the_online_pivot(tiny_lm):
+    """A profile with a rule: StructKV detects the pivot online with the profile's scales and
+    range, and the layer it picks is the rule's on the prompt's own statistics."""
+    rule = {"lambda": 0.5, "pivot": "online", "rule": "stabilised", "l_min": 2, "l_max": 7,
+            "metric_scales": [1.0, 1.0, 1.0]}  # fmt: skip
+    method, note = StructKV().with_profile(rule)
+    assert (method.pivot, method.rule, method.scales, note) == (
+        "online",
+        "stabilised",
+        (1.0, 1.0, 1.0),
+        None,
+    )
+    ids = encode_prompt(tiny_lm.tokenizer, "y" * 120, chat=False)
+    stats = method.prefill(tiny_lm.model, ids).stats
+    metrics = list(zip(stats.entropy, stats.sparsity, stats.variance))
+    online = OnlinePivot(2, 7, rule="stabilised", scales=(1.0, 1.0, 1.0))
+    expected = next(
+        (layer for layer, m in enumerate(metrics) if online.observe(m) is not None), None
+    )
+    assert stats.pivot_layer == expected and stats.pivot_rule == "stabilised"
+
+
+def test_no_profile_falls_back_to_the_paper_preset_and_says_so(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTKV_CACHE", str(tmp_path))
+    notes = []
+    method = resolve_method(StructKV(), "no-such-model", log=notes.append)
+    assert (method.pivot, method.lam) == ("online", 0.9)
+    assert len(notes) == 1 and "paper preset" in notes[0] and "structkv calibrate" in notes[0]

@@ -69,7 +69,7 @@ def test_window_and_context_errors_on_real_model(capsys, tmp_path):
 
 @pytest.mark.real_model
 def test_generate_json_on_a_2k_needle_prompt(tmp_path, smollm2):
-    from structkv.eval.needle import make_needle_prompt
+    from structkv.prompts.needle import make_needle_prompt
 
     needle = make_needle_prompt(smollm2.tokenizer, 2048, 0.5, seed=3)
     prompt = tmp_path / "p.txt"
@@ -91,3 +91,26 @@ def test_generate_json_on_a_2k_needle_prompt(tmp_path, smollm2):
     # 30 layers x 3 KV heads x 64 dims x K and V x fp32
     assert stats["kv_bytes_full"] == 30 * 3 * 64 * 2 * 4 * n
     assert isinstance(out["text"], str) and out["text"]
+
+
+def _bare_options(parser, path: str) -> list[str]:
+    import argparse
+
+    bare = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                bare += _bare_options(sub, f"{path} {name}")
+        elif action.option_strings and action.dest != "help" and not action.help:
+            bare.append(f"{path} {action.option_strings[0]}")
+    return bare
+
+
+def test_every_cli_option_has_a_help_string():
+    from structkv.cli import build_parser
+    from structkv.export.exporter import build_parser as export_parser
+
+    bare = _bare_options(build_parser(), "structkv") + _bare_options(
+        export_parser(), "structkv-export"
+    )
+    assert not bare, f"options without help: {bare}"

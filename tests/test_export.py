@@ -17,26 +17,29 @@ import torch
 
 from structkv.errors import StructKVError
 from structkv.export.exporter import ExportSettings, export_engine
-from structkv.export.manifest import FORMAT_VERSION, MANIFEST
 from structkv.export.weights import ALIGN, INLINE_BYTES
 from structkv.generate import generate_ids
+from structkv.kernels import ort_ops
+from structkv.manifest import FORMAT_VERSION, MANIFEST
 from structkv.methods import StructKV
 from structkv.models import tiny_model
-from structkv.runtime import ort_ops
-from structkv.runtime.engine import GRAPHS, Engine
+from structkv.runtime.batch import Batch
+from structkv.runtime.engine import Engine
+from structkv.runtime.stages import GRAPHS
 
 PIVOT, LAM, NEW = 2, 0.5, 10
-FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
-# Default attention (auto: StructKV's CPU kernel where a compiler can build it) for every
-# family, plus ONNX Runtime's GroupQueryAttention, the portable kernel, on one of them.
-ENGINES = [(f, "auto") for f in FAMILIES] + [("tiny-llama", "contrib")]
+SMALL = "tiny-llama-L4-s0"  # 4 layers (pivot 2 leaves one after it): a cheaper export
+# One engine per family, exported once per module and shared by every engine test: the
+# default attention (auto: StructKV's CPU kernel where a compiler can build it) on Qwen2 and
+# Mistral, ONNX Runtime's GroupQueryAttention (the portable kernel) on Llama.
+ENGINES = [("tiny-llama", "contrib"), ("tiny-qwen2", "auto"), ("tiny-mistral", "auto")]
 
 
 @pytest.fixture(scope="module", params=ENGINES, ids=[f"{f}-{a}" for f, a in ENGINES])
 def engine_dir(request, tmp_path_factory):
     family, attention = request.param
     out = tmp_path_factory.mktemp("engines") / f"{family}-{attention}"
-    settings = ExportSettings(pivot=PIVOT, lam=LAM, attention=attention)
+    settings = ExportSettings(StructKV(pivot=PIVOT, lam=LAM), attention=attention)
     export_engine(family, out, settings, log=lambda m: None)
     return family, out
 
@@ -80,11 +83,12 @@ def test_compressed_prompt_blocks_meet_the_bound(engine_dir):
     _, out = engine_dir
     engine = Engine.load(out, kv_cache_mb=4)
     n, new, w, block = 1000, 8, 8, engine.cache.block_size
-    seq, _ = engine.add_request(_prompt(n, 5).numpy(), new)
+    batch = Batch(engine)
+    seq, _ = batch.add(_prompt(n, 5).numpy(), new)
     for _ in range(new - 1):
-        engine.step()
+        batch.step()
     used = engine.cache.blocks_used
-    engine.finish(seq)
+    batch.finish(seq)
     assert used <= math.ceil((0.1 * n + w + new) / block)
     assert used < math.ceil(n / block) / 5  # and far below what the full prompt would take
 
@@ -98,7 +102,7 @@ def test_graphs_pass_the_full_checker_and_weights_are_stored_once(engine_dir):
     size = (out / "weights.bin").stat().st_size
     assert sum(big) <= size <= sum(big) + ALIGN * len(big)  # each weight once (+ alignment)
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["method"]["pivot"] == PIVOT and manifest["method"]["lambda"] == LAM
+    assert manifest["method"]["pivot"] == PIVOT and manifest["method"]["lam"] == LAM
     assert set(manifest["graphs"]) == set(GRAPHS)
     attention = manifest["attention"]
     assert attention == (
@@ -198,7 +202,8 @@ def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
         "prompt_len": np.zeros(120, dtype=np.int64),
     }
     engine = Engine.load(out, backend="torch", kv_cache_mb=1)
-    seq, _ = engine.add_request(ids, 4)
+    batch = Batch(engine)
+    seq, _ = batch.add(ids, 4)
     tables, lengths = engine.cache.batch_tables([seq])
     feeds["decode"] = {
         "input_ids": np.array([7]),
@@ -322,8 +327,8 @@ def test_smollm2_engine_end_to_end(smollm2, tmp_path, capsys):
     answers a needle prompt like `structkv generate` does, from an engine within 1.15x of the
     fp32 weights."""
     from structkv.cli import main as structkv
-    from structkv.eval.needle import make_needle_prompt
     from structkv.export.exporter import main as export
+    from structkv.prompts.needle import make_needle_prompt
 
     out = tmp_path / "engine"
     assert export(["--model", "smollm2-135m", "--out", str(out)]) == 0
@@ -353,12 +358,13 @@ def test_full_context_engine_equals_the_full_model_and_benches(tmp_path, capsys)
     from structkv.methods import Full
 
     full_dir = tmp_path / "full"
-    export_engine("tiny-llama", full_dir, ExportSettings(pivot=PIVOT, r_struct=1.0, r_kv=1.0))
+    settings = ExportSettings(StructKV(pivot=PIVOT, r_struct=1.0, r_kv=1.0))
+    export_engine(SMALL, full_dir, settings, log=lambda m: None)
     engine = Engine.load(full_dir)
     ids = _prompt(150, 4)
-    expected = generate_ids(tiny_model("tiny-llama").model, ids, Full(), NEW).tokens
+    expected = generate_ids(tiny_model("tiny-llama", 4).model, ids, Full(), NEW).tokens
     tokens, stats = engine.generate(ids.numpy(), NEW)
-    assert tokens == expected and stats["kv_tokens_per_layer"] == [150] * 6
+    assert tokens == expected and stats["kv_tokens_per_layer"] == [150] * 4
     capsys.readouterr()
     args = ["--engine", str(full_dir), "--engine", str(full_dir), "--repeats", "1", "--json"]
     assert main(["bench", "prefill", "--lengths", "120", *args]) == 0
@@ -374,9 +380,8 @@ def test_fp16_engine_matches_its_torch_oracle(tmp_path):
     the fp16 torch stages: logits to fp16 precision, greedy tokens equal, kept sets nearly equal
     (fp16 saliency has ~3 significant digits, so near-ties may rank differently per backend)."""
     out = tmp_path / "fp16"
-    export_engine(
-        "tiny-llama", out, ExportSettings(pivot=PIVOT, lam=LAM, dtype="fp16"), log=lambda m: None
-    )
+    settings = ExportSettings(StructKV(pivot=PIVOT, lam=LAM), dtype="fp16")
+    export_engine("tiny-llama", out, settings, log=lambda m: None)
     params = tiny_model("tiny-llama").model.parameters()
     big = [p.numel() * 2 for p in params if p.numel() * 2 > INLINE_BYTES]
     assert sum(big) <= (out / "weights.bin").stat().st_size <= sum(big) + ALIGN * len(big)

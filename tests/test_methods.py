@@ -9,6 +9,7 @@ import torch
 from reference import assert_matches_hf
 
 from structkv.calibration import compute_fraction, max_pivot_under_cap
+from structkv.errors import StructKVError
 from structkv.generate import decode_step, generate_ids, generate_many, sample
 from structkv.methods import (
     METHODS,
@@ -20,7 +21,7 @@ from structkv.methods import (
     prefill_shared,
 )
 from structkv.models import tiny_model
-from structkv.prefill import Resume, run_prefill
+from structkv.prefill import Compacted, continue_prefill
 
 N, L, W = 120, 6, 8
 
@@ -79,8 +80,8 @@ def test_pyramidkv_total_matches_snapkv():
     assert abs(sum(budgets) - 30 * k) <= 30  # rounding only
 
 
-def test_resume_equals_a_direct_prefill(tiny_llama):
-    """Calibration's shortcut (restart after the pivot from recorded state) is exact."""
+def test_continue_prefill_equals_a_direct_prefill(tiny_llama):
+    """Calibration's shortcut (post_pivot from a recorded, compacted state) is exact."""
     model, ids = tiny_llama.model, _ids()
     method = StructKV(pivot=2, lam=0.4)
     direct = method.prefill(model, ids)
@@ -88,9 +89,8 @@ def test_resume_equals_a_direct_prefill(tiny_llama):
     hidden = {}
     # SnapKV selects the early layers' KV exactly as StructKV does before its pivot.
     early = SnapKV().prefill(model, ids, observer=lambda v: hidden.setdefault(v.layer, v.hidden))
-    resumed = run_prefill(
-        model, ids, method, resume=Resume(2, hidden[2][:, keep], keep, early.cache.layers[:3])
-    )
+    compacted = Compacted(2, hidden[2][:, keep], keep, early.cache.layers[:3])
+    resumed = continue_prefill(model, int(ids.shape[0]), method, compacted)
     torch.testing.assert_close(resumed.logits, direct.logits)
     for a, b in zip(resumed.cache.layers, direct.cache.layers, strict=True):
         assert torch.equal(a.kept_positions(), b.kept_positions())
@@ -142,19 +142,20 @@ def test_sliding_window_matches_hf():
     assert_matches_hf(model, out.logits, lambda t: decode_step(model, out.cache, t), ids, 4)
 
 
-def test_cache_grows_past_its_preallocation(tiny_llama):
-    """Decoding beyond the preallocated slots grows the buffers and changes nothing."""
+def test_decode_writes_in_place_and_refuses_past_its_preallocation(tiny_llama):
+    """Decoding writes into the preallocated buffers (no reallocation: the same storage before
+    and after) and refuses, with the fix, to write past them instead of copying the cache."""
     ids = _ids()
-    roomy = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=40)
-    tight = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=0)
-    token = int(roomy.logits.argmax())
-    for _ in range(40):
-        a = decode_step(tiny_llama.model, roomy.cache, token)
-        b = decode_step(tiny_llama.model, tight.cache, token)
-        torch.testing.assert_close(a, b)
-        token = int(a.argmax())
-    assert tight.cache.tokens_per_layer() == roomy.cache.tokens_per_layer()
-    assert tight.cache.layers[0].kept_positions()[0, -1] == N + 39
+    out = StructKV(pivot=2).prefill(tiny_llama.model, ids, extra_capacity=3)
+    layer = out.cache.layers[0]
+    storage = layer.k.untyped_storage().data_ptr()
+    token = int(out.logits.argmax())
+    for _ in range(3):
+        token = int(decode_step(tiny_llama.model, out.cache, token).argmax())
+    assert layer.k.untyped_storage().data_ptr() == storage
+    assert layer.kept_positions()[0, -1] == N + 2 and layer.length == layer.k.shape[2]
+    with pytest.raises(StructKVError, match=r"decode cache is full .*extra_capacity"):
+        decode_step(tiny_llama.model, out.cache, token)
 
 
 def test_shared_prefill_equals_separate_runs(tiny_llama):
@@ -202,3 +203,16 @@ def test_shared_prefill_refuses_mixed_windows(tiny_llama):
     # prefill_shared groups them instead
     both = prefill_shared(tiny_llama.model, _ids(), [SnapKV(window=8), SnapKV(window=4)])
     assert [r.stats.kv_tokens_per_layer[0] for r in both] == [12 + 8, 12 + 4]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_torch_path_creates_every_tensor_on_the_models_device(name):
+    """Device-agnostic: with torch's default device set to "meta", any tensor the prefill or
+    decode loop made without ``device=`` would land on meta and fail against the CPU model;
+    the tokens must equal a run without that default."""
+    lm = tiny_model("tiny-mistral", num_layers=6, seed=1)
+    ids = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(0))
+    method = get_method(name, pivot=2) if "pivot" in METHODS[name].knobs() else get_method(name)
+    expected = generate_ids(lm.model, ids, method, 5).tokens
+    with torch.device("meta"):
+        assert generate_ids(lm.model, ids, method, 5).tokens == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -17,7 +16,14 @@ def test_tiny_families_load_with_their_layouts(name):
     lm = load(name)
     cfg = lm.config
     assert cfg.model_type == TINY_CONFIGS[name]["model_type"]
-    assert lm.model.model.layers[0].self_attn.q_proj.bias is not None or name != "tiny-qwen2"
+    attn = lm.model.model.layers[0].self_attn
+    # Qwen2 has q/k/v biases; Llama and Mistral have none. GQA for Llama/Qwen2, MHA for Mistral.
+    has_bias = name == "tiny-qwen2"
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert (proj.bias is not None) == has_bias
+    assert attn.o_proj.bias is None
+    expected_kv = 4 if name == "tiny-mistral" else 2
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, expected_kv)
 
 
 def test_check_architecture_message():
@@ -42,7 +48,7 @@ def test_real_model_config(smollm2):
 
 @pytest.fixture(scope="module")
 def needle_2k(smollm2, tmp_path_factory):
-    from structkv.eval.needle import make_needle_prompt
+    from structkv.prompts.needle import make_needle_prompt
 
     needle = make_needle_prompt(smollm2.tokenizer, 2048, 0.5, seed=1, haystack="noise")
     path = tmp_path_factory.mktemp("prompt") / "needle-2k.txt"
@@ -51,27 +57,31 @@ def needle_2k(smollm2, tmp_path_factory):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_from_the_cli_on_a_2k_needle_prompt(name, needle_2k, capsys):
-    """`structkv generate --model smollm2-135m --method M --chat --json`, 24 new tokens."""
-    from structkv.cli import main
+def test_every_method_on_a_2k_needle_prompt(smollm2, needle_2k):
+    """Every registered method on the embedded model, 24 new tokens, in one shared prefill (the
+    CLI path itself is covered by test_cli's subprocess run and the engine end-to-end test):
+    KV bytes, per-layer counts and budgets as each method defines them."""
+    from structkv.generate import encode_prompt, eos_token_ids, generate_many
+    from structkv.methods import get_method
+    from structkv.profile import resolve_method
 
-    argv = ["generate", "--model", "smollm2-135m", "--method", name, "--chat", "--json"]
-    argv += ["--prompt-file", str(needle_2k), "--max-new-tokens", "24"]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    stats, n = out["stats"], out["stats"]["prompt_tokens"]
-    assert 2000 <= n <= 2200 and out["text"]
-    assert 1 <= stats["new_tokens"] <= 24
-    kept = stats["kv_tokens_per_layer"]
-    per_token = 2 * 3 * 64 * 4  # K and V, 3 KV heads, head dim 64, fp32
-    assert stats["kv_bytes"] == sum(kept) * per_token
-    assert stats["kv_bytes_full"] == 30 * n * per_token
-    if name == "full":
-        assert kept == [n] * 30
-    elif name == "pyramidkv":
-        assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
-    elif name == "gemfilter":  # the re-run on the selected tokens keeps all of them
-        assert kept == [stats["propagated_tokens"]] * 30
-    else:
-        assert kept == [math.ceil(0.1 * n) + 8] * 30
+    ids = encode_prompt(smollm2.tokenizer, needle_2k.read_text(), chat=True)
+    methods = [resolve_method(get_method(name), smollm2.model_id) for name in METHODS]
+    gens = generate_many(smollm2.model, ids, methods, 24, eos_token_ids(smollm2))
+    for name, gen in zip(METHODS, gens, strict=True):
+        stats, n = gen.stats_json(), int(ids.shape[0])
+        text = smollm2.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        assert 2000 <= n <= 2200 and text, name
+        assert stats["method"] == name and 1 <= stats["new_tokens"] <= 24
+        kept = stats["kv_tokens_per_layer"]
+        per_token = 2 * 3 * 64 * 4  # K and V, 3 KV heads, head dim 64, fp32
+        assert stats["kv_bytes"] == sum(kept) * per_token, name
+        assert stats["kv_bytes_full"] == 30 * n * per_token, name
+        if name == "full":
+            assert kept == [n] * 30
+        elif name == "pyramidkv":
+            assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
+        elif name == "gemfilter":  # the re-run on the selected tokens keeps all of them
+            assert kept == [stats["propagated_tokens"]] * 30
+        else:
+            assert kept == [math.ceil(0.1 * n) + 8] * 30, name

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from structkv.eval.needle import make_needle_prompt, needle_token_positions, score_contains
 from structkv.generate import encode_prompt
+from structkv.prompts.needle import make_needle_prompt, needle_token_positions, score_contains
 
 pytestmark = pytest.mark.real_model
 

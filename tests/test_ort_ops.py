@@ -1,6 +1,6 @@
-"""StructKV's ONNX Runtime attention operator (runtime/csrc) against torch SDPA: shapes that
-cross the kernel's 64-row blocks and 32-key tiles, every head-dimension path, GQA ratios, a
-batch, the scale attribute, and the refusal of inconsistent shapes."""
+"""StructKV's ONNX Runtime attention operator (structkv/kernels/csrc) against torch SDPA:
+shapes that cross the kernel's 64-row blocks and 32-key tiles, every head-dimension path, GQA
+ratios, a batch, the scale attribute, and the refusal of inconsistent shapes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from structkv.runtime import ort_ops
+from structkv.kernels import ort_ops
 
 
 def _session(scale: float | None = None):

@@ -8,6 +8,7 @@ import pytest
 from conftest import ByteTokenizer
 
 from structkv.eval import reports
+from structkv.methods import SnapKV
 from structkv.models import LoadedModel, tiny_model
 from structkv.pivot import offline_pivot, transition_scores
 
@@ -29,8 +30,16 @@ def test_pivot_report(lm, tmp_path):
         assert 3 <= prompt["argmax"] <= 7
     m = data["mean"]
     assert len(m["entropy"]) == 10
-    expected = transition_scores(list(zip(m["entropy"], m["sparsity"], m["variance"])))
-    assert len(expected) == len(m["transition"])
+    # Each prompt's T_l is that of its own metrics (an independent prefill of the same prompt),
+    # and the mean curve is the layer-wise mean of the prompts' curves.
+    for prompt in data["prompts"]:
+        ids = reports._ids(lm, "niah_single_2", 200, prompt["seed"])
+        stats = SnapKV().prefill(lm.model, ids).stats
+        expected = transition_scores(list(zip(stats.entropy, stats.sparsity, stats.variance)))
+        assert prompt["transition"] == pytest.approx(expected, abs=1e-9)
+        assert expected[0] == 0.0 and any(abs(x) > 0 for x in expected[1:])
+    by_layer = zip(*(p["transition"] for p in data["prompts"]))
+    assert m["transition"] == pytest.approx([sum(c) / len(c) for c in by_layer], abs=1e-12)
 
 
 def test_latency_report(lm, tmp_path):
@@ -55,9 +64,11 @@ def test_decoupling_report(lm, tmp_path):
     )  # fmt: skip
     assert set(data["budgets"]) == {"0.2/0.1", "0.2/1.0", "1.0/0.1", "1.0/1.0"}
     assert set(data["lambda_pivot"]) == {"0.5@3"}
-    full = data["survival"]["full"]
-    if full["propagated"] is not None:  # the byte tokenizer finds the needle value
-        assert full["propagated"] == 1.0 and full["kv_per_layer"] == [1.0] * 10
+    full = data["survival"]["full"]  # the byte tokenizer finds the needle value's tokens
+    assert full["propagated"] == 1.0 and full["kv_per_layer"] == [1.0] * 10
+    snap = data["survival"]["snapkv"]  # no propagation, per-layer KV survival in [0, 1]
+    assert snap["propagated"] == 1.0 and len(snap["kv_per_layer"]) == 10
+    assert all(0.0 <= x <= 1.0 for x in snap["kv_per_layer"])
     assert (tmp_path / "decoupling.png").is_file() and (tmp_path / "lambda-pivot.png").is_file()
 
 

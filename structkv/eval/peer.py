@@ -28,6 +28,7 @@ from structkv.errors import StructKVError
 from structkv.eval.ruler import make_sample, score
 from structkv.generate import encode_prompt, eos_token_ids, generate_many
 from structkv.methods import get_method
+from structkv.profile import resolve_method
 from structkv.selection import budget
 
 #: kvpress press -> our generation whose kept sets must equal its own (None: no counterpart).
@@ -125,53 +126,55 @@ class PeerConfig:
     max_new_tokens: int = 32
 
 
+def _peer_row(lm, kvpress, cfg: PeerConfig, methods: dict, task, length, seed, eos) -> dict:
+    """One prompt: every method's and press's score, and the kept-set agreement per press."""
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    sample = make_sample(task, lm.tokenizer, length, seed)
+    ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
+    n = int(ids.shape[0])
+    keep = keep_count(n, cfg.r_kv, cfg.window)
+    row = {"task": task, "length": length, "seed": seed, "tokens": n}
+    runs = generate_many(lm.model, ids, list(methods.values()), cfg.max_new_tokens, eos)
+    gens = dict(zip(methods, runs, strict=True))
+    for m, gen in gens.items():
+        row[m] = score(sample, lm.tokenizer.decode(gen.tokens, skip_special_tokens=True))
+    for name, counterpart in PRESSES.items():
+        press = make_press(kvpress, name, n, keep, cfg.window, cfg.kernel)
+        kept = record_kept(press, kvpress)
+        tokens = kvpress_generate(lm.model, ids, press, cfg.max_new_tokens, eos)
+        text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+        row[f"kvpress-{name}"] = score(sample, text)
+        if counterpart is None:
+            continue
+        # The cache holds the kept prompt tokens first, then the decoded ones.
+        layers = gens[counterpart].cache.layers
+        agreement = [
+            set_agreement(lc.kept_positions()[:, :keep], kept[l]) for l, lc in enumerate(layers)
+        ]
+        row[f"sets_{name}"] = {
+            "exact": statistics.mean(a for a, _ in agreement),
+            "overlap": statistics.mean(b for _, b in agreement),
+            "kept": [int(kept[0].shape[1]), keep],
+        }
+    return row
+
+
 def run_peer(lm, cfg: PeerConfig, out_dir: Path, progress=None) -> dict:
     """Kept-set agreement (snapkv) and accuracy side by side; writes peer.json and peer.md."""
     kvpress = import_kvpress()
-    chat = bool(getattr(lm.tokenizer, "chat_template", None))
     eos = eos_token_ids(lm)
-    ours = {m: get_method(m).resolve(lm.model_id) for m in OURS}
+    ours = {m: resolve_method(get_method(m), lm.model_id) for m in OURS}
     matched = get_method(
         "snapkv", r_kv=cfg.r_kv, window=cfg.window, pooling=cfg.kernel, pool_mode="avg"
     )
+    methods = {**ours, "snapkv-avg5": matched}
     rows: list[dict] = []
     total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples
     bar = progress(total=total) if progress else None
     for length in cfg.lengths:
         for task in cfg.tasks:
             for i in range(cfg.samples):
-                sample = make_sample(task, lm.tokenizer, length, cfg.seed + i)
-                ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
-                n = int(ids.shape[0])
-                keep = keep_count(n, cfg.r_kv, cfg.window)
-                row = {"task": task, "length": length, "seed": cfg.seed + i, "tokens": n}
-                methods = {**ours, "snapkv-avg5": matched}
-                runs = generate_many(lm.model, ids, list(methods.values()), cfg.max_new_tokens, eos)
-                gens = dict(zip(methods, runs, strict=True))
-                for m, gen in gens.items():
-                    row[m] = score(
-                        sample, lm.tokenizer.decode(gen.tokens, skip_special_tokens=True)
-                    )
-                for name, counterpart in PRESSES.items():
-                    press = make_press(kvpress, name, n, keep, cfg.window, cfg.kernel)
-                    kept = record_kept(press, kvpress)
-                    tokens = kvpress_generate(lm.model, ids, press, cfg.max_new_tokens, eos)
-                    text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
-                    row[f"kvpress-{name}"] = score(sample, text)
-                    if counterpart is None:
-                        continue
-                    # The cache holds the kept prompt tokens first, then the decoded ones.
-                    layers = gens[counterpart].cache.layers
-                    agreement = [
-                        set_agreement(lc.kept_positions()[:, :keep], kept[l])
-                        for l, lc in enumerate(layers)
-                    ]
-                    row[f"sets_{name}"] = {
-                        "exact": statistics.mean(a for a, _ in agreement),
-                        "overlap": statistics.mean(b for _, b in agreement),
-                        "kept": [int(kept[0].shape[1]), keep],
-                    }
-                rows.append(row)
+                rows.append(_peer_row(lm, kvpress, cfg, methods, task, length, cfg.seed + i, eos))
                 if bar:
                     bar.update(1)
     if bar:

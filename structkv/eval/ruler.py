@@ -3,7 +3,7 @@
 Tasks follow RULER's definitions (Hsieh et al., 2024) with our own text: needle retrieval
 (single / multi-key / multi-value / multi-query), variable tracking (``vt``), common-words
 (``cwe``) and frequent-words (``fwe``) extraction. The question always follows the context
-inside the user turn. Haystacks are built at run time (:mod:`structkv.eval.haystack`), never
+inside the user turn. Haystacks are built at run time (:mod:`structkv.prompts.haystack`), never
 stored in the repository. Scoring is RULER's: ``all`` = mean over references of "reference
 appears in the output" (case-insensitive), ``part`` = 1 if any reference appears.
 """
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from structkv.eval.haystack import paragraphs
-from structkv.eval.needle import NOISE
+from structkv.prompts.haystack import paragraphs
+from structkv.prompts.needle import NOISE
 
 
 @dataclass

@@ -67,15 +67,10 @@ def load_results(out_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
-    """Score every (method, task, length, sample) not already in ``out_dir/results.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    results = load_results(out_dir)
-    chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    eos = eos_token_ids(lm)
-    # Length-major, then sample: a stopped run leaves whole (task, length) cells for all
-    # methods, and the methods of one prompt share their full-length prefill layers.
+def _todo(cfg: RunConfig, results: dict) -> list[tuple[str, int, int, list[str]]]:
+    """(task, length, seed, methods not yet scored). Length-major, then sample: a stopped run
+    leaves whole (task, length) cells for all methods, and the methods of one prompt share
+    their full-length prefill layers."""
     todo = []
     for n in cfg.lengths:
         for t in cfg.tasks:
@@ -83,6 +78,17 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
                 missing = [m for m in cfg.methods if _key(m, t, n, cfg.seed + i) not in results]
                 if missing:
                     todo.append((t, n, cfg.seed + i, missing))
+    return todo
+
+
+def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
+    """Score every (method, task, length, sample) not already in ``out_dir/results.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    results = load_results(out_dir)
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    eos = eos_token_ids(lm)
+    todo = _todo(cfg, results)
     bar = progress(total=sum(len(m) for *_, m in todo)) if progress else None
     methods = {}
     for task, length, seed, names in todo:

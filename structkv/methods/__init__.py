@@ -38,6 +38,15 @@ def get_method(name: str, **knobs) -> Method:
     return method
 
 
-__all__ = ["METHODS", "Method", "get_method", "prefill_shared"] + [
+def method_from_dict(config: dict) -> Method:
+    """Inverse of :meth:`Method.to_dict`: the method a manifest or results file describes,
+    validated like any other (so a hand-edited manifest cannot smuggle in a bad knob)."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise StructKVError(f"not a method configuration: {config!r}")
+    knobs = {k: v for k, v in config.items() if k != "name"}
+    return get_method(config["name"], **knobs)
+
+
+__all__ = ["METHODS", "Method", "get_method", "method_from_dict", "prefill_shared"] + [
     c.__name__ for c in METHODS.values()
 ]

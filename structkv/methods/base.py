@@ -21,8 +21,8 @@ from structkv.prefill import (
     run_prefill,
     run_prefill_shared,
 )
-from structkv.saliency import POOL_MODES, pool_scores
-from structkv.selection import budget, topk_with_window
+from structkv.saliency import POOL_MODES
+from structkv.selection import budget, select_tokens
 
 
 def check_ratio(name: str, value: float) -> None:
@@ -75,13 +75,23 @@ class Method:
                 f"use a longer prompt or a smaller --window"
             )
 
-    def resolve(self, model_id: str) -> Method:
-        """Fill model-dependent defaults (StructKV reads its calibration profile here)."""
-        return self
+    def with_profile(self, profile: dict | None) -> tuple[Method, str | None]:
+        """This configuration with model-dependent defaults filled in from a calibration
+        profile (§6), and a note for the user when a fallback was taken. Pure: the caller finds
+        the profile and prints the note (:func:`structkv.profile.resolve_method`)."""
+        return self, None
 
-    def pool(self, scores: torch.Tensor) -> torch.Tensor:
-        """This method's pooling of ``[..., n]`` token scores (window scores left as they are)."""
-        return pool_scores(scores, self.pooling, self.window, self.pool_mode)
+    def to_dict(self) -> dict:
+        """The serialisable configuration (engine manifests, results files): name + knobs."""
+        out: dict = {"name": self.name}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """:func:`structkv.selection.select_tokens` with this method's window and pooling."""
+        return select_tokens(scores, k, self.window, self.pooling, self.pool_mode)
 
     def begin(self, num_layers: int, n_prompt: int) -> object:
         """Per-prefill mutable state (the dataclass itself stays a pure configuration)."""
@@ -96,10 +106,15 @@ class Method:
         k = self.kv_budget(view.layer, view.num_layers, view.prompt_len)
         if k is None:
             return None
-        return topk_with_window(self.pool(view.saliency_heads), k, self.window)
+        return self.select(view.saliency_heads, k)
+
+    def track(self, view: LayerView, state: object) -> None:
+        """Fold a full-length layer into the method's running state (StructKV: centrality and
+        the online pivot statistics); called before :meth:`propagate` on every such layer."""
 
     def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
-        """§4: indices (into the tokens present) to keep from the next layer on, or None."""
+        """§4: indices (into the tokens present) to keep from the next layer on, or None.
+        A decision only: what it reads was folded into ``state`` by :meth:`track`."""
         return None
 
     def finish(self, state: object, stats: PrefillStats) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from structkv.methods.base import SaliencyKVMethod
 from structkv.prefill import LayerView
-from structkv.selection import budget, topk_with_window
+from structkv.selection import budget
 
 
 @dataclass
@@ -30,5 +30,4 @@ class FastKV(SaliencyKVMethod):
     def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:
         if view.layer != state:
             return None
-        scores = self.pool(view.saliency)
-        return topk_with_window(scores, budget(self.r_struct, view.prompt_len), self.window)
+        return self.select(view.saliency, budget(self.r_struct, view.prompt_len))

@@ -38,7 +38,7 @@ class GemFilter(Method):
             raise ValueError(f"filter_layer must be in [0, {num_layers - 1}], got {layer}")
         return _FilterState(layer)
 
-    def propagate(self, view: LayerView, state: _FilterState) -> torch.Tensor | None:
+    def track(self, view: LayerView, state: _FilterState) -> None:
         if view.layer == state.layer:
             scores = view.attn[:, -1, :].sum(0)
             pad = self.avg_kernel // 2
@@ -48,7 +48,6 @@ class GemFilter(Method):
             state.selected = topk_with_window(
                 scores, budget(self.r_kv, view.prompt_len), self.window
             )
-        return None
 
     def finish(self, state: _FilterState, stats: PrefillStats) -> None:
         stats.pivot_layer = state.layer

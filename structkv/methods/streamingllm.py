@@ -28,5 +28,7 @@ class StreamingLLM(Method):
         if total >= n:
             return None
         sinks = min(self.sinks, total)
-        idx = torch.cat([torch.arange(sinks), torch.arange(n - (total - sinks), n)])
+        device = view.positions.device
+        recent = torch.arange(n - (total - sinks), n, device=device)
+        idx = torch.cat([torch.arange(sinks, device=device), recent])
         return idx.expand(view.num_kv_heads, -1)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from structkv.errors import StructKVError
 
-FORMAT_VERSION = 1
+#: 2: "method" is the method's own configuration (``Method.to_dict``), "pivot_source" beside it.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 9: "bool", 6: "int32"}
 
@@ -61,17 +62,8 @@ def write_manifest(
         "config": config,
         "dtype": dtype,
         "attention": attention,
-        "method": {
-            "name": method.name,
-            "window": method.window,
-            "lambda": method.lam,
-            "r_struct": method.r_struct,
-            "r_kv": method.r_kv,
-            "pooling": method.pooling,
-            "pool_mode": method.pool_mode,
-            "pivot": method.pivot,
-            "pivot_source": pivot_source,
-        },
+        "method": method.to_dict(),
+        "pivot_source": pivot_source,
         "calibration": None
         if profile is None
         else {
@@ -122,6 +114,8 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
             f"engine format {version!r} is newer than this structkv reads ({FORMAT_VERSION}); "
             "upgrade structkv (pip install -U structkv) or re-export with this version"
         )
+    if version == 1:
+        manifest = _upgrade_v1(manifest)
     for name, digest in manifest.get("files", {}).items():
         file = directory / name
         if not file.is_file():
@@ -134,18 +128,21 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
     return manifest
 
 
-def method_from_manifest(manifest: dict):
-    """The reference :class:`~structkv.methods.StructKV` an engine was exported with, for
-    comparing the engine with the torch implementation of the same method."""
-    from structkv.methods import StructKV
+def _upgrade_v1(manifest: dict) -> dict:
+    """Format 1 spelled the method by hand ("lambda", "pivot_source" inside it)."""
+    m = dict(manifest["method"])
+    manifest["pivot_source"] = m.pop("pivot_source", None)
+    m["lam"] = m.pop("lambda", None)
+    manifest["method"] = m
+    return manifest
 
-    m = manifest["method"]
-    return StructKV(
-        r_struct=m["r_struct"],
-        r_kv=m["r_kv"],
-        window=m["window"],
-        pooling=m["pooling"],
-        pool_mode=m["pool_mode"],
-        lam=m["lambda"],
-        pivot=m["pivot"],
-    )
+
+def method_from_manifest(manifest: dict):
+    """The :class:`~structkv.methods.StructKV` configuration an engine was exported with (the
+    same type the CLI and the torch path use), validated as it is read."""
+    from structkv.methods import method_from_dict
+
+    try:
+        return method_from_dict(manifest["method"])
+    except (KeyError, TypeError) as e:
+        raise StructKVError(f"engine manifest has no valid method ({e}); re-export it") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from structkv.eval.haystack import paragraphs
+from structkv.prompts.haystack import paragraphs
 
 _WORDS = (
     "amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo",

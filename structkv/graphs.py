@@ -1,13 +1,17 @@
-"""The engine's stages as small torch modules, each traced to its own ONNX graph.
+"""The engine's stages as small torch modules: ``structkv-export`` traces each to its own ONNX
+graph, and the runtime's torch backend runs them eagerly as the parity oracle (so they live in
+the core package, which both import).
 
-They call the same functions as the reference prefill (:mod:`structkv.layers`,
-:mod:`structkv.saliency`, :mod:`structkv.selection`), so an engine computes what
-``structkv generate`` computes; the parity tests hold them to it. Stages:
+They call the same stage functions as the reference prefill and decode loop
+(:mod:`structkv.layers`, :mod:`structkv.saliency`, :mod:`structkv.centrality`,
+:mod:`structkv.selection`), so an engine computes what ``structkv generate`` computes; the
+parity tests hold them to it. Stages (named as the phases of :mod:`structkv.prefill`):
 
 - :class:`PrePivot`   layers 0..L* on the whole prompt: hidden state, every layer's post-RoPE K/V,
   per-KV-head saliency S^(l)_g, centrality C and the pivot statistics (H, ρ, V) per layer.
 - :class:`Compact`    top-k of pooled C plus the window, sorted; gather of hidden rows and
-  original positions. Kept isolated: it is what the TensorRT plugin replaces.
+  original positions. Kept as its own graph so that a TensorRT plugin can replace it (planned;
+  no such plugin exists yet).
 - :class:`PostPivot`  layers L*+1..L-1 on the compacted tokens with their original positions.
 - :class:`KVSelect`   §5 per layer and KV head: top-k of pooled S^(l)_g plus the window, gathered.
 - :class:`DecodeStep` one token for a batch, reading the paged KV pool through block tables
@@ -18,30 +22,24 @@ from __future__ import annotations
 
 import torch
 
+from structkv.centrality import accumulate
 from structkv.layers import (
-    attend,
+    decode_layer,
+    decode_mask,
     decoder_layers,
     final_logits,
     head_dims,
     prefill_layer,
-    qkv,
+    rope,
     sliding_window,
 )
 from structkv.pivot import attention_metrics_tensor
-from structkv.saliency import pool_scores, saliency_per_head, window_attention
-from structkv.selection import budget, topk_with_window
+from structkv.prefill import compact
+from structkv.saliency import layer_saliency
+from structkv.selection import budget, gather_tokens, select_tokens
 
-
-def _rope(model, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin ``[b, n, D]`` for position ids ``[b, n]``."""
-    ref = torch.empty(0, dtype=dtype, device=positions.device)
-    return model.model.rotary_emb(ref, positions)
-
-
-def _saliency(layer, q, k, positions, window: int, num_kv: int):
-    attn = window_attention(q, k, positions, window, layer.self_attn.scaling, sliding_window(layer))
-    heads = saliency_per_head(attn, num_kv)
-    return attn, heads
+#: Engine dtypes (``structkv-export --dtype``) and their torch types.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class PrePivot(torch.nn.Module):
@@ -56,15 +54,15 @@ class PrePivot(torch.nn.Module):
         n = input_ids.shape[1]
         positions = torch.arange(n, device=input_ids.device)
         h = self.model.model.embed_tokens(input_ids)
-        cos, sin = _rope(self.model, positions[None], h.dtype)
+        cos, sin = rope(self.model, positions, h.dtype)
         _, num_kv, _ = head_dims(self.model)
         keys, values, saliency, metrics = [], [], [], []
         centrality = None
         for layer in decoder_layers(self.model)[: self.pivot + 1]:
             h, q, k, v = prefill_layer(layer, h, positions, cos, sin, traced=True)
-            attn, heads = _saliency(layer, q, k, positions, self.window, num_kv)
+            attn, heads = layer_saliency(layer, q, k, positions, self.window, num_kv)
             s = heads.sum(0)
-            centrality = s if centrality is None else self.lam * centrality + s
+            centrality = accumulate(centrality, s, self.lam)
             keys.append(k[0])
             values.append(v[0])
             saliency.append(heads)
@@ -94,9 +92,9 @@ class Compact(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, centrality: torch.Tensor):
         n = centrality.shape[0]
-        scores = pool_scores(centrality, self.pooling, self.window, self.pool_mode)
-        keep = topk_with_window(scores, budget(self.r_struct, n), self.window)
-        return hidden[:, keep], keep
+        k = budget(self.r_struct, n)
+        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode)
+        return compact(hidden, torch.arange(n, device=hidden.device), keep)
 
 
 class PostPivot(torch.nn.Module):
@@ -109,12 +107,12 @@ class PostPivot(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor):
         h = hidden
-        cos, sin = _rope(self.model, positions[None], h.dtype)
+        cos, sin = rope(self.model, positions, h.dtype)
         _, num_kv, _ = head_dims(self.model)
         keys, values, saliency = [], [], []
         for layer in decoder_layers(self.model)[self.pivot + 1 :]:
             h, q, k, v = prefill_layer(layer, h, positions, cos, sin, traced=True)
-            _, heads = _saliency(layer, q, k, positions, self.window, num_kv)
+            _, heads = layer_saliency(layer, q, k, positions, self.window, num_kv)
             keys.append(k[0])
             values.append(v[0])
             saliency.append(heads)
@@ -132,11 +130,9 @@ class KVSelect(torch.nn.Module):
         self.r_kv, self.window, self.pooling, self.pool_mode = r_kv, window, pooling, pool_mode
 
     def forward(self, keys, values, saliency, positions, prompt_len):
-        n_prompt = prompt_len.shape[0]
-        scores = pool_scores(saliency, self.pooling, self.window, self.pool_mode)
-        keep = topk_with_window(scores, budget(self.r_kv, n_prompt), self.window)  # [l, G, K]
-        idx = keep[..., None].expand(-1, -1, -1, keys.shape[-1])
-        return keys.gather(2, idx), values.gather(2, idx), positions[keep]
+        k = budget(self.r_kv, prompt_len.shape[0])
+        keep = select_tokens(saliency, k, self.window, self.pooling, self.pool_mode)  # [l, G, K]
+        return gather_tokens(keys, keep), gather_tokens(values, keep), positions[keep]
 
 
 def _gather_blocks(pool: torch.Tensor, flat_tables: torch.Tensor, b: int, m: int) -> torch.Tensor:
@@ -166,7 +162,7 @@ class DecodeStep(torch.nn.Module):
         num_layers, _, g, block, d = k_pool.shape
         slots = m * block
         h = self.model.model.embed_tokens(input_ids[:, None])  # [B, 1, E]
-        cos, sin = _rope(self.model, positions[:, None], h.dtype)
+        cos, sin = rope(self.model, positions[:, None], h.dtype)
         # Gather every layer's blocks at once: one Gather per pool instead of one per layer keeps
         # the graph small. index_select on the block axis becomes Gather(axis=1), which copies
         # only the batch's blocks; advanced indexing (k_pool[:, tables]) exported as a transpose
@@ -181,21 +177,33 @@ class DecodeStep(torch.nn.Module):
         pc = None
         if any(sliding_window(layer) is not None for layer in layers):
             pc = _gather_blocks(pos_pool, flat, b, m).reshape(num_layers, b, g, slots)
+        n_rep = self.model.config.num_attention_heads // g
         new_keys, new_values = [], []
         for index, layer in enumerate(layers):
-            q, k, v = qkv(layer, layer.input_layernorm(h), cos, sin)
             mask = base_mask
             window = sliding_window(layer)
-            if window is not None:
-                near = positions[:, None, None] - pc[index] < window  # [B, G, slots]
-                near = torch.cat([near, torch.ones_like(near[..., :1])], dim=2)
-                n_rep = q.shape[1] // g
-                mask = (near & visible[:, None, :]).repeat_interleave(n_rep, dim=1)[:, :, None]
-            keys = torch.cat([kc[index], k], dim=2)
-            values = torch.cat([vc[index], v], dim=2)
-            h = h + attend(layer, q, keys, values, mask, causal=False)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if window is not None:  # the new token (own position) is always near itself
+                key_pos = torch.cat([pc[index], positions[:, None, None].expand(-1, g, 1)], 2)
+                mask = decode_mask(positions, key_pos, window, n_rep, visible)
+
+            def with_new_token(k, v, index=index):
+                return torch.cat([kc[index], k], dim=2), torch.cat([vc[index], v], dim=2)
+
+            h, k, v = decode_layer(layer, h, cos, sin, with_new_token, mask)
             new_keys.append(k[:, :, 0])
             new_values.append(v[:, :, 0])
         logits = final_logits(self.model, h[:, -1])
         return logits, torch.stack(new_keys), torch.stack(new_values)
+
+
+def stage_modules(model, method) -> dict[str, torch.nn.Module]:
+    """Every stage of an engine for ``method`` (a :class:`~structkv.methods.StructKV` with a
+    fixed pivot), by graph name: what the exporter traces and the torch backend runs."""
+    w, pooling, mode = method.window, method.pooling, method.pool_mode
+    return {
+        "pre_pivot": PrePivot(model, method.pivot, w, method.lam),
+        "compact": Compact(method.r_struct, w, pooling, mode),
+        "post_pivot": PostPivot(model, method.pivot, w),
+        "kv_select": KVSelect(method.r_kv, w, pooling, mode),
+        "decode": DecodeStep(model),
+    }

@@ -2,7 +2,7 @@
 
 Why: ONNX Runtime's CPU attention kernels score every query against every key before masking
 the causal triangle, so prefill attention ran at half of torch's speed and the engine prefilled
-slower than the PyTorch reference (docs/BENCHMARKS.md). ``runtime/csrc`` holds a causal GQA
+slower than the PyTorch reference (docs/BENCHMARKS.md). ``structkv/kernels/csrc`` holds a causal GQA
 kernel that stops at the diagonal; this module compiles it into a custom-op library on first use
 (like ``torch.utils.cpp_extension.load``: the pip wheel stays pure Python, the library is built
 for the CPU it runs on) and registers it with a session. Engines exported with
@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from structkv import paths
 from structkv.errors import StructKVError
 
 DOMAIN = "structkv"
@@ -56,8 +57,7 @@ def _compiler() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("STRUCTKV_CACHE") or Path.home() / ".cache" / "structkv"
-    return Path(root) / "ort_ops"
+    return paths.cache_dir() / "ort_ops"
 
 
 def library_path() -> Path:
@@ -69,7 +69,7 @@ def library_path() -> Path:
         if not Path(prebuilt).is_file():
             raise StructKVError(
                 f"STRUCTKV_ORT_OPS_LIB={prebuilt} is not a file: point it at a "
-                "libstructkv_ort.so built by structkv.runtime.ort_ops, or unset it"
+                "libstructkv_ort.so built by structkv.kernels.ort_ops, or unset it"
             )
         return Path(prebuilt)
     cxx = _compiler()

