@@ -31,7 +31,7 @@ import torch
 from structkv.errors import StructKVError
 from structkv.export.fusion import fuse_causal_attention
 from structkv.export.weights import WeightStore
-from structkv.graphs import DTYPES, stage_modules
+from structkv.graphs import DTYPES, GRAPH_NAMES, stage_modules
 from structkv.kernels import ort_ops
 from structkv.knobs import add_method_args, method_knobs
 from structkv.layers import head_dims
@@ -250,12 +250,15 @@ def export_engine(
     force: bool = False,
     log=_log,
     progress: bool = True,
+    jobs: int | None = None,
 ) -> Path:
     """Export ``model_name`` to the engine directory ``out`` (a progress bar per graph on
-    stderr unless ``progress`` is False); returns ``out``."""
+    stderr unless ``progress`` is False) with ``jobs`` tracing processes (default: 2 where two
+    CPUs are usable); returns ``out``."""
     from structkv.models import load
 
     settings.check()
+    jobs = jobs or default_jobs()
     out = Path(out)
     check_out_dir(out, force)
     start = time.perf_counter()
@@ -276,10 +279,23 @@ def export_engine(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         store = WeightStore(tmp)
-        io = _trace_graphs(model, method, dtype, attention, store, tmp, log, progress)
+        io = _trace_graphs(
+            model_name,
+            model,
+            method,
+            settings.dtype,
+            attention,
+            store,
+            tmp,
+            log,
+            progress,
+            jobs,
+        )
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp / "tokenizer")
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # the decode graph's tracing process (jobs > 1), alive at the same time as this one
+        worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         write_manifest(
             tmp,
             model_id=lm.model_id,
@@ -293,6 +309,8 @@ def export_engine(
             export_stats={
                 "seconds": round(time.perf_counter() - start, 1),
                 "peak_rss_mb": round(peak_mb, 1),
+                "peak_rss_worker_mb": round(worker_mb, 1),
+                "jobs": jobs,
                 "weights_bytes": store.bytes,
                 "torch": torch.__version__,
                 "onnx": _onnx_version(),
@@ -316,31 +334,99 @@ def _onnx_version() -> str:
     return onnx.__version__
 
 
-def _trace_graphs(model, method, dtype, attention, store, tmp: Path, log, progress) -> dict:
-    """Trace every stage graph into ``tmp`` (weights externalised into ``store``), check each
-    with the full ONNX checker, and return their I/O descriptions for the manifest."""
+def _trace(model, method, dtype, attention, store, directory: Path, names, log, bar) -> dict:
+    """Trace the graphs ``names`` into ``directory``, weights externalised into ``store``."""
     import onnx
     import onnx_ir
-    from tqdm import tqdm
 
     io = {}
     with torch.inference_mode(False), torch.no_grad():
-        stages = build_graphs(model, method, dtype)
-        bar = tqdm(stages, desc="export", unit="graph", file=sys.stderr, disable=not progress)
-        for name, module, args, dynamic, in_names, out_names in bar:
-            bar.set_postfix_str(f"tracing {name}")
+        for name, module, args, dynamic, in_names, out_names in build_graphs(model, method, dtype):
+            if name not in names:
+                continue
+            if bar is not None:
+                bar.set_postfix_str(f"tracing {name}")
             t = time.perf_counter()
             ir_model = _export(module, args, dynamic, (in_names, out_names), attention)
             store.externalize_ir(ir_model)
-            path = tmp / f"{name}.onnx"
+            path = directory / f"{name}.onnx"
             onnx_ir.save(ir_model, path)
             del ir_model
             io[name] = describe_io(onnx.load(path, load_external_data=False))
-            log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
+            if log is not None:
+                log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
+            if bar is not None:
+                bar.update(1)
+    return io
+
+
+def _trace_worker(
+    model_name: str, dtype: str, method: dict, attention: str, directory: str, verbose: bool
+):
+    """A spawned process's share of an export: the decode graph, into its own weights file."""
+    from structkv.methods import method_from_dict
+    from structkv.models import load
+
+    model = load(model_name).model.to(DTYPES[dtype]).eval()
+    out = Path(directory)
+    store = WeightStore(out, PART_WEIGHTS)
+    log = _log if verbose else None
+    io = _trace(
+        model, method_from_dict(method), DTYPES[dtype], attention, store, out, REMOTE, log, None
+    )
+    store.close()
+    return io
+
+
+#: Traced in a second process when ``jobs`` > 1: the largest graph (every layer), about half of
+#: the tracing time; torch.export and the ONNX passes run on one core, so the other one idles.
+REMOTE = ("decode",)
+PART_WEIGHTS = "weights.part.bin"
+
+
+def default_jobs() -> int:
+    return min(2, len(os.sched_getaffinity(0)))
+
+
+def _trace_graphs(
+    model_name, model, method, dtype_name, attention, store, tmp, log, progress, jobs
+) -> dict:
+    """Trace every stage graph into ``tmp`` (weights in ``store``; with ``jobs`` > 1 the decode
+    graph in a spawned process at the same time), check each with the full ONNX checker, and
+    return their I/O descriptions for the manifest."""
+    import multiprocessing
+
+    import onnx
+    from tqdm import tqdm
+
+    remote = REMOTE if jobs > 1 else ()
+    local = [n for n in GRAPH_NAMES if n not in remote]
+    bar = tqdm(
+        total=len(GRAPH_NAMES), desc="export", unit="graph", file=sys.stderr, disable=not progress
+    )
+    part = tmp / ".part"
+    # A Pool, not a ProcessPoolExecutor: leaving the block terminates the worker, so an error
+    # or Ctrl-C here does not wait for the other trace to finish.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pending = None
+        if remote:
+            part.mkdir()
+            verbose = log is _log
+            args = (model_name, dtype_name, method.to_dict(), attention, str(part), verbose)
+            pending = pool.apply_async(_trace_worker, args)
+        io = _trace(model, method, DTYPES[dtype_name], attention, store, tmp, local, log, bar)
+        if pending is not None:
+            io.update(pending.get())
+            bar.update(len(remote))
+    bar.close()
+    for name in remote:
+        os.replace(part / f"{name}.onnx", tmp / f"{name}.onnx")
+        store.absorb(tmp / f"{name}.onnx", part / PART_WEIGHTS)
+    shutil.rmtree(part, ignore_errors=True)
     store.close()
     for name in io:
         onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
-    return io
+    return {name: io[name] for name in GRAPH_NAMES}
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -369,6 +455,12 @@ def build_parser():
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf")
     p.add_argument("--out", required=True, help="engine directory (refused if not empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="tracing processes: 2 traces the decode graph beside the others (default: 2 where "
+        "two CPUs are usable, else 1; each holds the model in memory)",
+    )
     add_method_args(p)
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | fp16 | bf16")
     p.add_argument(
@@ -392,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             attention=args.attention,
         )
-        export_engine(args.model, Path(args.out), settings, force=args.force)
+        if args.jobs is not None and args.jobs < 1:
+            raise StructKVError(f"--jobs must be 1 or more, got {args.jobs}")
+        export_engine(args.model, Path(args.out), settings, force=args.force, jobs=args.jobs)
     except StructKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,15 +19,21 @@ INLINE_BYTES = 1024
 ALIGN = 64
 
 
+def _key(raw: bytes, dtype, shape: tuple) -> str:
+    """Content key of a tensor: its bytes, dtype (an ``onnx_ir.DataType``) and shape."""
+    return hashlib.sha256(raw + f"{dtype.name}{tuple(int(d) for d in shape)}".encode()).hexdigest()
+
+
 class WeightStore:
     """Appends unique tensors to ``weights.bin`` and points initializers at them.
 
     Works on the exporter's in-memory IR (``onnx_ir``), one tensor at a time: no whole-model
     ``ModelProto`` copy is ever built, so peak memory stays near the model's own weights."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = WEIGHTS_FILE) -> None:
         self.directory = directory
-        self.path = directory / WEIGHTS_FILE
+        self.name = name
+        self.path = directory / name
         self._file = open(self.path, "wb")  # closed by close()
         self._index: dict[str, tuple[int, int]] = {}
         self.bytes = 0
@@ -41,6 +47,29 @@ class WeightStore:
             self.bytes += len(raw)
         return self._index[key]
 
+    def absorb(self, graph: Path, part: Path) -> None:
+        """Re-point a graph saved by another process's store (its own weights file ``part``)
+        at this store: each external tensor is copied over once (deduplicated by content, so
+        the weights a parallel trace shares with this process's graphs are stored once)."""
+        import onnx
+        import onnx_ir as ir
+
+        proto = onnx.load(str(graph), load_external_data=False)
+        with open(part, "rb") as source:
+            for init in proto.graph.initializer:
+                if init.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = {e.key: e.value for e in init.external_data}
+                source.seek(int(info["offset"]))
+                raw = source.read(int(info["length"]))
+                key = _key(raw, ir.DataType(init.data_type), tuple(init.dims))
+                offset, length = self._append(raw, key)
+                del init.external_data[:]
+                for k, v in (("location", WEIGHTS_FILE), ("offset", offset), ("length", length)):
+                    init.external_data.add(key=k, value=str(v))
+        self._file.flush()
+        onnx.save(proto, str(graph))
+
     def externalize_ir(self, model) -> None:
         """Move every initializer above :data:`INLINE_BYTES` of an ``onnx_ir`` model to the
         shared file (deduplicated by content)."""
@@ -52,13 +81,10 @@ class WeightStore:
             if tensor is None or tensor.nbytes <= INLINE_BYTES:
                 continue
             raw = tensor.tobytes()
-            key = hashlib.sha256(
-                raw + str((tensor.dtype, tuple(tensor.shape))).encode()
-            ).hexdigest()
-            offset, length = self._append(raw, key)
+            offset, length = self._append(raw, _key(raw, tensor.dtype, tuple(tensor.shape)))
             del raw
             value.const_value = ir.ExternalTensor(
-                WEIGHTS_FILE,
+                self.name,
                 offset,
                 length,
                 tensor.dtype,

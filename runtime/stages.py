@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from structkv.graphs import GRAPH_NAMES
+
 BACKENDS = ("onnxruntime", "torch")
-GRAPHS = ("pre_pivot", "compact", "post_pivot", "kv_select", "decode")
+GRAPHS = GRAPH_NAMES
 
 
 class OrtStages:
@@ -84,5 +86,3 @@ class TorchStages:
             out = self.modules[name](**args)
         # numpy has no bfloat16; fp32/fp16 stages hand over their own dtype, as ONNX Runtime does
         return [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in out]
-
-

@@ -252,6 +252,13 @@ SEED_HELP = "seed of the generated prompts (default 0)"
 DEVICE_HELP = "torch device for the model: cpu (default), cuda, cuda:N"
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from structkv.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+
+
 def _prompt_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
@@ -260,14 +267,12 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from structkv.calibration import DEFAULT_COMPUTE_CAP
-    from structkv.models import DEFAULT_MODEL
 
     parser = _Parser(prog="structkv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate with a compression method")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _model_args(g)
     g.add_argument(
         "--method", default="structkv", help="compression method (see `structkv methods`)"
     )
@@ -296,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.set_defaults(func=cmd_run)
 
     c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
-    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _model_args(c)
     c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
     c.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
     c.add_argument("--length", type=int, default=2048, help="tokens per prompt (default 2048)")
@@ -315,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy evaluations (resumable; results.json/.md)")
     kinds = e.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     r = kinds.add_parser("ruler", help="RULER-style tasks: needles, vt, cwe, fwe")
-    r.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    r.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _model_args(r)
     r.add_argument(
         "--profile",
         choices=("quick", "full"),
@@ -340,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pe = kinds.add_parser("peer", help="kvpress cross-check: kept sets and accuracy side by side")
     pe.add_argument("--peer", choices=("kvpress",), default="kvpress", help="the peer library")
-    pe.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    pe.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _model_args(pe)
     pe.add_argument(
         "--tasks",
         default="niah_single_1,niah_single_2,niah_multikey_1",
@@ -364,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("survival", "needle survival per stage (propagated set, KV per layer) per length"),
     ):
         k = kinds.add_parser(kind, help=text)
-        k.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-        k.add_argument("--device", default="cpu", help=DEVICE_HELP)
+        _model_args(k)
         k.add_argument(
             "--methods",
             default="full,snapkv,fastkv,structkv-paper,structkv",

@@ -38,6 +38,9 @@ from structkv.prefill import compact
 from structkv.saliency import layer_saliency
 from structkv.selection import budget, gather_tokens, select_tokens
 
+#: The engine's graphs, in the order a prefill runs them (decode last).
+GRAPH_NAMES = ("pre_pivot", "compact", "post_pivot", "kv_select", "decode")
+
 #: Engine dtypes (``structkv-export --dtype``) and their torch types.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
