@@ -20,7 +20,7 @@ def lm():
 
 
 def test_pivot_report(lm, tmp_path):
-    data = reports.pivot_report(lm, tmp_path, length=200, samples=2)
+    data = reports.pivot_report(lm, tmp_path, length=200, samples=3)
     assert (tmp_path / "pivot.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "pivot.json").read_text())
     assert saved["search_range"] == [2, 7]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Tests that can fail: break the code once per test (one plausible bug each), run the test that
+# should catch it, and restore the file. Every line must say "caught". Run from anywhere:
+#   bash scripts/mutations.sh          (about 2 minutes on 2 cores; needs the embedded model)
+# Output recorded in docs/TESTING.md. The working tree must be clean of edits to these files.
+cd "$(dirname "$0")/.."
+backup=$(mktemp)
+out=$(mktemp)
+trap 'rm -f "$backup" "$out"' EXIT
+check() {  # file, text to replace, replacement, pytest selector
+  local file="$1" old="$2" new="$3" sel="$4"
+  cp "$file" "$backup"
+  python3 - "$file" "$old" "$new" <<'PY'
+import sys
+p, old, new = sys.argv[1:4]
+s = open(p).read()
+assert old in s, f"mutation anchor not found in {p}: {old!r}"
+open(p, "w").write(s.replace(old, new, 1))
+PY
+  if timeout 600 python3 -m pytest -q -x -p no:cacheprovider $sel >"$out" 2>&1; then
+    echo "NOT CAUGHT: $file :: $old -> $new :: $sel"
+  else
+    echo "caught    : $file by $sel ($(grep -Eo '[0-9]+ failed' "$out"))"
+  fi
+  cp "$backup" "$file"
+}
+check structkv/pivot.py "            if self.rule == \"argmax\":
+                return layer" "            if self.rule == \"argmax\":
+                return layer + 1" "tests/test_pivot.py::test_online_rule_on_recorded_model_series"
+check structkv/pivot.py "return max(1, int(0.2 * num_layers))" "return int(0.2 * num_layers)" "tests/test_pivot.py::test_search_range_default"
+check structkv/eval/reports.py "        t = transition_scores(metrics)" "        t = transition_scores(metrics, scales=(1.0, 1.0, 1.0))" "tests/test_reports.py::test_pivot_report"
+check structkv/eval/reports.py "    mean = {k: [statistics.mean(col) for col in zip(*v)] for k, v in curves.items()}" "    mean = {k: [statistics.median(col) for col in zip(*v)] for k, v in curves.items()}" "tests/test_reports.py::test_pivot_report"
+check structkv/eval/reports.py "    return {\"propagated\": len(needle & propagated) / len(needle), \"kv_per_layer\": per_layer}" "    return {\"propagated\": None, \"kv_per_layer\": per_layer}" "tests/test_reports.py::test_decoupling_report"
+check structkv/models.py "    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)" "    config.attention_bias = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)" "tests/test_models.py::test_tiny_families_load_with_their_layouts"
+check structkv/methods/structkv.py "            rule=profile.get(\"rule\") or self.rule," "            rule=self.rule," "tests/test_calibration.py::test_rule_profile_drives_the_online_pivot"
+check structkv/methods/structkv.py "            pivot=profile[\"pivot\"]," "            pivot=\"online\"," "tests/test_calibration.py::test_fixed_pivot_profile_drives_the_prefill"
+check structkv/eval/runner.py "                missing = [m for m in cfg.methods if _key(m, t, n, cfg.seed + i) not in results]" "                missing = list(cfg.methods)" "tests/test_runner.py::test_quick_profile_on_the_embedded_model"
+check structkv/saliency.py "    m = n - window" "    m = n" "tests/test_formulas.py"
+check structkv/methods/streamingllm.py "idx = torch.cat([torch.arange(sinks, device=device), recent])" "idx = torch.cat([torch.arange(sinks), recent])" "tests/test_methods.py -k device"
+check structkv/cache.py "        if self.length >= self.k.shape[2]:" "        if False:" "tests/test_methods.py -k in_place"
+check structkv/methods/structkv.py "        if self.r_kv > self.r_struct:" "        if False:" "tests/test_export.py::test_export_cli_refusals_leave_nothing"
