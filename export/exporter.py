@@ -291,31 +291,8 @@ def export_engine(
             progress,
             jobs,
         )
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(tmp / "tokenizer")
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        # the decode graph's tracing process (jobs > 1), alive at the same time as this one
-        worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        write_manifest(
-            tmp,
-            model_id=lm.model_id,
-            config=model.config.to_dict(),
-            method=method,
-            pivot_source=source,
-            profile=profile,
-            dtype=settings.dtype,
-            attention=attention,
-            graphs=io,
-            export_stats={
-                "seconds": round(time.perf_counter() - start, 1),
-                "peak_rss_mb": round(peak_mb, 1),
-                "peak_rss_worker_mb": round(worker_mb, 1),
-                "jobs": jobs,
-                "weights_bytes": store.bytes,
-                "torch": torch.__version__,
-                "onnx": _onnx_version(),
-            },
-        )
+        peak_mb = _finish_engine(tmp, lm, method, source, profile, settings, attention, io,
+                                 store, start, jobs)  # fmt: skip
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,6 +303,36 @@ def export_engine(
         f"{store.bytes / 2**20:.0f} MiB)"
     )
     return out
+
+
+def _finish_engine(tmp, lm, method, source, profile, settings, attention, io, store, start, jobs):
+    """Tokenizer and manifest (hashes of every file) into ``tmp``; returns the peak RSS (MiB)."""
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(tmp / "tokenizer")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the decode graph's tracing process (jobs > 1), alive at the same time as this one
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    write_manifest(
+        tmp,
+        model_id=lm.model_id,
+        config=lm.model.config.to_dict(),
+        method=method,
+        pivot_source=source,
+        profile=profile,
+        dtype=settings.dtype,
+        attention=attention,
+        graphs=io,
+        export_stats={
+            "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": round(peak_mb, 1),
+            "peak_rss_worker_mb": round(worker_mb, 1),
+            "jobs": jobs,
+            "weights_bytes": store.bytes,
+            "torch": torch.__version__,
+            "onnx": _onnx_version(),
+        },
+    )
+    return peak_mb
 
 
 def _onnx_version() -> str:

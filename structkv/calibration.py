@@ -213,11 +213,22 @@ def calibrate(
         pivots = [_rule_pivot(r.record.metrics, l_min, cap_layer, rule, scales) for r in runs]
         candidates.append((rule, pivots))
     table = _search(model, runs, candidates, method, lambdas, steps, num_layers, progress)
+    settings = dict(
+        prompts=n_prompts, length=length, r_struct=r_struct, r_kv=r_kv, window=window,
+        pooling=pooling, compute_cap=compute_cap, steps=steps,
+    )  # fmt: skip
+    profile = _profile(lm.model_id, num_layers, table, l_min, cap_layer, scales, settings)
+    profile["seconds"] = round(time.perf_counter() - start, 1)
+    return profile
+
+
+def _profile(model_id, num_layers, table, l_min, cap_layer, scales, settings) -> dict:
+    """The profile file's contents: the table's best row (ties: less compute) and the table."""
     best = max(table, key=lambda r: (r["score"], -r["compute_fraction"]))
     fixed = best["rule"] == "fixed"
     return {
         "format": FORMAT_VERSION,
-        "model_id": lm.model_id,
+        "model_id": model_id,
         "num_layers": num_layers,
         "lambda": best["lambda"],
         "pivot": best["layer"] if fixed else "online",
@@ -226,22 +237,12 @@ def calibrate(
         "l_max": cap_layer,
         "metric_scales": list(scales),
         "objective": "maximise top1 - KL (teacher-forced, vs full context); ties: less compute",
-        "settings": dict(
-            prompts=n_prompts,
-            length=length,
-            r_struct=r_struct,
-            r_kv=r_kv,
-            window=window,
-            pooling=pooling,
-            compute_cap=compute_cap,
-            steps=steps,
-        ),
+        "settings": settings,
         "best": best,
         "paper_preset": next(
             (r for r in table if r["rule"] == "argmax" and r["lambda"] == 0.9), None
         ),
         "table": table,
-        "seconds": round(time.perf_counter() - start, 1),
     }
 
 

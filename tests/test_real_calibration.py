@@ -7,6 +7,16 @@ profile, and float arithmetic (torch version, CPU). A full ``structkv calibrate`
 here, so CI recomputes the two rows that decide the shipped choice — the chosen layer/λ and the
 paper preset — from scratch with calibration's own machinery on the profile's prompts and checks
 them against the stored table, and checks the choice is the table's best.
+
+Measured (2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
+interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 / 0.0229 (0.02298
+stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the chosen row's top-1
+agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
+the full model's greedy continuation, so one float-level near-tie flip early in that
+continuation changes every later step of a prompt (one prompt went from 13 to 10 of 16). So the
+test holds KL to 5 % and top-1 to 5 of 128 tokens, and the decision itself — the chosen row beats
+the paper preset by its stored margin (0.07) — which that noise does not touch. The choice
+between the close λ rows at layer 14 (scores 0.766 / 0.755 / 0.743) is within this noise.
 """
 
 from __future__ import annotations
@@ -60,11 +70,15 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
         )
         rows["paper"].append(_fidelity(smollm2.model, run, method, pivot, 0.9, s["steps"]))
     assert pivots == paper["layer"]  # the argmax rule picks the same layer on every prompt
+    tokens = s["steps"] * s["prompts"]
+    score = {}
     for name, stored in (("best", best), ("paper", paper)):
         kl = sum(r[0] for r in rows[name]) / len(rows[name])
         top1 = sum(r[1] for r in rows[name]) / len(rows[name])
-        assert kl == pytest.approx(stored["kl"], abs=2e-3), name
-        assert top1 == pytest.approx(stored["top1"], abs=1 / (s["steps"] * s["prompts"])), name
+        assert kl == pytest.approx(stored["kl"], rel=0.05), (name, kl, stored["kl"])
+        assert top1 == pytest.approx(stored["top1"], abs=5 / tokens), (name, top1, stored["top1"])
+        score[name] = top1 - kl
+    assert score["best"] - score["paper"] > (best["score"] - paper["score"]) / 2
     num_layers = PROFILE["num_layers"]
     assert best["compute_fraction"] == pytest.approx(
         compute_fraction(best["layer"], num_layers, s["r_struct"]), abs=1e-4
