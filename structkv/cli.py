@@ -235,6 +235,17 @@ def cmd_eval_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from structkv.models import DEFAULT_MODEL
+    from structkv.runtime.server import serve
+
+    if args.engine is None and args.model is None:
+        args.model = DEFAULT_MODEL
+    if not 0 < args.port < 65536:
+        raise StructKVError(f"--port must be in 1..65535, got {args.port}")
+    return serve(args)
+
+
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
@@ -392,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     from structkv.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    src = sv.add_mutually_exclusive_group()
+    src.add_argument("--engine", help="serve an exported engine directory (ONNX Runtime)")
+    src.add_argument("--model", default=None, help=MODEL_HELP + " (torch; default smollm2-135m)")
+    sv.add_argument("--method", default="structkv", help="method with --model (default structkv)")
+    add_method_args(sv)
+    sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--kv-cache-mb", type=float, default=512, help="KV pool size (default 512)")
+    sv.add_argument("--served-model-name", help="model id clients send (default: engine or model)")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("methods", help="list methods and their default parameters")
     m.set_defaults(func=cmd_methods)

@@ -42,3 +42,31 @@ def tiny_llama():
 def smollm2():
     """The embedded SmolLM2-135M (loaded once per session; a few seconds from the cache)."""
     return load("smollm2-135m")
+
+
+_EXPORTS: dict[tuple[str, str], Path] = {}
+
+
+def exported_engine(family: str, attention: str, tmp_path_factory) -> Path:
+    """A tiny engine (pivot 2, λ 0.5), exported once per test session and shared by modules."""
+    from structkv.export.exporter import ExportSettings, export_engine
+    from structkv.methods import StructKV
+
+    key = (family, attention)
+    if key not in _EXPORTS:
+        out = tmp_path_factory.mktemp("engines") / f"{family}-{attention}"
+        settings = ExportSettings(StructKV(pivot=2, lam=0.5), attention=attention)
+        export_engine(family, out, settings, log=lambda m: None, progress=False)
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2, tmp_path_factory):
+    """The embedded model exported with the CLI's defaults (`structkv-export --model
+    smollm2-135m`), once per session: the end-to-end test and the server tests share it."""
+    from structkv.export.exporter import main as export
+
+    out = tmp_path_factory.mktemp("smollm2") / "engine"
+    assert export(["--model", "smollm2-135m", "--out", str(out)]) == 0
+    return out

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import exported_engine
 
 from structkv.errors import StructKVError
 from structkv.export.exporter import ExportSettings, export_engine
@@ -38,10 +39,7 @@ ENGINES = [("tiny-llama", "contrib"), ("tiny-qwen2", "auto"), ("tiny-mistral", "
 @pytest.fixture(scope="module", params=ENGINES, ids=[f"{f}-{a}" for f, a in ENGINES])
 def engine_dir(request, tmp_path_factory):
     family, attention = request.param
-    out = tmp_path_factory.mktemp("engines") / f"{family}-{attention}"
-    settings = ExportSettings(StructKV(pivot=PIVOT, lam=LAM), attention=attention)
-    export_engine(family, out, settings, log=lambda m: None)
-    return family, out
+    return family, exported_engine(family, attention, tmp_path_factory)
 
 
 def _prompt(n: int, seed: int) -> torch.Tensor:
@@ -322,16 +320,14 @@ def test_export_cli_refusals_leave_nothing(tmp_path, capsys):
 
 
 @pytest.mark.real_model
-def test_smollm2_engine_end_to_end(smollm2, tmp_path, capsys):
+def test_smollm2_engine_end_to_end(smollm2, smollm2_engine, tmp_path, capsys):
     """The product path on the embedded model: structkv-export, then `structkv run --json`
     answers a needle prompt like `structkv generate` does, from an engine within 1.15x of the
     fp32 weights."""
     from structkv.cli import main as structkv
-    from structkv.export.exporter import main as export
     from structkv.prompts.needle import make_needle_prompt
 
-    out = tmp_path / "engine"
-    assert export(["--model", "smollm2-135m", "--out", str(out)]) == 0
+    out = smollm2_engine  # exported by `structkv-export --model smollm2-135m --out DIR`
     weights = sum(p.numel() * 4 for p in smollm2.model.parameters())  # tied params once
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert size <= 1.15 * weights
