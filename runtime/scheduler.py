@@ -248,6 +248,8 @@ class Scheduler:
             del self.running[request.id]
             self.backend.release(request.id)
             self.promised -= request.blocks
+        if self.observer is not None:
+            self.observer.finished(reason)
         tail = request.text.flush() if request.text is not None and reason != "abort" else ""
         if tail:
             request.emit(Event("token", text=tail))

@@ -108,7 +108,7 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("structkv_prompt_tokens", "prompt tokens", registry=r)
-        self.finished = Counter(
+        self.finished_total = Counter(
             "structkv_requests_finished", "requests by finish reason", ["reason"], registry=r
         )
 
@@ -121,6 +121,9 @@ class Metrics:
 
     def inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
+
+    def finished(self, reason: str) -> None:
+        self.finished_total.labels(reason).inc()
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -323,7 +326,6 @@ async def _collect(service: Service, rid: int, queue, head: dict, chat: bool):
     finally:
         if not finished:
             service.scheduler.cancel(rid)
-    service.metrics.finished.labels(event.finish_reason).inc()
     text = "".join(parts)
     if chat:
         choice = {
@@ -374,7 +376,6 @@ async def _stream(service: Service, rid: int, queue, head: dict, chat: bool, inc
             if event.kind == "error":
                 yield _sse(ApiError(500, event.message).body())
             else:
-                service.metrics.finished.labels(event.finish_reason).inc()
                 yield _sse({**chunk(None, event.finish_reason), "structkv": _stats(event.stats)})
                 if include_usage:
                     yield _sse({**head, "object": obj, "choices": [], "usage": event.usage})
@@ -425,6 +426,9 @@ def serve(args) -> int:
         def handle_exit(self, sig, frame) -> None:
             service.scheduler.stop(timeout=0)  # end the streams now, so connections close
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its graceful shutdown (exit status -15); this
+            # shutdown is complete (streams ended, blocks released), so the process exits 0.
+            getattr(self, "_captured_signals", []).clear()
 
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
@@ -444,4 +448,8 @@ def serve(args) -> int:
         await task
 
     asyncio.run(run())
+    print(
+        f"StructKV server stopped; {service.scheduler.counts()['blocks_used']} KV blocks in use",
+        file=sys.stderr,
+    )
     return 0

@@ -81,6 +81,7 @@ def test_quick_profile_on_the_embedded_model(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines() == table
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
+
 def test_length_tables_by_hand(tmp_path):
     """Per-length table: needle mean over niah_* tasks only, % of full, '–' until complete;
     `--report-only` rewrites results.md from results.json without loading a model."""
