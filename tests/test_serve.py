@@ -227,10 +227,9 @@ def test_load_32_streams_with_a_quarter_cancelled(server, engine):
     print(f"load: 32 streams in {elapsed:.1f} s")
 
 
-def test_sigterm_ends_streams_and_exits_cleanly(smollm2_engine, engine):
-    """SIGTERM with a long stream in flight: the stream ends (finish_reason abort, [DONE]) and
-    the process exits 0 within seconds."""
-    server = Server(smollm2_engine, kv_cache_mb=64)
+def test_sigterm_ends_streams_and_exits_cleanly(server, engine):
+    """(Last in this module: it stops the module's server.) SIGTERM with a long stream in
+    flight: the stream ends (finish_reason abort, [DONE]) and the process exits 0."""
     prompt = _chat_prompt(engine.tokenizer, 1024, seed=7)
     outcome = {}
 
