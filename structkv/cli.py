@@ -239,6 +239,12 @@ def cmd_serve(args) -> int:
     from structkv.models import DEFAULT_MODEL
     from structkv.runtime.server import serve
 
+    if args.engine is not None and (method_knobs(args) or args.method != "structkv"):
+        given = ", ".join(["--method"] * (args.method != "structkv") + list(method_knobs(args)))
+        raise StructKVError(
+            f"an engine's method is fixed at export ({given} given); drop them, or serve "
+            "--model NAME with the method and knobs you want"
+        )
     if args.engine is None and args.model is None:
         args.model = DEFAULT_MODEL
     if not 0 < args.port < 65536:

@@ -66,6 +66,7 @@ def _kl(model, run, method, pivot: int, lam: float) -> float:
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # ~40 s: opt-in with `pytest -m slow` (docs/TESTING.md has the statement)
 @pytest.mark.skipif(
     sys.version_info[:2] != (3, 11),
     reason="the shipped profile's prompts are "
