@@ -412,11 +412,12 @@ def _trace_graphs(
         total=len(GRAPH_NAMES), desc="export", unit="graph", file=sys.stderr, disable=not progress
     )
     part = tmp / ".part"
-    # A Pool, not a ProcessPoolExecutor: leaving the block terminates the worker, so an error
-    # or Ctrl-C here does not wait for the other trace to finish.
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    # A Pool, not a ProcessPoolExecutor: on an error or Ctrl-C here the worker is terminated
+    # instead of waited for; on success it is closed and joined (no leaked semaphores).
+    pool = multiprocessing.get_context("spawn").Pool(1) if remote else None
+    try:
         pending = None
-        if remote:
+        if pool is not None:
             part.mkdir()
             verbose = log is _log
             args = (model_name, dtype_name, method.to_dict(), attention, str(part), verbose)
@@ -425,6 +426,14 @@ def _trace_graphs(
         if pending is not None:
             io.update(pending.get())
             bar.update(len(remote))
+            pool.close()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        if pool is not None:
+            pool.join()
     bar.close()
     for name in remote:
         os.replace(part / f"{name}.onnx", tmp / f"{name}.onnx")
