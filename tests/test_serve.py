@@ -37,10 +37,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, engine_dir, kv_cache_mb: int = 256) -> None:
+    def __init__(self, engine_dir, kv_cache_mb: int = 256, source=None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "structkv.cli", "serve", "--engine", str(engine_dir),
+        source = source or ["--engine", str(engine_dir)]
+        cmd = [sys.executable, "-m", "structkv.cli", "serve", *source,
                "--port", str(self.port), "--kv-cache-mb", str(kv_cache_mb),
                "--served-model-name", NAME]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -134,6 +135,38 @@ def test_openai_client_chat_and_completions(server, engine):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_torch_backend_serves_the_embedded_model_without_an_engine(smollm2):
+    """`structkv serve --model smollm2-135m --method snapkv --r-kv 0.2`: the reference method
+    behind the same server; greedy text equals `structkv generate`'s for the same request."""
+    from structkv.generate import generate_text
+    from structkv.methods import get_method
+
+    server = Server(
+        None,
+        kv_cache_mb=64,
+        source=["--model", "smollm2-135m", "--method", "snapkv", "--r-kv", "0.2"],
+    )
+    try:
+        prompt = _chat_prompt(smollm2.tokenizer, 512, seed=5)
+        code, reply = server.post(
+            "/v1/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
+        assert code == 200, reply
+        expected = generate_text(
+            smollm2, prompt, get_method("snapkv", r_kv=0.2), chat=True, max_new_tokens=8
+        ).text
+        assert reply["choices"][0]["message"]["content"] == expected
+        assert reply["structkv"]["method"] == "snapkv" and reply["structkv"]["backend"] == "torch"
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     long_prompt = "hello " * 9000
     cases = [
@@ -168,7 +201,7 @@ def _stream_chat(url: str, prompt: str, cancel: bool) -> tuple[int, str, str | N
     import http.client
 
     body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": 8, "temperature": 0, "stream": True})  # fmt: skip
+                       "max_tokens": 4, "temperature": 0, "stream": True})  # fmt: skip
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=300)
     conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
@@ -197,7 +230,7 @@ def test_load_32_streams_with_a_quarter_cancelled(server, engine):
     output, and the KV pool is empty afterwards (nothing leaked)."""
     # 8 distinct prompts of 1K-4K tokens, each sent 4 times (one of the 4 cancelled): 32 streams,
     # and the single-request reference is computed once per distinct prompt.
-    distinct = [1024 + (3072 * i) // 7 for i in range(8)]
+    distinct = [1024, 1024, 1024, 1024, 1024, 1024, 2048, 4096]
     lengths = [distinct[i % 8] for i in range(32)]
     prompts = [_chat_prompt(engine.tokenizer, n, seed=100 + i % 8) for i, n in enumerate(lengths)]
     cancel = [i // 8 == 3 for i in range(32)]
@@ -214,7 +247,7 @@ def test_load_32_streams_with_a_quarter_cancelled(server, engine):
             continue
         if i % 8 not in reference:
             ids = encode_prompt(engine.tokenizer, prompts[i], chat=True).tolist()
-            reference[i % 8] = _alone(engine, ids, 8)
+            reference[i % 8] = _alone(engine, ids, 4)
         assert text == reference[i % 8], (i, lengths[i])
         assert finish in ("stop", "length")
     deadline = time.time() + 30
