@@ -2,6 +2,7 @@
 # `make test` (the test suite). Both install first; installing again is a no-op.
 PY ?= python3
 PEER := .venv-peer
+TRITON := .venv-triton
 
 .PHONY: install demo test lint
 
@@ -15,7 +16,7 @@ demo: install
 	structkv generate --model smollm2-135m --method structkv --chat --json \
 		--max-new-tokens 24 --prompt-file out/needle-2k.txt
 
-test: install $(PEER)/bin/python
+test: install $(PEER)/bin/python $(TRITON)/bin/python
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	$(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer.py
@@ -24,6 +25,12 @@ test: install $(PEER)/bin/python
 # interpreter that runs make (a virtualenv's torch included), so nothing CUDA is ever pulled.
 $(PEER)/bin/python:
 	$(PY) scripts/make_peer_env.py $(PEER)
+
+# tritonserver 2.51 (bundled in nvidia-pytriton, numpy < 2) for tests/test_triton.py, layered the
+# same way. If it cannot be built here, the live Triton tests skip and say why.
+$(TRITON)/bin/python:
+	$(PY) scripts/make_peer_env.py $(TRITON) --extra tritonserver || \
+		echo "warning: the Triton environment could not be built; tests/test_triton.py will skip"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

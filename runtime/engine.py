@@ -52,8 +52,13 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         verify: bool = True,
         threads: int | None = None,
+        providers: list | None = None,
     ) -> Engine:
-        """Verify the manifest (format version, every file's sha256) and open the graphs."""
+        """Verify the manifest (format version, every file's sha256) and open the graphs.
+
+        ``providers``: ONNX Runtime execution providers, as ``InferenceSession`` takes them
+        (names or ``(name, options)``); by default the fastest the installed build offers. A
+        server pins them (one GPU per Triton instance, or CPU only)."""
         directory = Path(directory)
         if backend not in BACKENDS:
             raise StructKVError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -64,7 +69,7 @@ class Engine:
                 "cache in numpy, which has no bfloat16: re-export with --dtype fp32 or fp16"
             )
         stages = (
-            OrtStages(directory, threads, manifest.get("attention", "onnx"))
+            OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
             if backend == "onnxruntime"
             else TorchStages(manifest)
         )

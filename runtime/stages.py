@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from structkv.errors import StructKVError
 from structkv.graphs import GRAPH_NAMES
 
 BACKENDS = ("onnxruntime", "torch")
@@ -23,15 +24,27 @@ class OrtStages:
     """One ONNX Runtime session per graph; ``run(name, **inputs)`` returns numpy outputs."""
 
     def __init__(
-        self, directory: Path, threads: int | None = None, attention: str = "contrib"
+        self,
+        directory: Path,
+        threads: int | None = None,
+        attention: str = "contrib",
+        providers: list | None = None,
     ) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        providers = [
-            p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
-        ] + ["CPUExecutionProvider"]
-        self.providers = providers
+        if providers is None:  # the fastest this onnxruntime build offers
+            providers = [
+                p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
+            ] + ["CPUExecutionProvider"]
+        missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
+        if missing:
+            raise StructKVError(
+                f"execution provider(s) {missing} are not in this onnxruntime build (it has "
+                f"{available}); install onnxruntime-gpu for CUDA, or run on CPU"
+            )
+        # names only, e.g. "CUDAExecutionProvider" (options such as device_id stay in sessions)
+        self.providers = [p if isinstance(p, str) else p[0] for p in providers]
         self.sessions = {
             name: ort.InferenceSession(
                 str(directory / f"{name}.onnx"),

@@ -1,4 +1,4 @@
-"""Create the kvpress peer environment (``make test`` calls this) on top of *this* interpreter.
+"""Create a side environment (kvpress peer, tritonserver) on top of *this* interpreter.
 
 Why not ``python -m venv --system-site-packages``: inside a virtualenv that exposes the *base*
 interpreter's packages, not the active environment's, so a venv user's torch is invisible and
@@ -6,9 +6,13 @@ pip pulls the CUDA build of torch (GBs of nvidia-* wheels) for a CPU-only check.
 peer env gets a ``.pth`` file that appends the running interpreter's own site directories
 (virtualenv or not) after its own, and pip is constrained to the torch that is already
 installed, so it has nothing to download. kvpress needs transformers < 5.3: that one version
-is installed in the peer env itself and shadows the main environment's.
+is installed in the peer env itself and shadows the main environment's. The same holds for the
+Triton env: nvidia-pytriton pins numpy < 2, installed there and shadowing the main numpy.
 
-Usage: ``python scripts/make_peer_env.py .venv-peer`` from the repository root.
+Usage (from the repository root; ``make test`` runs both)::
+
+    python scripts/make_peer_env.py .venv-peer
+    python scripts/make_peer_env.py .venv-triton --extra tritonserver
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
 
 
-def main(target: str) -> int:
+def main(target: str, extra: str = "peer") -> int:
     try:
         torch_version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
@@ -51,12 +55,18 @@ def main(target: str) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(f"torch=={torch_version}\n")  # never a different (CUDA) build
     subprocess.check_call(
-        [str(python), "-m", "pip", "install", "-q", "-c", f.name, "-e", ".[peer]"]
+        [str(python), "-m", "pip", "install", "-q", "-c", f.name, "-e", f".[{extra}]"]
     )
     own = [p.name for p in Path(purelib).iterdir()]
-    pulled = sorted(n for n in own if n.startswith(("nvidia", "torch-", "torch_")) or n == "torch")
+    # CUDA torch drags in nvidia_cublas_*, nvidia_cudnn_*, ...; nvidia_pytriton is wanted.
+    pulled = sorted(
+        n
+        for n in own
+        if (n.startswith(("nvidia", "torch-", "torch_")) or n == "torch")
+        and not n.startswith("nvidia_pytriton")
+    )
     if pulled:
-        print(f"error: the peer env installed {pulled}; it must reuse torch", file=sys.stderr)
+        print(f"error: the {extra} env installed {pulled}; it must reuse torch", file=sys.stderr)
         return 1
     return 0
 
@@ -66,4 +76,11 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", nargs="?", default=".venv-peer", help="environment directory")
-    sys.exit(main(parser.parse_args().target))
+    parser.add_argument(
+        "--extra",
+        default="peer",
+        choices=("peer", "tritonserver"),
+        help="which optional dependencies of pyproject.toml the environment gets",
+    )
+    args = parser.parse_args()
+    sys.exit(main(args.target, args.extra))

@@ -1,4 +1,4 @@
-"""``structkv`` command line: generate, calibrate, bench, methods.
+"""``structkv`` command line: generate, run, calibrate, eval, bench, serve, deploy, methods.
 
 Results go to stdout (``--json``: exactly one JSON object); progress and timing go to stderr.
 Bad input exits 2 with one ``error:`` line and no traceback.
@@ -252,6 +252,26 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def cmd_deploy_triton(args) -> int:
+    from structkv.runtime.triton_deploy import write_repository
+
+    out = write_repository(
+        args.engine,
+        args.out,
+        name=args.name,
+        instances=args.instances,
+        kv_cache_mb=args.kv_cache_mb,
+        device=args.device,
+        threads=args.threads,
+        copy=args.copy,
+        force=args.force,
+        backend=args.backend,
+    )
+    print(f"Triton model repository {args.name!r} written to {out}; start the server with:")
+    print(f"  tritonserver --model-repository {out}   (see {out / 'README.md'})")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from dataclasses import fields
 
@@ -422,6 +442,33 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache-mb", type=float, default=512, help="KV pool size (default 512)")
     sv.add_argument("--served-model-name", help="model id clients send (default: engine or model)")
     sv.set_defaults(func=cmd_serve)
+
+    dp = sub.add_parser("deploy", help="write a deployment for an exported engine")
+    targets = dp.add_subparsers(dest="target", required=True, parser_class=_Parser)
+    tr = targets.add_parser(
+        "triton", help="a Triton Inference Server model repository (decoupled Python backend)"
+    )
+    tr.add_argument("--engine", required=True, help="engine directory (structkv-export --out)")
+    tr.add_argument("--out", required=True, help="model repository directory to write")
+    tr.add_argument("--name", default="structkv", help="Triton model name (default structkv)")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    tr.add_argument(
+        "--kv-cache-mb", type=float, default=512, help="KV pool per instance (default 512)"
+    )
+    tr.add_argument(
+        "--backend", default="onnxruntime", choices=("onnxruntime",),
+        help="the engine's runtime inside Triton's Python backend (default onnxruntime)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="cpu: KIND_CPU instances; cuda: KIND_GPU with ONNX Runtime's CUDA provider",
+    )  # fmt: skip
+    tr.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: cores/N)"
+    )
+    tr.add_argument("--copy", action="store_true", help="copy the engine into the repository")
+    tr.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    tr.set_defaults(func=cmd_deploy_triton)
 
     m = sub.add_parser("methods", help="list methods and their default parameters")
     m.set_defaults(func=cmd_methods)
