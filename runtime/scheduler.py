@@ -136,7 +136,11 @@ class Request:
 
 
 class Scheduler:
-    """The loop; :meth:`submit` and :meth:`cancel` may be called from any thread."""
+    """The loop; :meth:`submit` and :meth:`cancel` may be called from any thread.
+
+    ``observer`` (the front end's metrics) is called from the loop thread:
+    ``prefilled(request, seconds)``, ``inter_token(seconds)``, ``decoded(batch_size)`` and
+    ``finished(reason)``."""
 
     def __init__(self, backend, observer=None) -> None:
         self.backend, self.observer = backend, observer
@@ -324,6 +328,8 @@ class Scheduler:
                 self.promised -= request.blocks
                 request.emit(Event("error", message=f"{type(e).__name__}: {e}"))
             return
+        if self.observer is not None:
+            self.observer.decoded(len(batch))
         for request, row in zip(batch, logits):
             request.position += 1
             self._take(request, row)

@@ -108,6 +108,12 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("structkv_prompt_tokens", "prompt tokens", registry=r)
+        self.batch = Histogram(
+            "structkv_decode_batch_size",
+            "requests sharing one decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.finished_total = Counter(
             "structkv_requests_finished", "requests by finish reason", ["reason"], registry=r
         )
@@ -121,6 +127,9 @@ class Metrics:
 
     def inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
+
+    def decoded(self, batch_size: int) -> None:
+        self.batch.observe(batch_size)
 
     def finished(self, reason: str) -> None:
         self.finished_total.labels(reason).inc()

@@ -278,8 +278,16 @@ class TritonPythonModel:
             description="prompt tokens dropped at the pivot (not run through the later layers)",
             kind=counter,
         )
-        self._families += [self._finished_family, prompt, saved]
+        steps = pb.MetricFamily(name="structkv_decode_steps", description="batched decode steps",
+                                kind=counter)  # fmt: skip
+        rows = pb.MetricFamily(
+            name="structkv_decode_rows",
+            description="tokens decoded (rows / steps = requests sharing a decode step)",
+            kind=counter,
+        )
+        self._families += [self._finished_family, prompt, saved, steps, rows]
         self._prompt_tokens, self._saved = prompt.Metric(labels=labels), saved.Metric(labels=labels)
+        self._steps, self._rows = steps.Metric(labels=labels), rows.Metric(labels=labels)
         return gauges
 
     # the scheduler's observer hooks (its thread)
@@ -290,6 +298,10 @@ class TritonPythonModel:
 
     def inter_token(self, seconds: float) -> None:
         pass
+
+    def decoded(self, batch_size: int) -> None:
+        self._steps.increment(1)
+        self._rows.increment(batch_size)
 
     def finished(self, reason: str) -> None:
         if reason not in self._finished:

@@ -371,6 +371,8 @@ def test_grpc_8_streams_two_cancelled_midway(triton, engine):
     expected = {s: _alone(engine, prompts[s], 12) for s in range(3)}
     cancel = {2, 5}
     aborted_before = triton.metric("structkv_requests_finished", reason="abort")
+    steps_before = triton.metric("structkv_decode_steps")
+    rows_before = triton.metric("structkv_decode_rows")
     results: dict[int, dict] = {}
 
     def one(i: int) -> None:
@@ -433,6 +435,9 @@ def test_grpc_8_streams_two_cancelled_midway(triton, engine):
         time.sleep(0.2)
     assert triton.metric("structkv_requests_finished", reason="abort") == aborted_before + 2
     assert triton.metric("structkv_kv_blocks_used") == 0
+    steps = triton.metric("structkv_decode_steps") - steps_before
+    rows = triton.metric("structkv_decode_rows") - rows_before
+    assert rows > 1.5 * steps, (rows, steps)  # streams shared decode steps (8 alone: equal)
     assert triton.metric("structkv_requests_running") == 0
     assert triton.status("/v2/health/ready") == 200
 
