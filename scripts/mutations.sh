@@ -40,3 +40,6 @@ check structkv/saliency.py "    m = n - window" "    m = n" "tests/test_formulas
 check structkv/methods/streamingllm.py "idx = torch.cat([torch.arange(sinks, device=device), recent])" "idx = torch.cat([torch.arange(sinks), recent])" "tests/test_methods.py -k device"
 check structkv/cache.py "        if self.length >= self.k.shape[2]:" "        if False:" "tests/test_methods.py -k in_place"
 check structkv/methods/structkv.py "        if self.r_kv > self.r_struct:" "        if False:" "tests/test_export.py::test_export_cli_refusals_leave_nothing"
+check runtime/triton_model.py "                        self.scheduler.cancel(flight.rid)" "                        pass" "tests/test_triton.py -k grpc"
+check runtime/triton_model.py "                    flight.sender.send(self._response({\"text_output\": event.text}))" "                    flight.parts.append(event.text)" "tests/test_triton.py -k generate_stream"
+check runtime/triton_model.py "            text = flight.parsed.prompt + \"\".join(flight.parts)" "            text = \"\".join(flight.parts)" "tests/test_triton.py -k structkv_run"
