@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# OpenAI Triton kernels (structkv.kernels.select_triton) run through Triton's interpreter on CPU
+# tensors: decided when the kernels are defined, so before any test imports them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from structkv.models import load, tiny_model
 
