@@ -40,7 +40,7 @@ from structkv.methods import StructKV, get_method
 from structkv.profile import find_profile, save_profile, user_profile_path
 
 OPSET = 23
-ATTENTION = ("auto", "structkv", "contrib", "onnx")
+ATTENTION = ("auto", "structkv", "contrib", "onnx", "explicit")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class ExportSettings:
     #: Runtime custom op built on first use (``structkv.kernels.ort_ops``; fp32; fastest on
     #: CPU); "contrib": ONNX Runtime's GroupQueryAttention (CPU and CUDA, no extra library);
     #: "onnx": the standard opset-23 Attention operator, for other runtimes (TensorRT's parser).
+    #: "explicit": MatMul / Softmax, plain operators every TensorRT builds in any dtype and with
+    #: the decode step's mask (where TensorRT has no dedicated Attention kernel).
     #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
     attention: str = "auto"
 
@@ -120,7 +122,12 @@ def resolve_method(lm, settings: ExportSettings, log=_log) -> tuple[StructKV, st
 
 
 def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]], attention: str):
-    with warnings.catch_warnings():
+    from contextlib import nullcontext
+
+    from structkv.layers import explicit_attention
+
+    spelled = explicit_attention() if attention == "explicit" else nullcontext()
+    with warnings.catch_warnings(), spelled:
         warnings.simplefilter("ignore")
         # Budgets such as min(ceil(R·N), N - w) are beyond the shape solver: keep them as
         # runtime asserts instead of failing (or silently specialising N).
@@ -485,7 +492,8 @@ def build_parser():
         help="auto (default: structkv for fp32 when a C++ compiler is present, else contrib) | "
         "structkv (StructKV's CPU kernel, an ONNX Runtime custom op built on first use) | "
         "contrib (ONNX Runtime's GroupQueryAttention; CPU and CUDA) | onnx (standard opset-23 "
-        "Attention, for other runtimes)",
+        "Attention, for other runtimes) | explicit (MatMul/Softmax: what TensorRT builds in any "
+        "dtype, masks included)",
     )
     return p
 

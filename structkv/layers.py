@@ -9,6 +9,8 @@ tests check to 1e-4. The layer's own attention stays SDPA: the N x N matrix is n
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,39 @@ def qkv(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+_EXPLICIT_ATTENTION = [False]
+
+
+@contextmanager
+def explicit_attention():
+    """Within: :func:`attend` spells attention as MatMul / Softmax instead of SDPA.
+
+    Why: SDPA exports as ONNX's ``Attention`` operator, which TensorRT builds only where it has
+    a dedicated kernel (fp16/bf16, no padding mask): TensorRT-RTX refuses every fp32 graph and
+    the masked decode step. The explicit form is plain operators any TensorRT builds (and
+    fuses); ``structkv-export --attention explicit`` traces under this."""
+    _EXPLICIT_ATTENTION[0] = True
+    try:
+        yield
+    finally:
+        _EXPLICIT_ATTENTION[0] = False
+
+
+def explicit_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as MatMul, mask, Softmax (in fp32), MatMul."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    elif is_causal:
+        n, m = q.shape[-2], k.shape[-2]
+        rows = torch.arange(n, device=q.device)[:, None] + (m - n)
+        scores = scores.masked_fill(torch.arange(m, device=q.device)[None, :] > rows, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
 def attend(
     layer,
     q: torch.Tensor,
@@ -97,7 +132,8 @@ def attend(
     """SDPA over (possibly cached) k/v, then the output projection."""
     attn = layer.self_attn
     n_rep = q.shape[1] // k.shape[1]
-    o = F.scaled_dot_product_attention(
+    sdpa = explicit_sdpa if _EXPLICIT_ATTENTION[0] else F.scaled_dot_product_attention
+    o = sdpa(
         q,
         repeat_kv(k, n_rep),
         repeat_kv(v, n_rep),
