@@ -41,6 +41,9 @@ from structkv.profile import find_profile, save_profile, user_profile_path
 
 OPSET = 23
 ATTENTION = ("auto", "structkv", "contrib", "onnx", "explicit")
+#: onnxruntime: every stage as ONNX graphs ONNX Runtime runs. tensorrt: the selection graphs as
+#: StructKVCompact plugin nodes, attention in a form TensorRT builds (export/tensorrt.py).
+TARGETS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -59,11 +62,14 @@ class ExportSettings:
     #: the decode step's mask (where TensorRT has no dedicated Attention kernel).
     #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
     attention: str = "auto"
+    target: str = "onnxruntime"
 
     def resolved_attention(self) -> str:
         """The attention kernel this export will use ("auto" decided for this machine)."""
         if self.attention != "auto":
             return self.attention
+        if self.target == "tensorrt":
+            return "explicit"
         return "structkv" if self.dtype == "fp32" and ort_ops.available() else "contrib"
 
     def check(self) -> None:
@@ -74,6 +80,15 @@ class ExportSettings:
         if self.attention not in ATTENTION:
             raise StructKVError(
                 f"unsupported --attention {self.attention!r}; choose one of {', '.join(ATTENTION)}"
+            )
+        if self.target not in TARGETS:
+            raise StructKVError(
+                f"unsupported --target {self.target!r}; choose one of {', '.join(TARGETS)}"
+            )
+        if self.target == "tensorrt" and self.attention in ("structkv", "contrib"):
+            raise StructKVError(
+                f"--attention {self.attention} is an ONNX Runtime operator TensorRT cannot parse; "
+                "with --target tensorrt use --attention explicit (the default) or onnx"
             )
         if self.attention == "structkv" and self.dtype != "fp32":
             raise StructKVError(
@@ -298,6 +313,8 @@ def export_engine(
             progress,
             jobs,
         )
+        if settings.target == "tensorrt":
+            io.update(_plugin_graphs(tmp, method, log))
         peak_mb = _finish_engine(tmp, lm, method, source, profile, settings, attention, io,
                                  store, start, jobs)  # fmt: skip
         _move_into_place(tmp, out)
@@ -310,6 +327,21 @@ def export_engine(
         f"{store.bytes / 2**20:.0f} MiB)"
     )
     return out
+
+
+def _plugin_graphs(tmp: Path, method, log) -> dict:
+    """--target tensorrt: the selection graphs as StructKVCompact nodes, checked like the rest."""
+    import onnx
+
+    from structkv.export.tensorrt import PLUGIN_GRAPHS, rewrite_engine_graphs
+
+    rewrite_engine_graphs(tmp, method)
+    io = {}
+    for name in PLUGIN_GRAPHS:
+        onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
+        io[name] = describe_io(onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False))
+    log("compact.onnx and kv_select.onnx: StructKVCompact plugin nodes (TensorRT target)")
+    return io
 
 
 def _finish_engine(tmp, lm, method, source, profile, settings, attention, io, store, start, jobs):
@@ -328,6 +360,7 @@ def _finish_engine(tmp, lm, method, source, profile, settings, attention, io, st
         profile=profile,
         dtype=settings.dtype,
         attention=attention,
+        target=settings.target,
         graphs=io,
         export_stats={
             "seconds": round(time.perf_counter() - start, 1),
@@ -493,7 +526,15 @@ def build_parser():
         "structkv (StructKV's CPU kernel, an ONNX Runtime custom op built on first use) | "
         "contrib (ONNX Runtime's GroupQueryAttention; CPU and CUDA) | onnx (standard opset-23 "
         "Attention, for other runtimes) | explicit (MatMul/Softmax: what TensorRT builds in any "
-        "dtype, masks included)",
+        "dtype, masks included; the default with --target tensorrt)",
+    )
+    p.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=TARGETS,
+        help="onnxruntime (default) | tensorrt (compact / kv_select as StructKVCompact plugin "
+        "nodes for TensorRT's ONNX parser, attention explicit; ONNX Runtime still runs it with "
+        "the plugin's reference op)",
     )
     return p
 
@@ -507,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             method=get_method("structkv", **method_knobs(args)),
             dtype=args.dtype,
             attention=args.attention,
+            target=args.target,
         )
         if args.jobs is not None and args.jobs < 1:
             raise StructKVError(f"--jobs must be 1 or more, got {args.jobs}")

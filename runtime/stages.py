@@ -45,14 +45,17 @@ class OrtStages:
             )
         # names only, e.g. "CUDAExecutionProvider" (options such as device_id stay in sessions)
         self.providers = [p if isinstance(p, str) else p[0] for p in providers]
-        self.sessions = {
-            name: ort.InferenceSession(
-                str(directory / f"{name}.onnx"),
-                self._options(name, threads, attention),
-                providers=providers,
-            )
-            for name in GRAPHS
-        }
+        from structkv.kernels import plugin_reference
+
+        self.sessions = {}
+        for name in GRAPHS:
+            path = directory / f"{name}.onnx"
+            options = self._options(name, threads, attention)
+            if name in ("compact", "kv_select") and plugin_reference.is_plugin_graph(path):
+                # a --target tensorrt engine: the StructKVCompact node by its reference op
+                self.sessions[name] = plugin_reference.session(path, options, providers)
+            else:
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
 
     @staticmethod
     def _options(name: str, threads: int | None, attention: str):

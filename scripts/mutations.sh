@@ -47,3 +47,4 @@ check structkv/kernels/select_triton.py "((tie != 0) & (tie_rank < ties_wanted))
 check structkv/kernels/select_triton.py "            acc += tl.load(base + j, mask=inside & (j >= 0) & (j < m), other=0.0)" "            acc += tl.load(base + j, mask=inside & (j >= 0) & (j < n), other=0.0)" "tests/test_kernels_triton.py"
 check plugins_trt/structKVCompactPlugin/structKVCompactPlugin.cpp "DimensionOperation::kCEIL_DIV" "DimensionOperation::kFLOOR_DIV" "tests/test_plugins_build.py"
 check plugins_trt/structKVCompactPlugin/structKVSelection.h "    return (r.num * n + r.den - 1) / r.den;" "    return (r.num * n) / r.den;" "tests/test_plugins_build.py"
+check export/tensorrt.py "        \"ratio_den\": ratio.denominator," "        \"ratio_den\": ratio.denominator + 1," "tests/test_export_tensorrt.py -k reference_op"

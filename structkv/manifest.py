@@ -54,6 +54,7 @@ def write_manifest(
     graphs: dict,
     export_stats: dict,
     attention: str = "onnx",
+    target: str = "onnxruntime",
 ) -> dict:
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     manifest = {
@@ -62,6 +63,7 @@ def write_manifest(
         "config": config,
         "dtype": dtype,
         "attention": attention,
+        "target": target,
         "method": method.to_dict(),
         "pivot_source": pivot_source,
         "calibration": None

@@ -1,0 +1,85 @@
+"""``structkv-export --target tensorrt``: the selection graphs become StructKVCompact plugin nodes
+(what TensorRT's ONNX parser loads with plugins_trt/), every graph passes the full ONNX checker,
+and ONNX Runtime — running the plugin node with its reference op — generates exactly what the
+plain engine generates."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import exported_engine
+
+from structkv.export.exporter import main as export_cli
+from structkv.runtime.engine import Engine
+
+pytest.importorskip("onnxruntime_extensions", reason="pip install onnxruntime-extensions")
+PIVOT = ["--pivot", "2", "--lambda", "0.5"]  # the shared tiny engines' method
+
+
+@pytest.fixture(scope="module")
+def trt_engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trt") / "tiny-llama-trt"
+    assert (
+        export_cli(["--model", "tiny-llama", "--target", "tensorrt", *PIVOT, "--out", str(out)])
+        == 0
+    )
+    return out
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_selection_graphs_are_one_plugin_node_each(trt_engine, tmp_path_factory):
+    manifest = json.loads((trt_engine / "manifest.json").read_text())
+    plain = json.loads((exported_engine("tiny-llama", "explicit", tmp_path_factory)
+                        / "manifest.json").read_text())  # fmt: skip
+    assert manifest["target"] == "tensorrt" and manifest["attention"] == "explicit"
+    method = manifest["method"]
+    for name, mode, ratio in (
+        ("compact", "compact", "r_struct"),
+        ("kv_select", "kv_select", "r_kv"),
+    ):
+        model = onnx.load(str(trt_engine / f"{name}.onnx"))
+        (node,) = model.graph.node
+        assert (node.op_type, node.domain) == ("StructKVCompact", "trt.plugins")
+        attrs = _attrs(node)
+        fraction = Fraction(method[ratio]).limit_denominator(1_000_000)
+        assert attrs["plugin_namespace"] == b"structkv" and attrs["plugin_version"] == b"1"
+        assert attrs["mode"] == mode.encode()
+        assert (attrs["ratio_num"], attrs["ratio_den"]) == (
+            fraction.numerator,
+            fraction.denominator,
+        )
+        assert attrs["window"] == method["window"] and attrs["pooling"] == method["pooling"]
+        assert attrs["pool_mode"] == method["pool_mode"].encode()
+        # the interface the runtime relies on is unchanged
+        assert manifest["graphs"][name] == plain["graphs"][name]
+    for graph in ("pre_pivot", "compact", "post_pivot", "kv_select", "decode"):
+        onnx.checker.check_model(str(trt_engine / f"{graph}.onnx"), full_check=True)
+
+
+def test_onnx_runtime_with_the_reference_op_generates_the_plain_engines_tokens(
+    trt_engine, tmp_path_factory
+):
+    plain = Engine.load(exported_engine("tiny-llama", "explicit", tmp_path_factory), kv_cache_mb=8)
+    rewritten = Engine.load(trt_engine, kv_cache_mb=8)
+    for seed, n in ((0, 300), (1, 1000)):
+        ids = np.random.default_rng(seed).integers(0, 256, n)
+        assert plain.generate(ids, 12)[0] == rewritten.generate(ids, 12)[0]
+        a, b = plain.prefill(ids), rewritten.prefill(ids)
+        assert np.array_equal(a.positions, b.positions)  # the same kept tokens, every layer
+        assert np.array_equal(a.logits, b.logits)
+
+
+def test_target_tensorrt_refuses_attention_tensorrt_cannot_parse(tmp_path, capsys):
+    out = tmp_path / "e"
+    argv = ["--model", "tiny-llama", "--target", "tensorrt", "--attention", "contrib", *PIVOT]
+    assert export_cli([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT cannot parse" in err and not out.exists()
