@@ -102,8 +102,11 @@ def main() -> int:
         "graphs": [smoke(engine, g, args.arch) for g in args.graphs],
     }
     for r in report["graphs"]:
-        state = "built" if r["built"] else "parsed, build refused" if r["parsed"] else "parse refused"
-        print(f"{r['graph']:>10} {r['arch']}: {state}" + (f" — {r['error']}" if "error" in r else ""))
+        state = "built" if r["built"] else "parse refused"
+        if r["parsed"] and not r["built"]:
+            state = "parsed, build refused"
+        error = f" — {r['error']}" if "error" in r else ""
+        print(f"{r['graph']:>10} {r['arch']}: {state}{error}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""The GPU checks of StructKV, one line each: PASS, FAIL or SKIP (with why), plus timings.
+
+    bash scripts/gpu_check.sh            (wraps this; run as-is on a machine with a GPU)
+
+Checks, each independent (a missing piece skips only what needs it):
+  triton-kernels   the selection kernels JIT-compiled and run on the GPU: identical indices to
+                   the torch path (CPU) for N = 4K, 32K, 128K (K up to 26K > TensorRT's 3840),
+                   and the gathers; time per selection
+  plugin-build     plugins_trt/ built with cmake against the installed TensorRT
+  plugin-engine    TensorRT engines of a --target tensorrt engine's compact / kv_select graphs
+                   (the StructKVCompact plugin loaded from the library): outputs equal to the
+                   ONNX Runtime reference on the same inputs
+  trt-graphs       TensorRT engines of pre_pivot / post_pivot / decode (explicit attention, fp16):
+                   logits within 1e-2 of ONNX Runtime (CPU, fp32 engine) and the same argmax
+  torch-prefill    torch on cuda, embedded model: prefill seconds at 4K and 32K for full vs
+                   structkv, and decode tokens/s (structkv bench)
+Exit status: 1 if any check FAILED, else 0. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS: list[tuple[str, str, str]] = []
+
+
+def report(name: str, status: str, detail: str = "") -> None:
+    RESULTS.append((name, status, detail))
+    print(f"{status:<4} {name:<15} {detail}", flush=True)
+
+
+def check(name: str):
+    def wrap(fn):
+        def run(*args):
+            start = time.perf_counter()
+            try:
+                detail = fn(*args)
+                report(name, "PASS", f"{detail or ''} ({time.perf_counter() - start:.1f} s)")
+            except Skip as s:
+                report(name, "SKIP", str(s))
+            except Exception as e:  # a failed check must not stop the others
+                last = traceback.format_exc().strip().splitlines()[-1]
+                report(name, "FAIL", f"{type(e).__name__}: {e} [{last}]"[:800])
+
+        return run
+
+    return wrap
+
+
+class Skip(Exception):
+    pass
+
+
+def _cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise Skip(f"torch {torch.__version__} sees no CUDA device")
+    return torch
+
+
+@check("triton-kernels")
+def triton_kernels() -> str:
+    torch = _cuda()
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        from structkv.kernels import select_triton as st
+    except ImportError as e:
+        raise Skip(f"OpenAI Triton not importable: {e}") from None
+    from structkv.selection import budget, gather_tokens, select_tokens
+
+    times = []
+    for n in (4096, 32768, 131072):
+        for kind in ("random", "ties"):
+            g = torch.Generator().manual_seed(n)
+            s = (
+                torch.rand(n, generator=g)
+                if kind == "random"
+                else torch.randint(0, 4, (n,)).float()
+            )
+            k = budget(0.2, n)
+            want = select_tokens(s, k, 32, 7, "max")
+            got = st.select_tokens(s.cuda(), k, 32, 7, "max")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):
+                got = st.select_tokens(s.cuda(), k, 32, 7, "max")
+            torch.cuda.synchronize()
+            times.append(f"{n // 1024}K {1e3 * (time.perf_counter() - start) / 5:.2f} ms")
+            if not torch.equal(got.cpu(), want):
+                raise AssertionError(f"indices differ at N={n} ({kind})")
+    sal = torch.rand(30, 3, 4096)
+    keep = select_tokens(sal, budget(0.1, 8192), 8, 7, "avg")
+    if not torch.equal(st.select_tokens(sal.cuda(), budget(0.1, 8192), 8, 7, "avg").cpu(), keep):
+        raise AssertionError("per-layer / per-head selection differs")
+    keys = torch.randn(30, 3, 4096, 64, dtype=torch.float16)
+    if not torch.equal(st.gather_tokens(keys.cuda(), keep.cuda()).cpu(), gather_tokens(keys, keep)):
+        raise AssertionError("gather differs")
+    return "identical indices; " + ", ".join(times[::2])
+
+
+def _plugin_library(build: Path) -> Path:
+    lib = build / "plugins_trt" / "libnvinfer_plugin_structkv.so"
+    if not lib.is_file():
+        raise Skip("the plugin library was not built (see plugin-build)")
+    return lib
+
+
+@check("plugin-build")
+def plugin_build(build: Path) -> str:
+    if shutil.which("cmake") is None:
+        raise Skip("cmake not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build),
+                          f"-DPython3_EXECUTABLE={sys.executable}"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    if cfg.returncode != 0:
+        raise AssertionError(cfg.stderr[-600:])
+    built = subprocess.run(["cmake", "--build", str(build), "-j8"], capture_output=True, text=True,
+                           env=env)  # fmt: skip
+    if built.returncode != 0:
+        raise AssertionError(built.stderr[-600:] or built.stdout[-600:])
+    test = subprocess.run([str(build / "plugins_trt" / "testStructKVCompact")], capture_output=True,
+                          text=True)  # fmt: skip
+    if test.returncode != 0:
+        raise AssertionError(test.stderr[-600:])
+    headers = "real TensorRT" if "third_party" not in cfg.stdout else "TensorRT 11.1 headers"
+    return f"built against {headers}; host tests pass"
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise Skip("the tensorrt Python package is not installed") from None
+    return trt
+
+
+def _build_and_run(trt, onnx_path: Path, feeds: dict, plugin: Path | None, fp16: bool):
+    """Build a TensorRT engine for one graph (its shapes fixed to the feeds) and run it."""
+    import numpy as np
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    if plugin is not None:
+        trt.get_plugin_registry().load_library(str(plugin))
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise AssertionError(f"{onnx_path.name}: " + str(parser.get_error(0)))
+    config = builder.create_builder_config()
+    if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = feeds[t.name].shape
+        profile.set_shape(t.name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise AssertionError(f"{onnx_path.name}: TensorRT build failed")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
+    context = engine.create_execution_context()
+    buffers = {}
+    for name, value in feeds.items():
+        buffers[name] = torch.from_numpy(np.ascontiguousarray(value)).cuda()
+        context.set_input_shape(name, value.shape)
+        context.set_tensor_address(name, buffers[name].data_ptr())
+    outputs = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            shape = tuple(context.get_tensor_shape(name))
+            dtypes = {trt.float32: torch.float32, trt.float16: torch.float16,
+                      trt.int64: torch.int64, trt.bfloat16: torch.bfloat16}  # fmt: skip
+            dtype = dtypes[engine.get_tensor_dtype(name)]
+            outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(name, outputs[name].data_ptr())
+    stream = torch.cuda.Stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise AssertionError(f"{onnx_path.name}: execution failed")
+    stream.synchronize()
+    return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+            for k, v in outputs.items()}  # fmt: skip
+
+
+def _export(out: Path, *extra: str) -> Path:
+    if not out.exists():
+        from structkv.export.exporter import main as export
+
+        if export(["--model", "smollm2-135m", "--out", str(out), *extra]) != 0:
+            raise AssertionError(f"structkv-export {' '.join(extra)} failed")
+    return out
+
+
+@check("plugin-engine")
+def plugin_engine(build: Path, work: Path) -> str:
+    import numpy as np
+    import onnxruntime as ort
+
+    _cuda()
+    trt = _trt()
+    lib = _plugin_library(build)
+    from structkv.kernels import plugin_reference
+
+    engine = _export(work / "smollm2-trt", "--target", "tensorrt")
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (4096, 32768):
+        cases.append(("compact", {"hidden": rng.standard_normal((1, n, 576), dtype=np.float32),
+                                  "centrality": rng.random(n, dtype=np.float32)}))  # fmt: skip
+    n, big = 3000, 9000
+    cases.append(("kv_select", {
+        "keys": rng.standard_normal((15, 3, n, 64), dtype=np.float32),
+        "values": rng.standard_normal((15, 3, n, 64), dtype=np.float32),
+        "saliency": rng.random((15, 3, n), dtype=np.float32),
+        "positions": np.sort(rng.choice(big, n, replace=False)).astype(np.int64),
+        "prompt_len": np.zeros(big, dtype=np.int64)}))  # fmt: skip
+    for name, feeds in cases:
+        path = engine / f"{name}.onnx"
+        ref = plugin_reference.session(path, ort.SessionOptions(), ["CPUExecutionProvider"])
+        want = dict(zip([o.name for o in ref.get_outputs()], ref.run(None, feeds)))
+        got = _build_and_run(trt, path, feeds, lib, fp16=False)
+        for key, value in want.items():
+            if not np.array_equal(got[key], value):
+                raise AssertionError(f"{name} output {key} differs from the reference")
+    return "compact (4K, 32K) and kv_select equal to the reference"
+
+
+@check("trt-graphs")
+def trt_graphs(work: Path) -> str:
+    import numpy as np
+
+    from structkv.runtime.engine import Engine
+
+    _cuda()
+    trt = _trt()
+    fp16 = _export(work / "smollm2-trt-fp16", "--target", "tensorrt", "--dtype", "fp16")
+    ref = Engine.load(_export(work / "smollm2-trt", "--target", "tensorrt"), kv_cache_mb=64)
+    ids = np.random.default_rng(1).integers(0, 49152, (1, 2048)).astype(np.int64)
+    outs = ref.stages.run("pre_pivot", input_ids=ids)
+    got = _build_and_run(trt, fp16 / "pre_pivot.onnx", {"input_ids": ids}, None, fp16=True)
+    hidden_err = float(np.abs(got["hidden"] - outs[0]).max())
+    hc, pc = ref.stages.run("compact", hidden=outs[0], centrality=outs[4])
+    post = ref.stages.run("post_pivot", hidden=hc, positions=pc)
+    feeds = {"hidden": hc.astype(np.float16), "positions": pc}
+    got = _build_and_run(trt, fp16 / "post_pivot.onnx", feeds, None, fp16=True)
+    logit_err = float(np.abs(got["logits"] - post[3]).max())
+    if int(got["logits"].argmax()) != int(post[3].argmax()):
+        raise AssertionError("post_pivot's argmax differs from ONNX Runtime's")
+    if logit_err > 1e-2 * max(1.0, float(np.abs(post[3]).max())):
+        raise AssertionError(f"post_pivot logits differ by {logit_err:.3g}")
+    return (
+        f"pre_pivot hidden max err {hidden_err:.3g}, post_pivot logits max err {logit_err:.3g}, "
+        "same argmax (decode on the paged cache needs a TensorRT runtime backend: not run)"
+    )
+
+
+@check("torch-prefill")
+def torch_prefill() -> str:
+    _cuda()
+    cmd = [sys.executable, "-m", "structkv.cli", "bench", "prefill", "--device", "cuda",
+           "--methods", "full,structkv", "--lengths", "4096,32768", "--repeats", "3",
+           "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
+    return json.dumps(json.loads(proc.stdout))[:600]
+
+
+def main() -> int:
+    work = Path(os.environ.get("STRUCTKV_GPU_WORK", tempfile.mkdtemp(prefix="structkv-gpu-")))
+    build = work / "build"
+    print(f"# structkv GPU check, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, work dir {work}")
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True)  # fmt: skip
+        print(f"# {smi.stdout.strip()}")
+    triton_kernels()
+    plugin_build(build)
+    plugin_engine(build, work)
+    trt_graphs(work)
+    torch_prefill()
+    failed = [r for r in RESULTS if r[1] == "FAIL"]
+    print(f"# {len(RESULTS) - len(failed)} of {len(RESULTS)} not failed "
+          f"({sum(r[1] == 'SKIP' for r in RESULTS)} skipped)")  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
