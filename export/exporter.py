@@ -314,7 +314,7 @@ def export_engine(
             jobs,
         )
         if settings.target == "tensorrt":
-            io.update(_plugin_graphs(tmp, method, log))
+            _plugin_graphs(tmp, method, io, log)
         peak_mb = _finish_engine(tmp, lm, method, source, profile, settings, attention, io,
                                  store, start, jobs)  # fmt: skip
         _move_into_place(tmp, out)
@@ -329,19 +329,18 @@ def export_engine(
     return out
 
 
-def _plugin_graphs(tmp: Path, method, log) -> dict:
-    """--target tensorrt: the selection graphs as StructKVCompact nodes, checked like the rest."""
+def _plugin_graphs(tmp: Path, method, io: dict, log) -> None:
+    """--target tensorrt: the selection graphs as StructKVCompact nodes, checked like the rest
+    (their entries in ``io`` updated; the dynamic axes are the traced graphs')."""
     import onnx
 
     from structkv.export.tensorrt import PLUGIN_GRAPHS, rewrite_engine_graphs
 
     rewrite_engine_graphs(tmp, method)
-    io = {}
     for name in PLUGIN_GRAPHS:
         onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
-        io[name] = describe_io(onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False))
+        io[name].update(describe_io(onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)))
     log("compact.onnx and kv_select.onnx: StructKVCompact plugin nodes (TensorRT target)")
-    return io
 
 
 def _finish_engine(tmp, lm, method, source, profile, settings, attention, io, store, start, jobs):
@@ -400,6 +399,12 @@ def _trace(model, method, dtype, attention, store, directory: Path, names, log, 
             onnx_ir.save(ir_model, path)
             del ir_model
             io[name] = describe_io(onnx.load(path, load_external_data=False))
+            # the dynamic axes by meaning ("n", "batch", ...): ONNX keeps only symbol names, and
+            # a TensorRT build needs a range per axis (runtime.stages.TrtStages)
+            io[name]["dynamic"] = {
+                inp: {str(axis): dim.__name__ for axis, dim in axes.items()}
+                for inp, axes in dynamic.items()
+            }
             if log is not None:
                 log(f"{name}.onnx traced in {time.perf_counter() - t:.1f} s")
             if bar is not None:

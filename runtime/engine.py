@@ -21,7 +21,7 @@ from structkv.generate import eos_ids_of
 from structkv.manifest import method_from_manifest, read_manifest
 from structkv.prefill import PrefillStats
 from structkv.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
-from structkv.runtime.stages import BACKENDS, OrtStages, TorchStages
+from structkv.runtime.stages import BACKENDS, OrtStages, TorchStages, TrtStages
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -68,16 +68,6 @@ class Engine:
                 f"{directory} is a {manifest['dtype']} engine; this runtime keeps its paged KV "
                 "cache in numpy, which has no bfloat16: re-export with --dtype fp32 or fp16"
             )
-        stages = (
-            OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
-            if backend == "onnxruntime"
-            else TorchStages(manifest)
-        )
-        tokenizer = None
-        if manifest.get("tokenizer"):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         cfg = manifest["config"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         cache = PagedKVCache.from_megabytes(
@@ -88,6 +78,17 @@ class Engine:
             block_size,
             _NP_DTYPES[manifest["dtype"]],
         )
+        if backend == "onnxruntime":
+            stages = OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
+        elif backend == "tensorrt":
+            stages = TrtStages(directory, manifest, cache.num_blocks, block_size)
+        else:
+            stages = TorchStages(manifest)
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         return cls(directory, manifest, stages, tokenizer, cache)
 
     # -- prefill -----------------------------------------------------------------------------

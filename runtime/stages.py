@@ -3,7 +3,8 @@
 ``OrtStages`` opens one ONNX Runtime session per graph (CPUExecutionProvider here; CUDA /
 TensorRT execution providers when onnxruntime-gpu offers them). ``TorchStages`` runs the same
 stage modules (:mod:`structkv.graphs`) eagerly on the Hugging Face model: the oracle the parity
-tests compare ONNX Runtime with.
+tests compare ONNX Runtime with. ``TrtStages`` builds a TensorRT engine per graph of a
+``--target tensorrt`` engine (with the StructKVCompact plugin library) and runs it on the GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from structkv.errors import StructKVError
 from structkv.graphs import GRAPH_NAMES
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 GRAPHS = GRAPH_NAMES
 
 
@@ -102,3 +103,126 @@ class TorchStages:
             out = self.modules[name](**args)
         # numpy has no bfloat16; fp32/fp16 stages hand over their own dtype, as ONNX Runtime does
         return [o.float().numpy() if o.dtype == torch.bfloat16 else o.numpy() for o in out]
+
+
+#: Ranges of the dynamic axes (named by the exporter, manifest ``graphs[g]["dynamic"]``) for
+#: TensorRT's optimisation profile, as functions of the engine's limits.
+def _axis_ranges(manifest: dict, num_blocks: int, block: int, max_batch: int) -> dict:
+    window = manifest["method"]["window"]
+    tokens = manifest.get("max_prompt_tokens") or 4096
+    layers = manifest["config"]["num_hidden_layers"]
+    per_seq = -(-tokens // block) + 1
+    return {
+        "n": (window + 2, 512, tokens),
+        "prompt": (window + 2, 512, tokens),
+        "kept": (window + 1, 256, tokens),
+        "layers": (1, layers, layers),
+        "batch": (1, min(8, max_batch), max_batch),
+        "max_blocks": (1, min(8, per_seq), per_seq),
+        "blocks": (1, num_blocks, num_blocks),
+        "block": (block, block, block),
+    }
+
+
+class TrtStages:
+    """TensorRT engines of the five graphs, built at load (one optimisation profile each, ranges
+    from the engine's limits) and run on the current CUDA device through torch tensors.
+
+    Needs a ``--target tensorrt`` engine (plugin nodes, attention TensorRT builds), the
+    ``tensorrt`` package, a GPU and the plugin library (``STRUCTKV_TRT_PLUGIN``, default
+    ``build/plugins_trt/libnvinfer_plugin_structkv.so`` of this checkout). Inputs and outputs
+    stay numpy, like the other backends: the paged KV pool is host memory and crosses to the
+    device at every decode step (a device-resident pool is future work, issue 17)."""
+
+    def __init__(self, directory: Path, manifest: dict, num_blocks: int, block: int) -> None:
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as e:
+            raise StructKVError(f"the tensorrt backend needs tensorrt and torch: {e}") from None
+        if not torch.cuda.is_available():
+            raise StructKVError("the tensorrt backend needs a CUDA device; none is visible")
+        if manifest.get("target") != "tensorrt":
+            raise StructKVError(
+                f"{directory} was exported for ONNX Runtime; re-export it with --target tensorrt"
+            )
+        if any("dynamic" not in io for io in manifest["graphs"].values()):
+            raise StructKVError(f"{directory} predates TensorRT support; re-export it")
+        plugin = Path(
+            os.environ.get("STRUCTKV_TRT_PLUGIN")
+            or Path(__file__).resolve().parents[1]
+            / "build/plugins_trt/libnvinfer_plugin_structkv.so"
+        )
+        if not plugin.is_file():
+            raise StructKVError(
+                f"StructKVCompact plugin library not found at {plugin}: build it (cmake -S . -B "
+                "build && cmake --build build) or set STRUCTKV_TRT_PLUGIN"
+            )
+        self.trt, self.torch = trt, torch
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        trt.get_plugin_registry().load_library(str(plugin))
+        ranges = _axis_ranges(manifest, num_blocks, block, max_batch=16)
+        fp16 = manifest["dtype"] == "fp16"
+        self.engines, self.contexts = {}, {}
+        for name in GRAPHS:
+            engine = self._build(directory / f"{name}.onnx", manifest["graphs"][name], ranges, fp16)
+            self.engines[name] = engine
+            self.contexts[name] = engine.create_execution_context()
+        self.providers = ["TensorRT"]
+        self.stream = torch.cuda.Stream()
+
+    def _build(self, path: Path, io: dict, ranges: dict, fp16: bool):
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(path)):
+            raise StructKVError(f"TensorRT cannot parse {path.name}: {parser.get_error(0)}")
+        config = builder.create_builder_config()
+        if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        declared = {i["name"]: i["shape"] for i in io["inputs"]}
+        for tensor, axes in io["dynamic"].items():
+            shape = declared[tensor]
+            lo, opt, hi = ([d if isinstance(d, int) else 1 for d in shape] for _ in range(3))
+            for axis, dim in axes.items():
+                lo[int(axis)], opt[int(axis)], hi[int(axis)] = ranges[dim]
+            profile.set_shape(tensor, lo, opt, hi)
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise StructKVError(f"TensorRT could not build {path.name} (see its log above)")
+        return trt.Runtime(self.logger).deserialize_cuda_engine(blob)
+
+    def run(self, name: str, **inputs) -> list[np.ndarray]:
+        trt, torch = self.trt, self.torch
+        engine, context = self.engines[name], self.contexts[name]
+        keep = []
+        for key, value in inputs.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(value)).cuda()
+            keep.append(tensor)
+            context.set_input_shape(key, tuple(value.shape))
+            context.set_tensor_address(key, tensor.data_ptr())
+        dtypes = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.int64: torch.int64,
+            trt.int32: torch.int32,
+        }
+        outputs = []
+        for i in range(engine.num_io_tensors):
+            key = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(key) != trt.TensorIOMode.OUTPUT:
+                continue
+            out = torch.empty(
+                tuple(context.get_tensor_shape(key)),
+                dtype=dtypes[engine.get_tensor_dtype(key)],
+                device="cuda",
+            )
+            context.set_tensor_address(key, out.data_ptr())
+            outputs.append(out)
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise StructKVError(f"TensorRT failed to run {name}")
+        self.stream.synchronize()
+        return [o.cpu().numpy() for o in outputs]

@@ -226,9 +226,9 @@ def add_bench_parser(sub) -> None:
         )
         p.add_argument(
             "--backend",
-            choices=("onnxruntime", "torch"),
+            choices=("onnxruntime", "torch", "tensorrt"),
             default="onnxruntime",
-            help="engine backend (with --engine)",
+            help="engine backend (with --engine; tensorrt: a --target tensorrt engine on a GPU)",
         )
         if name == "prefill":
             p.add_argument("--lengths", default="1024,4096", help="comma-separated prompt lengths")

@@ -284,7 +284,10 @@ def cmd_methods(args) -> int:
 
 
 MODEL_HELP = "smollm2-135m (embedded, default), an alias, an HF directory, a .gguf or tiny-*"
-BACKEND_HELP = "onnxruntime (default) or torch (the stage modules eagerly: the parity oracle)"
+BACKEND_HELP = (
+    "onnxruntime (default), torch (the stage modules eagerly: the parity oracle) or tensorrt "
+    "(a --target tensorrt engine built into TensorRT engines on a GPU)"
+)
 SEED_HELP = "seed of the generated prompts (default 0)"
 DEVICE_HELP = "torch device for the model: cpu (default), cuda, cuda:N"
 
@@ -331,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rn.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     rn.add_argument(
-        "--backend", choices=("onnxruntime", "torch"), default="onnxruntime", help=BACKEND_HELP
+        "--backend",
+        choices=("onnxruntime", "torch", "tensorrt"),
+        default="onnxruntime",
+        help=BACKEND_HELP,
     )
     rn.add_argument("--kv-cache-mb", type=float, default=512, help="paged KV pool size")
     rn.add_argument("--json", action="store_true", help="print one JSON object")

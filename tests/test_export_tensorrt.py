@@ -83,3 +83,32 @@ def test_target_tensorrt_refuses_attention_tensorrt_cannot_parse(tmp_path, capsy
     assert export_cli([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "TensorRT cannot parse" in err and not out.exists()
+
+
+def test_dynamic_axes_are_named_for_tensorrt_profiles(trt_engine):
+    """TensorRT needs a range per dynamic axis; the manifest names each (ONNX keeps only
+    symbols) and the TensorRT backend has a range for every name."""
+    from structkv.runtime.stages import _axis_ranges
+
+    manifest = json.loads((trt_engine / "manifest.json").read_text())
+    ranges = _axis_ranges(manifest, num_blocks=100, block=16, max_batch=16)
+    for name, io in manifest["graphs"].items():
+        declared = {i["name"]: i["shape"] for i in io["inputs"]}
+        assert set(io["dynamic"]) <= set(declared), name
+        for tensor, axes in io["dynamic"].items():
+            for axis, dim in axes.items():
+                assert dim in ranges, (name, tensor, dim)
+                assert not isinstance(declared[tensor][int(axis)], int), (name, tensor, axis)
+                lo, opt, hi = ranges[dim]
+                assert 1 <= lo <= opt <= hi
+
+
+def test_tensorrt_backend_without_tensorrt_or_gpu_says_what_is_missing(trt_engine):
+    import torch
+
+    from structkv.errors import StructKVError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: scripts/gpu_check.sh runs the TensorRT backend")
+    with pytest.raises(StructKVError, match=r"tensorrt|CUDA"):
+        Engine.load(trt_engine, backend="tensorrt", kv_cache_mb=8)
