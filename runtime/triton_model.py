@@ -38,6 +38,21 @@ _OUT_DTYPES = {
     "TYPE_FP32": np.float32,
 }
 POLL_S = 0.1
+#: (key, metric name, description): gauges from Scheduler.counts(), counters from the observer
+_GAUGES = (
+    ("running", "structkv_requests_running", "requests decoding"),
+    ("waiting", "structkv_requests_waiting", "requests queued for KV blocks"),
+    ("blocks_used", "structkv_kv_blocks_used", "KV blocks holding tokens"),
+    ("blocks_free", "structkv_kv_blocks_free", "KV blocks not holding tokens"),
+)
+_COUNTERS = (
+    ("prompt_tokens", "structkv_prompt_tokens", "prompt tokens"),
+    ("saved", "structkv_prefill_tokens_saved",
+     "prompt tokens dropped at the pivot (not run through the later layers)"),
+    ("steps", "structkv_decode_steps", "batched decode steps"),
+    ("rows", "structkv_decode_rows",
+     "tokens decoded (rows / steps = requests sharing a decode step)"),
+)  # fmt: skip
 
 
 @dataclass
@@ -251,57 +266,44 @@ class TritonPythonModel:
 
     # -- cancellation and metrics ----------------------------------------------------------------
     def _metrics(self, instance: str) -> dict:
+        """Gauges (refreshed by the watcher) and counters (bumped by the observer hooks) on
+        Triton's metrics endpoint, labelled by model and instance."""
         pb = self.pb
-        labels = {"model": self.name, "instance": instance}
-        gauges = {}
+        self._labels = labels = {"model": self.name, "instance": instance}
         self._families = []  # a Metric must not outlive its MetricFamily: keep them both
-        for key, name, text in (
-            ("running", "structkv_requests_running", "requests decoding"),
-            ("waiting", "structkv_requests_waiting", "requests queued for KV blocks"),
-            ("blocks_used", "structkv_kv_blocks_used", "KV blocks holding tokens"),
-            ("blocks_free", "structkv_kv_blocks_free", "KV blocks not holding tokens"),
-        ):
-            family = pb.MetricFamily(name=name, description=text, kind=pb.MetricFamily.GAUGE)
+
+        def metric(name: str, text: str, kind):
+            family = pb.MetricFamily(name=name, description=text, kind=kind)
             self._families.append(family)
-            gauges[key] = family.Metric(labels=labels)
-        counter = pb.MetricFamily.COUNTER
-        self._labels = labels
-        self._finished_family = pb.MetricFamily(
-            name="structkv_requests_finished", description="requests by finish reason",
-            kind=counter,
-        )  # fmt: skip
+            return family
+
+        gauges = {
+            key: metric(name, text, pb.MetricFamily.GAUGE).Metric(labels=labels)
+            for key, name, text in _GAUGES
+        }
+        self._counters = {
+            key: metric(name, text, pb.MetricFamily.COUNTER).Metric(labels=labels)
+            for key, name, text in _COUNTERS
+        }
+        self._finished_family = metric(
+            "structkv_requests_finished", "requests by finish reason", pb.MetricFamily.COUNTER
+        )
         self._finished: dict[str, object] = {}
-        prompt = pb.MetricFamily(name="structkv_prompt_tokens", description="prompt tokens",
-                                 kind=counter)  # fmt: skip
-        saved = pb.MetricFamily(
-            name="structkv_prefill_tokens_saved",
-            description="prompt tokens dropped at the pivot (not run through the later layers)",
-            kind=counter,
-        )
-        steps = pb.MetricFamily(name="structkv_decode_steps", description="batched decode steps",
-                                kind=counter)  # fmt: skip
-        rows = pb.MetricFamily(
-            name="structkv_decode_rows",
-            description="tokens decoded (rows / steps = requests sharing a decode step)",
-            kind=counter,
-        )
-        self._families += [self._finished_family, prompt, saved, steps, rows]
-        self._prompt_tokens, self._saved = prompt.Metric(labels=labels), saved.Metric(labels=labels)
-        self._steps, self._rows = steps.Metric(labels=labels), rows.Metric(labels=labels)
         return gauges
 
     # the scheduler's observer hooks (its thread)
     def prefilled(self, request, seconds: float) -> None:
         n = len(request.prompt_ids)
-        self._prompt_tokens.increment(n)
-        self._saved.increment(max(0, n - (request.stats or {}).get("propagated_tokens", n)))
+        self._counters["prompt_tokens"].increment(n)
+        saved = max(0, n - (request.stats or {}).get("propagated_tokens", n))
+        self._counters["saved"].increment(saved)
 
     def inter_token(self, seconds: float) -> None:
         pass
 
     def decoded(self, batch_size: int) -> None:
-        self._steps.increment(1)
-        self._rows.increment(batch_size)
+        self._counters["steps"].increment(1)
+        self._counters["rows"].increment(batch_size)
 
     def finished(self, reason: str) -> None:
         if reason not in self._finished:
