@@ -207,6 +207,9 @@ class TritonPythonModel:
         except StructKVError as e:
             self._send_error(sender, str(e))
             return
+        except Exception as e:  # never leave a request without its final response
+            self._send_error(sender, f"{type(e).__name__}: {e}")
+            return
         with self.lock:
             if not flight.done:
                 self.inflight[flight.rid] = flight
