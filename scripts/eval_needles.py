@@ -48,6 +48,7 @@ def main() -> int:
     p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--window", type=int, help="observation window for every method (default 8)")
+    p.add_argument("--chunk", type=int, help="span-preserving selection for every method (0)")
     p.add_argument("--out", help="write the JSON result here")
     args = p.parse_args()
 
@@ -61,6 +62,8 @@ def main() -> int:
     results = {}
     for name in args.methods.split(","):
         knobs = {} if args.window is None else {"window": args.window}
+        if args.chunk is not None:
+            knobs["chunk"] = args.chunk
         method = as_method(name, lm.model_id, **knobs)
         rows = []
         for needle in prompts:
@@ -109,6 +112,7 @@ def main() -> int:
         "haystack": args.haystack,
         "length": args.length,
         "window": args.window or 8,
+        "chunk": args.chunk or 0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "results": results,

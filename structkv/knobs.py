@@ -34,6 +34,8 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
     ("--window", "window", int, "observation window w, last prompt tokens always kept (default 8)"),
     ("--pooling", "pooling", int, "odd pooling kernel over token scores, 1 = off (default 7)"),
     ("--pool-mode", "pool_mode", str, "pooling mode: max (SnapKV) | avg (kvpress) (default max)"),
+    ("--chunk", "chunk", int,
+     "keep whole spans of this many tokens instead of single tokens, 0 = token level (default 0)"),
     ("--lambda", "lam", float, "centrality decay λ in [0, 1] (default: calibration profile)"),
     ("--pivot", "pivot", parse_pivot,
      "auto (calibration profile) | online (detect per prompt) | a layer index (default auto)"),

@@ -43,13 +43,41 @@ def topk_with_window(scores: torch.Tensor, k: int, window: int) -> torch.Tensor:
 
 
 def select_tokens(
-    scores: torch.Tensor, k: int, window: int, pooling: int, pool_mode: str
+    scores: torch.Tensor, k: int, window: int, pooling: int, pool_mode: str, chunk: int = 0
 ) -> torch.Tensor:
     """The one selection of §4 and §5: pool the non-window scores, keep the top ``k`` plus the
     window, ascending. ``scores`` is ``[..., n]`` (centrality ``[n]`` for propagation, per-head
     saliency ``[G, n]`` or ``[layers, G, n]`` for KV selection). The torch methods, calibration
-    and the exported ``compact`` / ``kv_select`` graphs all call this."""
-    return topk_with_window(pool_scores(scores, pooling, window, pool_mode), k, window)
+    and the exported ``compact`` / ``kv_select`` graphs all call this. ``chunk`` > 1 keeps whole
+    chunks instead of single tokens (:func:`topk_chunks_with_window`)."""
+    pooled = pool_scores(scores, pooling, window, pool_mode)
+    if chunk > 1:
+        return topk_chunks_with_window(pooled, k, window, chunk)
+    return topk_with_window(pooled, k, window)
+
+
+def topk_chunks_with_window(scores: torch.Tensor, k: int, window: int, chunk: int) -> torch.Tensor:
+    """Span-preserving selection: the non-window tokens are cut into chunks of ``chunk`` tokens
+    from the start; a chunk's score is the mean of its (pooled) scores; the best chunks are kept
+    whole, plus the window, ascending (ties to the lower chunk). The ``r = (n - w) % chunk``
+    tokens between the last whole chunk and the window belong to no chunk and are always kept
+    (they extend the window), so every row keeps the same count: ``max(1, (k - r) // chunk)``
+    chunks, i.e. at most ``max(k, chunk + r)`` non-window tokens.
+
+    Why: token-level top-k cuts a 7-digit number or a name apart (typically 5 of 7 digits
+    survive); a chunk keeps a span together (kvpress's ChunkKVPress does this for the cache)."""
+    n = scores.shape[-1]
+    candidates = n - window
+    whole = candidates // chunk
+    if whole == 0:  # nothing to choose between: keep everything
+        return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n)
+    rest = candidates - whole * chunk
+    keep = min(whole, max(1, (k - rest) // chunk))
+    means = scores[..., : whole * chunk].reshape(*scores.shape[:-1], whole, chunk).mean(-1)
+    best = means.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(-1).values
+    spans = (best[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
+    tail = torch.arange(whole * chunk, n, device=scores.device).expand(*scores.shape[:-1], -1)
+    return torch.cat([spans, tail], dim=-1)
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,10 @@ def check_ratio(name: str, value: float) -> None:
 @dataclass
 class Method:
     """Observation window ``window`` (last w prompt tokens, always kept, never counted against a
-    budget), pooling kernel ``pooling`` over the non-window token scores (1 disables; §1) and
-    ``pool_mode`` "max" (SnapKV/FastKV) or "avg" (kvpress's SnapKVPress)."""
+    budget), pooling kernel ``pooling`` over the non-window token scores (1 disables; §1),
+    ``pool_mode`` "max" (SnapKV/FastKV) or "avg" (kvpress's SnapKVPress), and ``chunk``: 0 (or
+    1) selects single tokens, c > 1 whole spans of c tokens (span-preserving,
+    :func:`structkv.selection.topk_chunks_with_window`), for every method alike."""
 
     name: ClassVar[str] = "base"
     #: Whether the prefill loop must compute window attention, saliency and pivot metrics.
@@ -45,6 +47,7 @@ class Method:
     window: int = 8
     pooling: int = 7
     pool_mode: str = "max"
+    chunk: int = 0
 
     @classmethod
     def knobs(cls) -> list[str]:
@@ -56,6 +59,10 @@ class Method:
             raise StructKVError(f"window must be a positive integer, got {self.window!r}")
         if not isinstance(self.pooling, int) or self.pooling < 1 or self.pooling % 2 == 0:
             raise StructKVError(f"pooling must be an odd integer >= 1, got {self.pooling!r}")
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 0:
+            raise StructKVError(
+                f"chunk must be an integer >= 0 (0: token-level selection), got {self.chunk!r}"
+            )
         if self.pool_mode not in POOL_MODES:
             raise StructKVError(
                 f"pool_mode must be one of {', '.join(POOL_MODES)}, got {self.pool_mode!r}"
@@ -91,7 +98,7 @@ class Method:
 
     def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """:func:`structkv.selection.select_tokens` with this method's window and pooling."""
-        return select_tokens(scores, k, self.window, self.pooling, self.pool_mode)
+        return select_tokens(scores, k, self.window, self.pooling, self.pool_mode, self.chunk)
 
     def begin(self, num_layers: int, n_prompt: int) -> object:
         """Per-prefill mutable state (the dataclass itself stays a pure configuration)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from structkv.methods.base import Method
 from structkv.methods.full import Full
 from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
-from structkv.selection import budget, topk_with_window
+from structkv.selection import budget, topk_chunks_with_window, topk_with_window
 
 
 @dataclass
@@ -45,8 +45,11 @@ class GemFilter(Method):
             scores = F.avg_pool1d(
                 scores[None, None], self.avg_kernel, 1, pad, count_include_pad=False
             )[0, 0]
-            state.selected = topk_with_window(
-                scores, budget(self.r_kv, view.prompt_len), self.window
+            k = budget(self.r_kv, view.prompt_len)
+            state.selected = (
+                topk_chunks_with_window(scores, k, self.window, self.chunk)
+                if self.chunk > 1
+                else topk_with_window(scores, k, self.window)
             )
 
     def finish(self, state: _FilterState, stats: PrefillStats) -> None:
