@@ -13,9 +13,6 @@ namespace structkv
 {
 namespace
 {
-char const* const kNAME = "StructKVCompact";
-char const* const kVERSION = "1";
-char const* const kNAMESPACE = "structkv";
 
 std::string fieldText(PluginField const& f)
 {
@@ -27,32 +24,29 @@ std::string fieldText(PluginField const& f)
     return std::string(chars, strnlen(chars, static_cast<size_t>(f.length)));
 }
 
+//! One number from a field stored as either of two types (ONNX attributes arrive as int32/int64
+//! or float32/float64 depending on who wrote the graph).
+template <typename Out, typename Narrow, typename Wide>
+Out fieldNumber(PluginField const& f, PluginFieldType narrow, PluginFieldType wide, char const* what)
+{
+    if (f.data == nullptr || f.length != 1 || (f.type != narrow && f.type != wide))
+    {
+        throw std::invalid_argument(std::string("attribute ") + f.name + " must be one " + what);
+    }
+    return f.type == narrow ? static_cast<Out>(*static_cast<Narrow const*>(f.data))
+                            : static_cast<Out>(*static_cast<Wide const*>(f.data));
+}
+
 int64_t fieldInt(PluginField const& f)
 {
-    if (f.data == nullptr || f.length != 1)
-    {
-        throw std::invalid_argument(std::string("attribute ") + f.name + " must be one integer");
-    }
-    switch (f.type)
-    {
-    case PluginFieldType::kINT32: return *static_cast<int32_t const*>(f.data);
-    case PluginFieldType::kINT64: return *static_cast<int64_t const*>(f.data);
-    default: throw std::invalid_argument(std::string("attribute ") + f.name + " must be an int32 or int64");
-    }
+    return fieldNumber<int64_t, int32_t, int64_t>(
+        f, PluginFieldType::kINT32, PluginFieldType::kINT64, "int32 or int64");
 }
 
 double fieldFloat(PluginField const& f)
 {
-    if (f.data == nullptr || f.length != 1)
-    {
-        throw std::invalid_argument(std::string("attribute ") + f.name + " must be one number");
-    }
-    switch (f.type)
-    {
-    case PluginFieldType::kFLOAT32: return *static_cast<float const*>(f.data);
-    case PluginFieldType::kFLOAT64: return *static_cast<double const*>(f.data);
-    default: throw std::invalid_argument(std::string("attribute ") + f.name + " must be a float32 or float64");
-    }
+    return fieldNumber<double, float, double>(
+        f, PluginFieldType::kFLOAT32, PluginFieldType::kFLOAT64, "float32 or float64");
 }
 
 bool isFloatType(DataType t)
@@ -230,21 +224,6 @@ IPluginV3* StructKVCompactPlugin::clone() noexcept
         logError(e.what());
         return nullptr;
     }
-}
-
-char const* StructKVCompactPlugin::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* StructKVCompactPlugin::getPluginVersion() const noexcept
-{
-    return kVERSION;
-}
-
-char const* StructKVCompactPlugin::getPluginNamespace() const noexcept
-{
-    return kNAMESPACE;
 }
 
 int32_t StructKVCompactPlugin::getNbInputs() const noexcept
@@ -540,21 +519,6 @@ StructKVCompactPluginCreator::StructKVCompactPluginCreator()
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
-}
-
-char const* StructKVCompactPluginCreator::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* StructKVCompactPluginCreator::getPluginVersion() const noexcept
-{
-    return kVERSION;
-}
-
-char const* StructKVCompactPluginCreator::getPluginNamespace() const noexcept
-{
-    return kNAMESPACE;
 }
 
 PluginFieldCollection const* StructKVCompactPluginCreator::getFieldNames() noexcept

@@ -45,8 +45,32 @@ struct CompactParams
 
 char const* modeName(SelectionMode mode) noexcept;
 
+//! The plugin's identity, written once: IPluginV3OneCore and IPluginCreatorV3One both declare
+//! these three getters, and the plugin and its creator must answer them identically.
+inline constexpr char const* kPLUGIN_NAME = "StructKVCompact";
+inline constexpr char const* kPLUGIN_VERSION = "1";
+inline constexpr char const* kPLUGIN_NAMESPACE = "structkv";
+
+template <typename Interface>
+class WithStructKVIdentity : public Interface
+{
+public:
+    char const* getPluginName() const noexcept override
+    {
+        return kPLUGIN_NAME;
+    }
+    char const* getPluginVersion() const noexcept override
+    {
+        return kPLUGIN_VERSION;
+    }
+    char const* getPluginNamespace() const noexcept override
+    {
+        return kPLUGIN_NAMESPACE;
+    }
+};
+
 class StructKVCompactPlugin : public nvinfer1::IPluginV3,
-                              public nvinfer1::IPluginV3OneCore,
+                              public WithStructKVIdentity<nvinfer1::IPluginV3OneCore>,
                               public nvinfer1::IPluginV3OneBuild,
                               public nvinfer1::IPluginV3OneRuntime
 {
@@ -63,10 +87,7 @@ public:
     nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
     nvinfer1::IPluginV3* clone() noexcept override;
 
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
+    // IPluginV3OneCore: WithStructKVIdentity
 
     // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
@@ -102,15 +123,12 @@ private:
     nvinfer1::PluginFieldCollection mFieldCollection{};
 };
 
-class StructKVCompactPluginCreator : public nvinfer1::IPluginCreatorV3One
+class StructKVCompactPluginCreator : public WithStructKVIdentity<nvinfer1::IPluginCreatorV3One>
 {
 public:
     StructKVCompactPluginCreator();
     ~StructKVCompactPluginCreator() override = default;
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;

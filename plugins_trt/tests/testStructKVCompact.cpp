@@ -222,6 +222,11 @@ void testCreatorAndDefaults()
     CHECK(p->params().window == 8 && p->params().pooling == 7 && !p->params().avgPool);
     CHECK(p->getNbOutputs() == 2 && p->getNbInputs() == 2);
     CHECK(p->getCapabilityInterface(PluginCapabilityType::kCORE) != nullptr);
+    // the plugin answers with the creator's identity (TensorRT matches the two)
+    auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
+    CHECK(std::strcmp(core->getPluginName(), creator.getPluginName()) == 0);
+    CHECK(std::strcmp(core->getPluginVersion(), creator.getPluginVersion()) == 0);
+    CHECK(std::strcmp(core->getPluginNamespace(), creator.getPluginNamespace()) == 0);
     CHECK(p->getCapabilityInterface(PluginCapabilityType::kBUILD) != nullptr);
     CHECK(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME) != nullptr);
 }
@@ -233,7 +238,7 @@ void testRefusals()
         char const* what;
         Fields fields;
     };
-    std::vector<Case> cases(8);
+    std::vector<Case> cases(9);
     cases[0] = {"bad mode", Fields().text("mode", "sorted")};
     cases[1] = {"even pooling", Fields().i32("pooling", 4)};
     cases[2] = {"window 0", Fields().i32("window", 0)};
@@ -242,6 +247,7 @@ void testRefusals()
     cases[5] = {"unknown field", Fields().i32("topk", 3)};
     cases[6] = {"num without den", Fields().i32("ratio_num", 1)};
     cases[7] = {"bad pool_mode", Fields().text("pool_mode", "min")};
+    cases[8] = {"window as a float", Fields().f32("window", 8.0f)};
     for (auto& c : cases)
     {
         std::fprintf(stderr, "(expected refusal: %s) ", c.what);
