@@ -7,7 +7,13 @@ Checks, each independent (a missing piece skips only what needs it):
   triton-kernels   the selection kernels JIT-compiled and run on the GPU: identical indices to
                    the torch path (CPU) for N = 4K, 32K, 128K (K up to 26K > TensorRT's 3840),
                    and the gathers; time per selection
-  plugin-build     plugins_trt/ built with cmake against the installed TensorRT
+  plugin-build     plugins_trt/ built with cmake against the installed TensorRT (else the
+                   11.1 headers in shared/); STRUCTKV_CUBINS_HEADER=FILE uses cubins compiled
+                   elsewhere (CI's Triton) instead of this machine's Triton
+  plugin-enqueue   the plugin's own enqueue (created by its creator, no TensorRT library:
+                   libstructkv_plugin_selftest.so) on CUDA tensors: compact with fp32 / fp16 /
+                   bf16 rows at N = 4K, 32K, 128K (K > 3840) and kv_select in fp16, outputs
+                   equal to the torch selection, element for element; time per call
   plugin-engine    TensorRT engines of a --target tensorrt engine's compact / kv_select graphs
                    (the StructKVCompact plugin loaded from the library): outputs equal to the
                    ONNX Runtime reference on the same inputs
@@ -15,9 +21,12 @@ Checks, each independent (a missing piece skips only what needs it):
                    (Engine backend "tensorrt"): the same greedy tokens as ONNX Runtime (CPU,
                    fp32, the plugin's reference op), logits within 1e-2; prefill and decode
                    timings
-  torch-prefill    torch on cuda, embedded model: prefill seconds at 4K and 32K for full vs
-                   structkv, and decode tokens/s (structkv bench)
+  torch-prefill    torch on cuda in bf16: prefill seconds at 4K and 32K, full vs structkv
+                   (structkv.bench, medians, paired speedups) for the embedded model when
+                   installed, else random weights of its shape, and random weights of
+                   Llama-3.1-8B's shape (speed does not depend on the weights' values)
 Exit status: 1 if any check FAILED, else 0. Nothing here downloads anything.
+STRUCTKV_GPU_OUT=DIR also writes DIR/gpu_check.json (every check's status, detail and data).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS: list[tuple[str, str, str]] = []
+DATA: dict[str, object] = {}  # per check: measurements for gpu_check.json
 
 
 def report(name: str, status: str, detail: str = "") -> None:
@@ -123,8 +133,10 @@ def plugin_build(build: Path) -> str:
     if shutil.which("cmake") is None:
         raise Skip("cmake not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build),
-                          f"-DPython3_EXECUTABLE={sys.executable}"],
+    defs = [f"-DPython3_EXECUTABLE={sys.executable}"]
+    if os.environ.get("STRUCTKV_CUBINS_HEADER"):
+        defs.append(f"-DSTRUCTKV_CUBINS_HEADER={os.environ['STRUCTKV_CUBINS_HEADER']}")
+    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *defs],
                          capture_output=True, text=True, env=env)  # fmt: skip
     if cfg.returncode != 0:
         raise AssertionError(cfg.stderr[-600:])
@@ -137,7 +149,55 @@ def plugin_build(build: Path) -> str:
     if test.returncode != 0:
         raise AssertionError(test.stderr[-600:])
     headers = "real TensorRT" if "third_party" not in cfg.stdout else "TensorRT 11.1 headers"
-    return f"built against {headers}; host tests pass"
+    cubins = "prebuilt cubins" if "prebuilt" in cfg.stdout else "cubins from this Triton"
+    return f"built against {headers}, {cubins}; host tests pass"
+
+
+@check("plugin-enqueue")
+def plugin_enqueue(build: Path) -> str:
+    torch = _cuda()
+    lib = build / "plugins_trt" / "libstructkv_plugin_selftest.so"
+    if not lib.is_file():
+        raise Skip("the selftest library was not built (see plugin-build)")
+    from structkv.kernels.plugin_selftest import PluginSelftest, reference
+
+    plugin = PluginSelftest(lib)
+    times = {}
+
+    def compare(label, mode, inputs, **attrs):
+        got = plugin.run(mode, [t.cuda() for t in inputs], **attrs)
+        want = reference(mode, inputs, **{"r": 0.2, "window": 8, "pooling": 7,
+                                          "pool_mode": "max", **attrs})  # fmt: skip
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a.shape != b.shape or not torch.equal(a.cpu(), b):
+                raise AssertionError(f"{label}: output {i} differs from the torch selection "
+                                     f"(shapes {tuple(a.shape)} vs {tuple(b.shape)})")  # fmt: skip
+        cuda_inputs = [t.cuda() for t in inputs]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            plugin.run(mode, cuda_inputs, **attrs)
+        times[label] = round((time.perf_counter() - start) / 10 * 1e3, 3)
+
+    g = torch.Generator().manual_seed(0)
+    for n in (4096, 32768, 131072):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            hidden = torch.randn(1, n, 576, generator=g).to(dtype)
+            compare(f"compact {n // 1024}K {str(dtype)[6:]}", "compact",
+                    [hidden, torch.rand(n, generator=g)])  # fmt: skip
+        ties = torch.randint(0, 4, (n,), generator=g).float()  # many equal scores
+        compare(f"compact {n // 1024}K ties", "compact", [torch.randn(1, n, 64, generator=g), ties])
+    n, prompt = 3000, 9000
+    keys, values = (torch.randn(15, 3, n, 64, generator=g).half() for _ in range(2))
+    kv = [keys, values, torch.rand(15, 3, n, generator=g),
+          torch.randperm(prompt, generator=g)[:n].sort().values,
+          torch.zeros(prompt, dtype=torch.int64)]  # fmt: skip
+    compare("kv_select fp16 r_kv 0.1", "kv_select", kv, r=0.1)
+    compare("kv_select fp16 avg pool 3", "kv_select", kv, r=0.1, pooling=3, pool_mode="avg")
+    DATA["plugin-enqueue"] = {"ms_per_call": times}
+    return f"{len(times)} cases equal to the torch selection; ms/call: " + ", ".join(
+        f"{k} {v}" for k, v in times.items() if "ties" not in k
+    )
 
 
 def _trt():
@@ -246,12 +306,12 @@ def trt_engine(build: Path, work: Path) -> str:
     """The whole engine on TensorRT (the five graphs built with the plugin, the paged KV cache)
     against ONNX Runtime (CPU, fp32, the plugin's reference op): same greedy tokens, logits
     within 1e-2 (relative to their range) in fp16; then prefill / decode timings."""
+    _cuda()
+    _trt()
     import numpy as np
 
     from structkv.runtime.engine import Engine
 
-    _cuda()
-    _trt()
     os.environ.setdefault("STRUCTKV_TRT_PLUGIN", str(_plugin_library(build)))
     fp16 = _export(work / "smollm2-trt-fp16", "--target", "tensorrt", "--dtype", "fp16")
     ref = Engine.load(_export(work / "smollm2-trt", "--target", "tensorrt"), kv_cache_mb=256)
@@ -282,16 +342,62 @@ def trt_engine(build: Path, work: Path) -> str:
     )
 
 
+#: Random-weight stand-ins of real shapes (prefill speed does not depend on weight values).
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False, rope_theta=500000.0),
+}  # fmt: skip
+
+
+def _random_model(name: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from structkv.models import LoadedModel
+
+    spec = dict(SHAPES[name])
+    theta = spec.pop("rope_theta")
+    config = AutoConfig.for_model("llama", max_position_embeddings=131072,
+                                  rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                  **spec)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    return LoadedModel(model, None, f"random-{name}")
+
+
 @check("torch-prefill")
 def torch_prefill() -> str:
-    _cuda()
-    cmd = [sys.executable, "-m", "structkv.cli", "bench", "prefill", "--device", "cuda",
-           "--methods", "full,structkv", "--lengths", "4096,32768", "--repeats", "3",
-           "--json"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise AssertionError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
-    return json.dumps(json.loads(proc.stdout))[:600]
+    torch = _cuda()
+    from structkv.bench import bench_prefill
+
+    out, rows_all = [], {}
+    for name in SHAPES:
+        lm = None
+        if name == "smollm2-135m":
+            try:
+                from structkv.models import load
+
+                lm = load(name, dtype=torch.bfloat16, device="cuda")
+            except Exception as e:  # the embedded package is absent: its shape, random weights
+                print(f"# {name}: {e}; random weights of its shape", flush=True)
+        lm = lm or _random_model(name)
+        rows = bench_prefill(lm, [4096, 32768], ["full", "structkv"], repeats=3, warmup=1)
+        rows_all[lm.model_id] = rows
+        full = {r["length"]: r["median_s"] for r in rows if r["method"] == "full"}
+        for r in rows:
+            if r["method"] != "full":
+                out.append(f"{lm.model_id} {r['length'] // 1024}K: full {full[r['length']]} s,"
+                           f" structkv {r['median_s']} s ({r['speedup_vs_full']}x, compute "
+                           f"fraction {r['compute_fraction']})")  # fmt: skip
+        del lm
+        torch.cuda.empty_cache()
+    DATA["torch-prefill"] = rows_all
+    return "; ".join(out)
 
 
 def main() -> int:
@@ -304,10 +410,20 @@ def main() -> int:
         print(f"# {smi.stdout.strip()}")
     triton_kernels()
     plugin_build(build)
+    plugin_enqueue(build)
     plugin_engine(build, work)
     trt_engine(build, work)
     torch_prefill()
     failed = [r for r in RESULTS if r[1] == "FAIL"]
+    if os.environ.get("STRUCTKV_GPU_OUT"):
+        import torch
+
+        doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "checks": [{"name": n, "status": st, "detail": d} for n, st, d in RESULTS],
+               "data": DATA}  # fmt: skip
+        path = Path(os.environ["STRUCTKV_GPU_OUT"]) / "gpu_check.json"
+        path.write_text(json.dumps(doc, indent=1))
     print(f"# {len(RESULTS) - len(failed)} of {len(RESULTS)} not failed "
           f"({sum(r[1] == 'SKIP' for r in RESULTS)} skipped)")  # fmt: skip
     return 1 if failed else 0

@@ -19,11 +19,26 @@ from structkv.knobs import add_method_args, method_knobs
 
 
 def _prompt_ids(lm, length: int) -> torch.Tensor:
+    """The needle prompt of ``length`` tokens (random ids for a model without a tokenizer: a
+    random-weight model of a real shape, timed where its weights are absent), on the model's
+    device."""
+    device = next(lm.model.parameters()).device
+    if lm.tokenizer is None:
+        vocab = int(lm.model.config.vocab_size)
+        g = torch.Generator().manual_seed(length)
+        return torch.randint(0, vocab, (length,), generator=g).to(device)
     from structkv.generate import encode_prompt
     from structkv.prompts.needle import make_needle_prompt
 
     prompt = make_needle_prompt(lm.tokenizer, length, depth=0.5, seed=0).prompt
-    return encode_prompt(lm.tokenizer, prompt, chat=bool(lm.tokenizer.chat_template))
+    return encode_prompt(lm.tokenizer, prompt, chat=bool(lm.tokenizer.chat_template)).to(device)
+
+
+def _sync(lm) -> None:
+    """Wait for queued device work, so a timer read afterwards measures it (CUDA is async)."""
+    device = next(lm.model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _methods(lm, names: list[str], knobs: dict):
@@ -60,8 +75,10 @@ def bench_prefill(lm, lengths, names, repeats=3, warmup=1, knobs=None) -> list[d
         last = {}
         for rnd in range(warmup + repeats):
             for name, method in methods.items():
+                _sync(lm)
                 start = time.perf_counter()
                 result = method.prefill(lm.model, ids)
+                _sync(lm)
                 elapsed = time.perf_counter() - start
                 last[name] = result.stats
                 if rnd >= warmup:

@@ -41,3 +41,22 @@ def test_decode_rows(smollm2):
 def test_bench_refuses_too_few_repeats(smollm2):
     with pytest.raises(StructKVError, match="repeats"):
         bench_prefill(smollm2, [256], ["full"], repeats=2)
+
+
+def test_a_model_without_tokenizer_is_timed_on_random_ids_of_its_vocabulary():
+    """Random-weight models of real shapes (the GPU check times them where weights are absent)
+    have no tokenizer: the benchmark uses seeded random ids within the vocabulary, of exactly the
+    requested length."""
+    from structkv.bench import _prompt_ids
+    from structkv.models import tiny_model
+
+    lm = tiny_model("tiny-qwen2", num_layers=4)
+    ids = _prompt_ids(lm, 300)
+    assert (
+        ids.shape == (300,)
+        and int(ids.max()) < lm.config.vocab_size
+        and len(set(ids.tolist())) > 100
+    )
+    assert ids.device == next(lm.model.parameters()).device
+    rows = bench_prefill(lm, [300], ["structkv"], repeats=3, warmup=1)
+    assert {r["length"] for r in rows} == {300}

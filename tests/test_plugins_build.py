@@ -101,6 +101,50 @@ def test_output_shapes_match_the_python_budget(build):
     assert [int(x) for x in got] == want
 
 
+def _has_cuda_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def test_selftest_library_sizes_the_workspace_and_fails_cleanly_without_a_driver(build):
+    """The selftest library (the plugin's enqueue callable on device buffers; the GPU check runs
+    it against the torch selection) exports only its C entry points beside the plugin's, links
+    neither TensorRT nor libcuda, reports the workspace the README states, and without a GPU
+    driver its enqueue fails with one message instead of crashing."""
+    import torch
+
+    from structkv.kernels.plugin_selftest import PluginError, PluginSelftest
+
+    lib = build / "libstructkv_plugin_selftest.so"
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    exported = {line.split()[-1] for line in symbols.splitlines() if " T " in line}
+    assert {"structkv_selftest_workspace", "structkv_selftest_enqueue"} <= exported
+    dynamic = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+    assert "libnvinfer" not in dynamic and "libcuda" not in dynamic
+    plugin = PluginSelftest(lib)
+    # README: rows * n int32 keys, rounded up to 256 bytes (+ rows * n int64 indices, kv_select)
+    for n in (100, 4099):
+        described = plugin._describe([torch.zeros(1, n, 8), torch.zeros(n)])
+        ws = plugin.lib.structkv_selftest_workspace(b"compact", 1, 5, 8, 7, b"max", *described)
+        assert ws == (n * 4 + 255) // 256 * 256
+        kv = [torch.zeros(2, 3, n, 4), torch.zeros(2, 3, n, 4), torch.zeros(2, 3, n),
+              torch.zeros(n, dtype=torch.int64), torch.zeros(2 * n, dtype=torch.int64)]  # fmt: skip
+        ws = plugin.lib.structkv_selftest_workspace(b"kv_select", 1, 10, 8, 7, b"max",
+                                                    *plugin._describe(kv))  # fmt: skip
+        assert ws == (6 * n * 4 + 255) // 256 * 256 + 6 * n * 8
+    with pytest.raises(PluginError, match="refused"):
+        plugin.run("bogus", [torch.zeros(1, 50, 8), torch.zeros(50)])
+    if not _has_cuda_driver():
+        with pytest.raises(PluginError, match="enqueue failed"):
+            plugin.run("compact", [torch.zeros(1, 50, 8), torch.zeros(50)])
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed on this machine")
 def test_plugin_compiles_with_nvcc(build, tmp_path):
     """The same sources through nvcc (as a CUDA build of TensorRT plugins would compile them)."""
