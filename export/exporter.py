@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -131,7 +131,11 @@ def resolve_method(lm, settings: ExportSettings, log=_log) -> tuple[StructKV, st
         source = "calibration profile"
     else:
         source = "fixed by --pivot"
+    given = settings.method
     method, _ = method.with_profile(profile)
+    if method.chunk > 1 and "chunk" in given.from_profile:
+        log(f"the profile's chunk {method.chunk} is not used: engines select single tokens")
+        method = replace(method, chunk=0)
     method.check_engine(len(lm.model.model.layers))
     return method, source, profile
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
+from structkv.knobs import add_method_args, method_knobs
+from structkv.methods import METHODS as METHOD_CLASSES
 from structkv.models import DEFAULT_MODEL, load
 from structkv.prompts.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
 
@@ -47,10 +49,10 @@ def main() -> int:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--window", type=int, help="observation window for every method (default 8)")
-    p.add_argument("--chunk", type=int, help="span-preserving selection for every method (0)")
     p.add_argument("--out", help="write the JSON result here")
+    add_method_args(p)  # --window, --chunk, --r-kv, ...: given to every method that has the knob
     args = p.parse_args()
+    given = method_knobs(args)
 
     lm = load(args.model)
     tok = lm.tokenizer
@@ -61,10 +63,8 @@ def main() -> int:
     ]
     results = {}
     for name in args.methods.split(","):
-        knobs = {} if args.window is None else {"window": args.window}
-        if args.chunk is not None:
-            knobs["chunk"] = args.chunk
-        method = as_method(name, lm.model_id, **knobs)
+        own = METHOD_CLASSES[name].knobs()
+        method = as_method(name, lm.model_id, **{k: v for k, v in given.items() if k in own})
         rows = []
         for needle in prompts:
             ids = encode_prompt(tok, needle.prompt, chat=True)
@@ -99,6 +99,7 @@ def main() -> int:
                 statistics.mean(r["propagated_survival"] for r in rows), 3
             ),
             "kv_survival": round(statistics.mean(r["kv_survival"] for r in rows), 3),
+            "config": method.to_dict(),
             "rows": rows,
         }
         r = results[name]
@@ -111,8 +112,7 @@ def main() -> int:
         "model": lm.model_id,
         "haystack": args.haystack,
         "length": args.length,
-        "window": args.window or 8,
-        "chunk": args.chunk or 0,
+        "knobs": given,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": torch.get_num_threads(),
         "results": results,

@@ -59,14 +59,21 @@ def _log(msg: str) -> None:
 
 
 @torch.inference_mode()
-def bench_prefill(lm, lengths, names, repeats=3, warmup=1, knobs=None) -> list[dict]:
+def bench_prefill(
+    lm, lengths, names, repeats=3, warmup=1, knobs=None, instances=None
+) -> list[dict]:
     """Per length and method: median prefill seconds, speedup vs full (median of per-round
-    ratios; the ratio of medians is reported too), and the centrality/pivot overhead."""
+    ratios; the ratio of medians is reported too), and the centrality/pivot overhead.
+    ``instances`` (label -> method, "full" among them) times configured methods instead of
+    ``names`` with ``knobs`` (the frontier's budget settings)."""
     if repeats < 3:
         raise StructKVError("--repeats must be >= 3 (medians of fewer runs are noise)")
-    if "full" not in names:
-        names = ["full", *names]
-    methods = _methods(lm, names, knobs or {})
+    if instances is not None:
+        methods, names = dict(instances), list(instances)
+    else:
+        if "full" not in names:
+            names = ["full", *names]
+        methods = _methods(lm, names, knobs or {})
     rows = []
     for length in lengths:
         ids = _prompt_ids(lm, length)

@@ -14,6 +14,7 @@ since the KV selection of the layers before the pivot does not depend on the can
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from structkv.methods import Full, SnapKV, StructKV
 from structkv.pivot import OnlinePivot, metric_scales, search_range
 from structkv.prefill import Compacted, LayerView, compact, continue_prefill, run_prefill_shared
 from structkv.profile import FORMAT_VERSION
-from structkv.prompts.haystack import paragraphs
+from structkv.prompts.haystack import calibration_paragraphs
 from structkv.prompts.needle import build_context
 from structkv.selection import budget
 
@@ -39,19 +40,44 @@ TASKS = (
     "Continue the text above with one more paragraph in the same style.",
     "List the three most important ideas in the text above.",
 )
+#: Self-supervised recall probe: quote the start of a sentence from early in the document and
+#: ask for the rest. Label-free (the reference is the full-context model's own answer) and it
+#: needs retrieval, which the generic endings barely exercise. Its wording, the prose pool
+#: (calibration_paragraphs) and the question differ from every evaluation template.
+PROBE = (
+    'Here is the beginning of a sentence from the text above: "{start} ..." '
+    "Write out the rest of that sentence exactly as it appears in the text."
+)
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: The paper's operating point: prefill computation reduced by 40% (compute fraction 0.6).
 DEFAULT_COMPUTE_CAP = 0.6
 
 
+def _probe(context: list[str], rng: random.Random) -> str | None:
+    """A recall question on a sentence of >= 12 words from the first 60 % of ``context``."""
+    early = context[: max(1, int(0.6 * len(context)))]
+    sentences = [
+        sent
+        for para in early
+        for sent in re.split(r"(?<=[.!?])\s+", para)
+        if len(sent.split()) >= 12
+    ]
+    if not sentences:
+        return None
+    words = rng.choice(sentences).split()
+    return PROBE.format(start=" ".join(words[:6]))
+
+
 def calibration_prompts(tokenizer, n: int, length: int, seed: int = 1234) -> list[str]:
-    """``n`` prose prompts of about ``length`` tokens, each ending with a generic task."""
-    source = paragraphs()
+    """``n`` prompts of about ``length`` tokens of calibration prose (never the evaluation's
+    haystack): even ones end with a recall probe, odd ones with a generic task."""
+    source = calibration_paragraphs()
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        context = build_context(tokenizer, length - 24, rng, source)
-        out.append("\n".join(context) + "\n\n" + TASKS[i % len(TASKS)])
+        context = build_context(tokenizer, length - 48, rng, source)
+        ending = _probe(context, rng) if i % 2 == 0 else None
+        out.append("\n".join(context) + "\n\n" + (ending or TASKS[(i // 2) % len(TASKS)]))
     return out
 
 
@@ -88,9 +114,13 @@ class _Recording:
 class _PromptRun:
     ids: torch.Tensor
     record: _Recording
-    caches: list[LayerCache]
+    #: pre-pivot KV selections of SnapKV riders, by (chunk, r_kv): the layers before a pivot
+    #: select their cache the same way whatever the candidate pivot and λ
+    caches: dict[tuple[int, float], list[LayerCache]]
     full_logprobs: torch.Tensor
     full_tokens: list[int]
+    #: the full model's next-token log-probabilities at each teacher-forced answer step
+    full_step_logprobs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _fresh(cache: LayerCache, extra: int) -> LayerCache:
@@ -98,39 +128,48 @@ def _fresh(cache: LayerCache, extra: int) -> LayerCache:
 
 
 @torch.inference_mode()
-def _record(model, ids, r_kv, window, pooling, steps) -> _PromptRun:
-    # One pass over the layers serves both: the full model's cache and logits (the reference),
-    # and SnapKV's per-layer KV selection with every layer's state recorded by the observer.
+def _record(model, ids, r_kv, window, pooling, steps, variants=None) -> _PromptRun:
+    # One pass over the layers serves all: the full model's cache and logits (the reference),
+    # and SnapKV's per-layer KV selection for each (chunk, r_kv) variant, with every layer's
+    # state recorded by the observer.
     record = _Recording()
-    snap = SnapKV(r_kv=r_kv, window=window, pooling=pooling)
-    full, snapped = run_prefill_shared(
-        model, ids, [Full(), snap], extra_capacity=steps, observer=record
+    variants = list(dict.fromkeys(variants or [(0, r_kv)]))
+    snaps = [SnapKV(r_kv=rk, window=window, pooling=pooling, chunk=c) for c, rk in variants]
+    full, *snapped = run_prefill_shared(
+        model, ids, [Full(), *snaps], extra_capacity=steps, observer=record
     )
-    tokens = [int(full.logits.argmax())]
+    tokens, step_logprobs = [int(full.logits.argmax())], []
     for _ in range(steps - 1):
-        tokens.append(int(decode_step(model, full.cache, tokens[-1]).argmax()))
-    caches = snapped.cache.layers
-    return _PromptRun(ids, record, caches, torch.log_softmax(full.logits, -1), tokens)
+        logits = decode_step(model, full.cache, tokens[-1])
+        step_logprobs.append(torch.log_softmax(logits, -1))
+        tokens.append(int(logits.argmax()))
+    caches = {v: out.cache.layers for v, out in zip(variants, snapped)}
+    logprobs = torch.log_softmax(full.logits, -1)
+    return _PromptRun(ids, record, caches, logprobs, tokens, step_logprobs)
 
 
 @torch.inference_mode()
 def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, steps: int):
-    """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement)."""
+    """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement,
+    mean KL over the teacher-forced answer steps: what the decode reads from the caches)."""
     n = int(run.ids.shape[0])
     c = None
     for saliency in run.record.saliency[: pivot + 1]:
         c = accumulate(c, saliency, lam)
     keep = method.select(c, budget(method.r_struct, n))
     hidden, positions = compact(run.record.hidden[pivot], torch.arange(n, device=keep.device), keep)
-    caches = [_fresh(c_, steps) for c_ in run.caches[: pivot + 1]]
+    caches = [_fresh(c_, steps) for c_ in run.caches[(method.chunk, method.r_kv)][: pivot + 1]]
     out = continue_prefill(model, n, method, Compacted(pivot, hidden, positions, caches), steps)
     logprobs = torch.log_softmax(out.logits, -1)
     kl = float((run.full_logprobs.exp() * (run.full_logprobs - logprobs)).sum())
     agree = [int(out.logits.argmax()) == run.full_tokens[0]]
+    answer_kl = []
     for i in range(1, steps):
         logits = decode_step(model, out.cache, run.full_tokens[i - 1])
         agree.append(int(logits.argmax()) == run.full_tokens[i])
-    return kl, sum(agree) / len(agree)
+        p = run.full_step_logprobs[i - 1]
+        answer_kl.append(float((p.exp() * (p - torch.log_softmax(logits, -1))).sum()))
+    return kl, sum(agree) / len(agree), sum(answer_kl) / max(1, len(answer_kl))
 
 
 def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
@@ -185,8 +224,11 @@ def calibrate(
     lambdas: tuple[float, ...] = LAMBDAS,
     steps: int = 16,
     progress=None,
+    target_fidelity: float | None = None,
+    budget_grid: dict | None = None,
 ) -> dict:
-    """Search (pivot rule or layer) x λ under the compute cap; return the profile dict."""
+    """Search (pivot rule or layer) x λ under the compute cap; with ``target_fidelity``, then
+    window x chunk and R_struct x R_KV (:func:`search_budgets`). Returns the profile dict."""
     if lm.tokenizer is None:
         raise StructKVError("calibration needs a model with a tokenizer")
     model = lm.model
@@ -199,7 +241,8 @@ def calibrate(
     start = time.perf_counter()
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     runs = []
-    for i, text in enumerate(calibration_prompts(lm.tokenizer, n_prompts, length)):
+    texts = calibration_prompts(lm.tokenizer, n_prompts, length)
+    for i, text in enumerate(texts):
         ids = encode_prompt(lm.tokenizer, text, chat)
         runs.append(_record(model, ids, r_kv, window, pooling, steps))
         if progress:
@@ -217,14 +260,128 @@ def calibrate(
         prompts=n_prompts, length=length, r_struct=r_struct, r_kv=r_kv, window=window,
         pooling=pooling, compute_cap=compute_cap, steps=steps,
     )  # fmt: skip
+    if target_fidelity is not None:
+        # the budget search (and every engine) needs one fixed pivot layer: choose among those
+        table = [r for r in table if r["rule"] == "fixed"] + [
+            dict(r, candidate=False) for r in table if r["rule"] != "fixed"
+        ]
     profile = _profile(lm.model_id, num_layers, table, l_min, cap_layer, scales, settings)
+    if target_fidelity is not None:
+        best = profile["best"]
+        del runs  # the budget search records its own, per observation window
+        search = search_budgets(
+            lm,
+            texts,
+            best["layer"],
+            best["lambda"],
+            num_layers,
+            steps,
+            target_fidelity,
+            compute_cap,
+            pooling,
+            base=(r_struct, r_kv),
+            progress=progress,
+            **(budget_grid or {}),
+        )
+        profile["budgets"] = search.pop("chosen")
+        profile["budget_search"] = search
     profile["seconds"] = round(time.perf_counter() - start, 1)
     return profile
 
 
+#: The budget search's grids (stage 2: window x chunk; stage 3: R_struct x R_KV).
+WINDOWS = (8, 32, 64)
+CHUNKS = (0, 8, 16)
+R_STRUCTS = (0.1, 0.2, 0.3, 0.5, 0.7)
+R_KVS = (0.05, 0.1, 0.2, 0.5)
+
+
+def _score_setting(model, runs, method, pivot, lam, steps) -> tuple[float, float, float]:
+    """Means over the prompts of :func:`_fidelity`'s three numbers."""
+    scores = [_fidelity(model, run, method, pivot, lam, steps) for run in runs]
+    return tuple(sum(s[i] for s in scores) / len(scores) for i in range(3))
+
+
+def choose_budget(rows: list[dict], target: float) -> tuple[dict, bool]:
+    """The cheapest row (least compute, then least KV) whose top-1 agreement reaches
+    ``target``; when none does, the most faithful row (ties: less compute). And whether the
+    target was met."""
+    meets = [r for r in rows if r["top1"] >= target]
+    if meets:
+        return min(meets, key=lambda r: (r["compute_fraction"], r["r_kv"])), True
+    return max(rows, key=lambda r: (r["top1"], -r["compute_fraction"])), False
+
+
+def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap, pooling=7,
+                   windows=WINDOWS, chunks=CHUNKS, r_structs=R_STRUCTS, r_kvs=R_KVS,
+                   base=(0.2, 0.1), progress=None) -> dict:  # fmt: skip
+    """Stages 2 and 3 of the calibration, at the chosen (pivot, λ).
+
+    Stage 2: observation window x chunk at the base budgets (R_struct, R_KV), best by top-1
+    agreement minus KL. Stage 3: R_struct x R_KV (R_KV <= R_struct, as engines need; compute
+    fraction under the cap) at that window and chunk; the chosen setting is the cheapest
+    (compute, then KV) whose top-1 agreement with full context reaches ``target``, else the
+    most faithful one (``met`` False). Every row is returned."""
+    model = lm.model
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    ids = [encode_prompt(lm.tokenizer, t, chat) for t in texts]
+    rs0, rk0 = base
+    cap = compute_cap + 1e-9
+    affordable = [rs for rs in r_structs if compute_fraction(pivot, num_layers, rs) <= cap]
+    stage3 = [(rs, rk) for rs in affordable for rk in r_kvs if rk <= rs]
+    if not stage3:
+        raise StructKVError(
+            f"no R_struct of {list(r_structs)} fits compute cap {compute_cap} at pivot {pivot}; "
+            "raise --compute-cap"
+        )
+    window_rows, best, best_runs = [], None, None
+    for w in windows:
+        variants = [(c, rk0) for c in chunks] + [(c, rk) for c in chunks for _, rk in stage3]
+        runs = [_record(model, x, rk0, w, pooling, steps, variants) for x in ids]
+        for c in chunks:
+            method = StructKV(r_struct=rs0, r_kv=rk0, window=w, pooling=pooling, chunk=c, pivot=0)
+            kl, top1, answer_kl = _score_setting(model, runs, method, pivot, lam, steps)
+            row = {"window": w, "chunk": c, "kl": round(kl, 5), "top1": round(top1, 4)}
+            row["answer_kl"] = round(answer_kl, 5)
+            row["score"] = round(top1 - kl, 5)
+            window_rows.append(row)
+            if best is None or row["score"] > best["score"]:
+                best, best_runs = row, runs
+        if progress:
+            progress(f"budgets: window {w} searched")
+    budget_rows = []
+    for rs, rk in stage3:
+        w, c = best["window"], best["chunk"]
+        method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pooling, chunk=c, pivot=0)
+        kl, top1, answer_kl = _score_setting(model, best_runs, method, pivot, lam, steps)
+        frac = round(compute_fraction(pivot, num_layers, rs), 4)
+        row = {"r_struct": rs, "r_kv": rk, "kl": round(kl, 5), "top1": round(top1, 4)}
+        row["answer_kl"] = round(answer_kl, 5)
+        budget_rows.append({**row, "compute_fraction": frac})
+        if progress:
+            progress(f"budgets: R_struct {rs}, R_KV {rk}: top-1 {top1:.3f}")
+    chosen, met = choose_budget(budget_rows, target)
+    return {
+        "target_fidelity": target,
+        "met": met,
+        "chosen": {
+            "r_struct": chosen["r_struct"],
+            "r_kv": chosen["r_kv"],
+            "window": best["window"],
+            "chunk": best["chunk"],
+        },
+        "chosen_row": chosen,
+        "window_table": window_rows,
+        "budget_table": budget_rows,
+    }
+
+
 def _profile(model_id, num_layers, table, l_min, cap_layer, scales, settings) -> dict:
     """The profile file's contents: the table's best row (ties: less compute) and the table."""
-    best = max(table, key=lambda r: (r["score"], -r["compute_fraction"]))
+    best = max(
+        (r for r in table if r.get("candidate", True)),
+        key=lambda r: (r["score"], -r["compute_fraction"]),
+    )
     fixed = best["rule"] == "fixed"
     return {
         "format": FORMAT_VERSION,
@@ -255,6 +412,29 @@ def format_table(profile: dict) -> str:
             f"{r['rule']:<11} {layer:<19} {r['lambda']:<7} {r['kl']:<9.4f} "
             f"{r['top1']:<7.3f} {r['compute_fraction']:.3f}{mark}"
         )
+    return "\n".join(rows)
+
+
+def format_budgets(profile: dict) -> str:
+    """The budget search's tables (window x chunk, then R_struct x R_KV) and its choice."""
+    search, chosen = profile["budget_search"], profile["budgets"]
+    rows = ["window  chunk  KL        top1", *(
+        f"{r['window']:<7} {r['chunk']:<6} {r['kl']:<9.4f} {r['top1']:.3f}"
+        for r in search["window_table"]
+    )]  # fmt: skip
+    rows.append("R_struct  R_KV   KL        top1    compute")
+    for r in search["budget_table"]:
+        mark = "  <- chosen" if r == search["chosen_row"] else ""
+        rows.append(
+            f"{r['r_struct']:<9} {r['r_kv']:<6} {r['kl']:<9.4f} {r['top1']:<7.3f} "
+            f"{r['compute_fraction']:.3f}{mark}"
+        )
+    met = "met" if search["met"] else "NOT met (the most faithful setting is chosen)"
+    rows.append(
+        f"budgets: window {chosen['window']}, chunk {chosen['chunk']}, R_struct "
+        f"{chosen['r_struct']}, R_KV {chosen['r_kv']}; target top-1 "
+        f"{search['target_fidelity']} {met}"
+    )
     return "\n".join(rows)
 
 

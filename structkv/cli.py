@@ -93,10 +93,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from structkv.calibration import calibrate, format_table, log
+    from structkv.calibration import calibrate, format_budgets, format_table, log
     from structkv.models import load
     from structkv.profile import save_profile, user_profile_path
 
+    target = args.target_fidelity
+    if target is not None and not 0.0 < target <= 1.0:
+        raise StructKVError(f"--target-fidelity must be in (0, 1], got {target}; e.g. 0.9")
+    if not 0.0 < args.compute_cap <= 1.0:
+        raise StructKVError(f"--compute-cap must be in (0, 1], got {args.compute_cap}")
+    if args.prompts < 1 or args.steps < 1 or args.length < 128:
+        raise StructKVError("--prompts and --steps must be >= 1 and --length >= 128")
     lm = load(args.model, device=args.device)
     profile = calibrate(
         lm,
@@ -105,6 +112,7 @@ def cmd_calibrate(args) -> int:
         compute_cap=args.compute_cap,
         steps=args.steps,
         progress=log,
+        target_fidelity=target,
     )
     out = Path(args.out) if args.out else user_profile_path(lm.model_id)
     save_profile(profile, out)
@@ -115,6 +123,8 @@ def cmd_calibrate(args) -> int:
         f"{profile['lambda']}, KL {best['kl']:.4f}, top-1 {best['top1']:.3f}, compute "
         f"{best['compute_fraction']:.3f}; saved to {out}"
     )
+    if target is not None:
+        print(format_budgets(profile))
     return 0
 
 
@@ -162,6 +172,75 @@ def cmd_eval_ruler(args) -> int:
         lm = load(args.model, device=args.device)
         run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "results.md").read_text(), end="")
+    return 0
+
+
+def _ratios(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StructKVError(f"{flag} must be comma-separated fractions, got {text!r}") from None
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise StructKVError(f"{flag} must list fractions in (0, 1], got {text!r}")
+    return values
+
+
+def cmd_eval_frontier(args) -> int:
+    from tqdm import tqdm
+
+    from structkv.bench import parse_ints
+    from structkv.eval.frontier import PROFILES, run_frontier, settings
+    from structkv.eval.ruler import TASKS
+    from structkv.eval.runner import RunConfig
+    from structkv.methods import METHODS
+    from structkv.models import load
+
+    preset = PROFILES[args.profile]
+    knobs = method_knobs(args)
+    for fixed in ("r_struct", "r_kv"):
+        if fixed in knobs:
+            flag = "--" + fixed.replace("_", "-")
+            raise StructKVError(f"{flag} is what the frontier varies; list values with {flag}s")
+    methods = (args.methods or preset["methods"]).split(",")
+    tasks = (args.tasks or preset["tasks"]).split(",")
+    for name in methods:
+        if name not in METHODS:
+            raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    for task in tasks:
+        if task not in TASKS:
+            raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if "full" not in methods:
+        methods = ["full", *methods]  # the reference every percentage is of
+    specs = settings(
+        methods,
+        _ratios(args.r_structs or preset["r_structs"], "--r-structs"),
+        _ratios(args.r_kvs or preset["r_kvs"], "--r-kvs"),
+        knobs,
+    )
+    cfg = RunConfig(
+        methods=list(specs),
+        tasks=tasks,
+        lengths=parse_ints(args.lengths or preset["lengths"]),
+        samples=args.samples or preset["samples"],
+        seed=args.seed,
+        specs=specs,
+    )
+    if cfg.samples < 1 or not cfg.lengths or min(cfg.lengths) < 64:
+        raise StructKVError("--samples must be >= 1 and --lengths token counts >= 64")
+    if args.speed_repeats and args.speed_repeats < 3:
+        raise StructKVError("--speed-repeats must be 0 (no timing) or >= 3 (medians)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = None if args.report_only else load(args.model, device=args.device)
+    run_frontier(
+        lm,
+        cfg,
+        specs,
+        out,
+        progress=lambda total: tqdm(total=total, file=sys.stderr),
+        speed_repeats=args.speed_repeats,
+    )
+    print((out / "frontier.md").read_text(), end="")
     return 0
 
 
@@ -276,9 +355,15 @@ def cmd_methods(args) -> int:
     from dataclasses import fields
 
     from structkv.methods import METHODS
+    from structkv.methods.structkv import PAPER_BUDGETS
+
+    def shown(f) -> str:  # structkv's unset budgets come from the profile
+        if f.default is None and f.name in PAPER_BUDGETS:
+            return f"{f.name}=profile|{PAPER_BUDGETS[f.name]}"
+        return f"{f.name}={f.default!r}"
 
     for name, cls in METHODS.items():
-        knobs = ", ".join(f"{f.name}={f.default!r}" for f in fields(cls))
+        knobs = ", ".join(shown(f) for f in fields(cls))
         print(f"{name:<15} {knobs}")
     return 0
 
@@ -357,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_COMPUTE_CAP,
         help=f"largest prefill compute fraction searched (default {DEFAULT_COMPUTE_CAP})",
     )
+    c.add_argument(
+        "--target-fidelity",
+        type=float,
+        help="also choose window, chunk, R_struct and R_KV: the cheapest setting whose "
+        "teacher-forced top-1 agreement with full context reaches this (e.g. 0.9)",
+    )
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", help="accuracy evaluations (resumable; results.json/.md)")
@@ -383,6 +474,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
+
+    fr = kinds.add_parser(
+        "frontier", help="accuracy vs prefill compute and KV fraction, every method (resumable)"
+    )
+    _model_args(fr)
+    fr.add_argument(
+        "--profile",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick (CI-sized) or full (2K/4K, all task families, 20 samples, the whole grid)",
+    )
+    fr.add_argument("--methods", help="comma-separated (default: the profile's; full is added)")
+    fr.add_argument("--tasks", help="comma-separated (default: the profile's)")
+    fr.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
+    fr.add_argument("--samples", type=int, help="samples per task and length")
+    fr.add_argument("--r-structs", help="R_struct values, e.g. 0.1,0.2,0.3,0.5,0.7")
+    fr.add_argument("--r-kvs", help="R_KV values, e.g. 0.05,0.1,0.2,0.5")
+    fr.add_argument(
+        "--speed-repeats",
+        type=int,
+        default=0,
+        help="time the cheapest settings' prefill vs full at the longest length (0: skip)",
+    )
+    fr.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    fr.add_argument("--out", required=True, help="results directory (re-runs resume here)")
+    fr.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from results.json"
+    )
+    add_method_args(fr)
+    fr.set_defaults(func=cmd_eval_frontier)
 
     pe = kinds.add_parser("peer", help="kvpress cross-check: kept sets and accuracy side by side")
     pe.add_argument("--peer", choices=("kvpress",), default="kvpress", help="the peer library")

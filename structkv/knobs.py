@@ -37,6 +37,9 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
     ("--chunk", "chunk", int,
      "keep whole spans of this many tokens instead of single tokens, 0 = token level (default 0)"),
     ("--lambda", "lam", float, "centrality decay λ in [0, 1] (default: calibration profile)"),
+    ("--kv-evidence", "kv_evidence", float,
+     "structkv: weight of deeper evidence (centrality at the pivot, attention after it) in the "
+     "caches of the layers before the pivot; 0 = each layer's own (default 0; torch only)"),
     ("--pivot", "pivot", parse_pivot,
      "auto (calibration profile) | online (detect per prompt) | a layer index (default auto)"),
 )  # fmt: skip

@@ -181,6 +181,11 @@ def _run_layer(ctx: _Pass, index: int, h, positions, cos, sin, full_length: bool
 def kv_select(ctx: _Pass, rider: _Rider, view: LayerView, k, v) -> None:
     """§5 for one layer: the method's per-head token choice, gathered into a decode cache."""
     t = time.perf_counter()
+    if rider.method.defers_kv(view, rider.state):  # chosen after the last layer (evidence)
+        rider.method.defer(len(rider.caches), view, k, v, rider.state)
+        rider.caches.append(None)
+        ctx.timer.add("kv_select", t)
+        return
     keep = rider.method.select_kv(view, rider.state)
     if keep is None:
         kept_k, kept_v, kept_pos = k, v, view.positions.expand(view.num_kv_heads, -1)
@@ -248,6 +253,7 @@ def post_pivot(ctx: _Pass, rider: _Rider, compacted: Compacted) -> torch.Tensor:
     for index in range(compacted.layer + 1, len(ctx.layers)):
         h, k, v, view = _run_layer(ctx, index, h, positions, cos, sin, full_length=False)
         kv_select(ctx, rider, view, k, v)
+        rider.method.observe_compacted(view, rider.state)
     return h
 
 
@@ -261,6 +267,10 @@ def _new_pass(model, n_prompt, methods, extra_capacity, observer, timings=None) 
 
 
 def _result(ctx: _Pass, rider: _Rider, h, tokens_run: int, prior_s=0.0, logits=True):
+    t = time.perf_counter()
+    for index, cache in rider.method.resolve_deferred(rider.state, ctx.extra_capacity):
+        rider.caches[index] = cache
+    ctx.timer.add("kv_select", t)
     stats = rider.stats
     stats.prefill_s = time.perf_counter() - ctx.start + prior_s
     stats.timings = dict(ctx.timer.totals)

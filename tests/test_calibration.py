@@ -13,10 +13,11 @@ from structkv.calibration import (
     DEFAULT_COMPUTE_CAP,
     calibrate,
     calibration_prompts,
+    choose_budget,
     compute_fraction,
 )
 from structkv.generate import decode_step, encode_prompt, generate_ids
-from structkv.methods import Full, StructKV
+from structkv.methods import Full, StructKV, StructKVPaper
 from structkv.models import LoadedModel, tiny_model
 from structkv.pivot import OnlinePivot
 from structkv.profile import find_profile, resolve_method, save_profile, user_profile_path
@@ -124,3 +125,128 @@ def test_no_profile_falls_back_to_the_paper_preset_and_says_so(tiny_lm, tmp_path
     method = resolve_method(StructKV(), "no-such-model", log=notes.append)
     assert (method.pivot, method.lam) == ("online", 0.9)
     assert len(notes) == 1 and "paper preset" in notes[0] and "structkv calibrate" in notes[0]
+
+
+# -- budgets: window x chunk, then R_struct x R_KV (issue 15 §3) ---------------------------------
+
+GRID = dict(windows=(4, 8), chunks=(0, 4), r_structs=(0.2, 0.5), r_kvs=(0.1, 0.2))
+
+
+@pytest.fixture(scope="module")
+def budget_profile(tiny_lm):
+    return calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                     compute_cap=0.9, target_fidelity=0.0, budget_grid=GRID)  # fmt: skip
+
+
+def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
+    search = budget_profile["budget_search"]
+    assert budget_profile["rule"] is None  # a fixed pivot: engines and the search need one
+    assert {(r["window"], r["chunk"]) for r in search["window_table"]} == {
+        (w, c) for w in GRID["windows"] for c in GRID["chunks"]}  # fmt: skip
+    best = max(search["window_table"], key=lambda r: r["score"])
+    chosen = budget_profile["budgets"]
+    assert (chosen["window"], chosen["chunk"]) == (best["window"], best["chunk"])
+    pivot = budget_profile["pivot"]
+    want = {(rs, rk) for rs in GRID["r_structs"] for rk in GRID["r_kvs"]
+            if rk <= rs and compute_fraction(pivot, 10, rs) <= 0.9 + 1e-9}  # fmt: skip
+    assert {(r["r_struct"], r["r_kv"]) for r in search["budget_table"]} == want
+    # target 0: every row meets it, so the cheapest (compute, then KV) is chosen
+    cheapest = min(search["budget_table"], key=lambda r: (r["compute_fraction"], r["r_kv"]))
+    assert search["met"] and (chosen["r_struct"], chosen["r_kv"]) == (
+        cheapest["r_struct"], cheapest["r_kv"])  # fmt: skip
+
+
+def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
+    """A row of the budget table (the shortcut: recorded pre-pivot caches per chunk and R_KV)
+    equals plain prefill + decode of StructKV with that setting."""
+    search = budget_profile["budget_search"]
+    chosen = budget_profile["budgets"]
+    row = max(search["budget_table"], key=lambda r: (r["r_struct"], r["r_kv"]))
+    knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=chosen["window"],
+                 chunk=chosen["chunk"], pivot=budget_profile["pivot"],
+                 lam=budget_profile["lambda"])  # fmt: skip
+    direct = []
+    for text in calibration_prompts(tiny_lm.tokenizer, 2, 160):
+        ids = encode_prompt(tiny_lm.tokenizer, text, chat=False)
+        full = Full().prefill(tiny_lm.model, ids, extra_capacity=4)
+        out = StructKV(**knobs).prefill(tiny_lm.model, ids, extra_capacity=4)
+        p = torch.log_softmax(full.logits, -1)
+        q = torch.log_softmax(out.logits, -1)
+        tokens, agree, answer_kl = [int(full.logits.argmax())], [], []
+        agree.append(int(out.logits.argmax()) == tokens[0])
+        for _ in range(1, 4):
+            f = torch.log_softmax(decode_step(tiny_lm.model, full.cache, tokens[-1]), -1)
+            c = torch.log_softmax(decode_step(tiny_lm.model, out.cache, tokens[-1]), -1)
+            tokens.append(int(f.argmax()))
+            agree.append(int(c.argmax()) == tokens[-1])
+            answer_kl.append(float((f.exp() * (f - c)).sum()))
+        direct.append((float((p.exp() * (p - q)).sum()), sum(agree) / 4, sum(answer_kl) / 3))
+    assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
+    assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
+    # the answer's KL reads the decode caches: it fails if a row used another setting's caches
+    assert row["answer_kl"] == pytest.approx(sum(d[2] for d in direct) / 2, rel=1e-3, abs=1e-5)
+
+
+def test_choose_budget_takes_the_cheapest_that_meets_the_target_else_the_most_faithful():
+    rows = [
+        {"r_struct": 0.2, "r_kv": 0.1, "top1": 0.80, "compute_fraction": 0.6},
+        {"r_struct": 0.2, "r_kv": 0.2, "top1": 0.93, "compute_fraction": 0.6},
+        {"r_struct": 0.5, "r_kv": 0.1, "top1": 0.95, "compute_fraction": 0.75},
+        {"r_struct": 0.5, "r_kv": 0.5, "top1": 0.97, "compute_fraction": 0.75},
+    ]
+    assert choose_budget(rows, 0.9) == (rows[1], True)
+    assert choose_budget(rows, 0.95) == (rows[2], True)
+    assert choose_budget(rows, 0.99) == (rows[3], False)
+
+
+def test_profile_budgets_fill_only_the_knobs_left_unset():
+    profile = {"lambda": 0.3, "pivot": 4, "rule": None, "l_min": 2, "l_max": 7,
+               "budgets": {"r_struct": 0.5, "r_kv": 0.2, "window": 32, "chunk": 16}}  # fmt: skip
+    m, _ = StructKV().with_profile(profile)
+    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.5, 0.2, 32, 16)
+    m, _ = StructKV(window=8, r_kv=0.1).with_profile(profile)  # given on the command line
+    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.5, 0.1, 8, 16)
+    m, _ = StructKV(pivot=5).with_profile(profile)  # a fixed pivot still takes the budgets
+    assert (m.pivot, m.r_struct, m.window) == (5, 0.5, 32)
+    m, _ = StructKVPaper().with_profile(profile)  # the paper preset never does
+    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.2, 0.1, 8, 0)
+    m, _ = StructKV().with_profile(None)
+    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.2, 0.1, 8, 0)
+    assert StructKV().with_profile({**profile, "budgets": None})[0].window == 8
+
+
+def test_calibration_prose_and_probes_are_not_the_evaluations():
+    from structkv.prompts.haystack import calibration_paragraphs, stdlib_paragraphs
+
+    calibration, evaluation = calibration_paragraphs(), stdlib_paragraphs()
+    assert len(calibration) > 100 and not set(calibration) & set(evaluation)
+    texts = calibration_prompts(ByteTokenizer(), 4, 2000)
+    probes = [t for t in texts if "Here is the beginning of a sentence" in t]
+    assert len(probes) == 2
+    for text in probes:
+        start = text.split('text above: "')[1].split(" ...")[0]
+        context = text.split("\n\nHere is the beginning")[0]
+        assert len(start.split()) == 6 and start in context  # a quote of the document itself
+    for text in texts:
+        assert "magic" not in text.lower() and "needle" not in text.lower()
+
+
+def test_export_takes_the_profile_budgets_but_not_its_chunk(tiny_lm, tmp_path, monkeypatch):
+    """Engines select single tokens: an export reads the profile's budgets and window but drops
+    its chunk, saying so; a knob given on the command line still wins."""
+    from structkv.export.exporter import ExportSettings
+    from structkv.export.exporter import resolve_method as resolve_for_export
+    from structkv.profile import FORMAT_VERSION
+
+    monkeypatch.setenv("STRUCTKV_CACHE", str(tmp_path))
+    profile = {"format": FORMAT_VERSION, "model_id": tiny_lm.model_id, "lambda": 0.3,
+               "pivot": 4, "rule": None, "l_min": 2, "l_max": 7,
+               "budgets": {"r_struct": 0.5, "r_kv": 0.2, "window": 16, "chunk": 8}}  # fmt: skip
+    save_profile(profile, user_profile_path(tiny_lm.model_id))
+    notes: list[str] = []
+    method, _, _ = resolve_for_export(tiny_lm, ExportSettings(), log=notes.append)
+    assert (method.r_struct, method.r_kv, method.window, method.chunk, method.pivot) == (
+        0.5, 0.2, 16, 0, 4)  # fmt: skip
+    assert len(notes) == 1 and "chunk 8 is not used" in notes[0]
+    given = ExportSettings(method=StructKV(window=8))
+    assert resolve_for_export(tiny_lm, given, log=notes.append)[0].window == 8

@@ -48,6 +48,9 @@ class RunConfig:
     max_new_tokens: int = 32
     knobs: dict | None = None
     haystack_file: str | None = None
+    #: label -> (method, knobs) for labels that are not plain method names (the frontier's
+    #: budget settings); their knobs override ``knobs``.
+    specs: dict | None = None
 
 
 def _key(method: str, task: str, length: int, seed: int) -> str:
@@ -95,7 +98,8 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
         for name in names:
             if name not in methods:
                 knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
-                methods[name] = as_method(name, lm.model_id, **knobs)
+                method, own = (cfg.specs or {}).get(name, (name, {}))
+                methods[name] = as_method(method, lm.model_id, **{**knobs, **own})
         sample = make_sample(task, lm.tokenizer, length, seed, cfg.haystack_file)
         start = time.perf_counter()
         ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
@@ -119,6 +123,7 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
                     output=text,
                     prompt_tokens=int(ids.shape[0]),
                     pivot_layer=gen.stats.pivot_layer,
+                    compute_fraction=round(gen.stats.compute_fraction, 4),
                     prefill_s=round(gen.stats.prefill_s, 3),
                     decode_s=round(gen.decode_s, 3),
                 )

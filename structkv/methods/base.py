@@ -115,6 +115,23 @@ class Method:
             return None
         return self.select(view.saliency_heads, k)
 
+    def defers_kv(self, view: LayerView, state: object) -> bool:
+        """Whether this layer's KV choice waits for evidence from deeper layers (StructKV's
+        ``kv_evidence``): the prefill then hands its K/V to :meth:`defer` and fills the cache
+        slot from :meth:`resolve_deferred` once the last layer has run."""
+        return False
+
+    def defer(self, index: int, view: LayerView, k: torch.Tensor, v: torch.Tensor, state) -> None:
+        raise NotImplementedError
+
+    def observe_compacted(self, view: LayerView, state: object) -> None:
+        """See a layer after the pivot (on the propagated tokens); the deferred choices may use
+        what it attends to."""
+
+    def resolve_deferred(self, state: object, extra_capacity: int) -> list[tuple[int, object]]:
+        """(layer index, LayerCache) for every deferred layer."""
+        return []
+
     def track(self, view: LayerView, state: object) -> None:
         """Fold a full-length layer into the method's running state (StructKV: centrality and
         the online pivot statistics); called before :meth:`propagate` on every such layer."""

@@ -6,7 +6,7 @@ is the paper's preset (λ 0.9, online argmax rule) and is always reported beside
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,6 +18,8 @@ from structkv.prefill import LayerView, PrefillStats
 from structkv.selection import budget
 
 PAPER_LAMBDA = 0.9
+#: The paper's budgets: what ``structkv`` uses for a knob neither given nor calibrated.
+PAPER_BUDGETS = {"r_struct": 0.2, "r_kv": 0.1, "window": 8, "chunk": 0}
 
 
 def _is_layer(pivot: object) -> bool:
@@ -30,6 +32,10 @@ class _State:
     fixed: int | None
     online: OnlinePivot | None
     decided: int | None = None  # the online rule's L*, once observed
+    # kv_evidence > 0: the full-length layers' K/V and saliency, chosen after the last layer
+    deferred: list = field(default_factory=list)
+    pivot_centrality: torch.Tensor | None = None  # C at the pivot, over all prompt tokens
+    deep: torch.Tensor | None = None  # window attention the layers after the pivot pay [N]
 
 
 @dataclass
@@ -41,11 +47,20 @@ class StructKV(SaliencyKVMethod):
     (detect with ``rule`` while layers run) or a fixed layer index, the last full-length layer.
     ``l_min``/``l_max``: pivot search range (default [0.2 L, 0.7 L]); ``tau``: threshold of the
     "stabilised" rule; ``scales``: metric scales for the online score (None: running max).
+    ``kv_evidence`` β: 0 lets each layer before the pivot keep what its own window attention
+    points at (§5); β > 0 chooses those layers' caches after the last layer, by their own
+    saliency plus β times deeper evidence — the centrality at the pivot and the attention the
+    layers after it pay each propagated token — because on shallow-salience models the needle
+    becomes salient only deep in the network (docs/RESULTS.md). Torch path only.
     """
 
     name = "structkv"
 
-    r_struct: float = 0.2
+    # None: the calibration profile's budget (its "budgets"), else the paper's (PAPER_BUDGETS).
+    window: int | None = None
+    chunk: int | None = None
+    r_kv: float | None = None
+    r_struct: float | None = None
     lam: float | None = None
     pivot: int | str = "auto"
     rule: str = "argmax"
@@ -53,10 +68,21 @@ class StructKV(SaliencyKVMethod):
     l_max: int | None = None
     tau: float = 0.2
     scales: tuple[float, float, float] | None = None
+    kv_evidence: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.scales, list):  # from JSON (manifest, profile)
             self.scales = tuple(self.scales)
+        # Budgets left unset take the paper's values now (every code path sees numbers) and
+        # remember that a calibration profile may replace them (with_profile).
+        self._from_profile = frozenset(k for k in PAPER_BUDGETS if getattr(self, k) is None)
+        for knob in self._from_profile:
+            setattr(self, knob, PAPER_BUDGETS[knob])
+
+    @property
+    def from_profile(self) -> frozenset[str]:
+        """Budget knobs the user left unset: a calibration profile's budgets may fill them."""
+        return self._from_profile
 
     def check_knobs(self) -> None:
         super().check_knobs()
@@ -67,6 +93,14 @@ class StructKV(SaliencyKVMethod):
         if self.rule not in RULES:
             raise StructKVError(
                 f"unknown pivot rule {self.rule!r}; choose one of {', '.join(RULES)}"
+            )
+        if not (
+            isinstance(self.kv_evidence, (int, float))
+            and not isinstance(self.kv_evidence, bool)
+            and 0.0 <= self.kv_evidence < float("inf")
+        ):
+            raise StructKVError(
+                f"kv_evidence must be a finite number >= 0, got {self.kv_evidence!r}; e.g. 1.0"
             )
         if not (self.pivot in ("auto", "online") or _is_layer(self.pivot)):
             raise StructKVError(
@@ -83,6 +117,11 @@ class StructKV(SaliencyKVMethod):
                 f"--chunk {self.chunk}: engines select single tokens (their graphs, kernels and "
                 "TensorRT plugin have fixed output lengths); drop --chunk for export, or use "
                 "chunked selection with structkv generate / eval"
+            )
+        if self.kv_evidence:
+            raise StructKVError(
+                f"--kv-evidence {self.kv_evidence}: engines choose each layer's cache as the "
+                "layer runs; drop --kv-evidence for export (it is a torch-path option)"
             )
         if self.r_kv > self.r_struct:
             raise StructKVError(
@@ -104,8 +143,11 @@ class StructKV(SaliencyKVMethod):
             )
 
     def with_profile(self, profile: dict | None) -> tuple[StructKV, str | None]:
+        budgets = (profile or {}).get("budgets") or {}
+        chosen = {k: budgets[k] for k in self._from_profile if k in budgets}
         if self.pivot != "auto":
-            return (self if self.lam is not None else replace(self, lam=PAPER_LAMBDA)), None
+            lam = self.lam if self.lam is not None else PAPER_LAMBDA
+            return replace(self, lam=lam, **chosen), None
         if profile is None:
             note = (
                 f"no calibration profile; using the paper preset (online argmax pivot, lambda "
@@ -116,6 +158,7 @@ class StructKV(SaliencyKVMethod):
         scales = profile.get("metric_scales")
         return replace(
             self,
+            **chosen,
             lam=self.lam if self.lam is not None else profile["lambda"],
             pivot=profile["pivot"],
             rule=profile.get("rule") or self.rule,
@@ -156,7 +199,51 @@ class StructKV(SaliencyKVMethod):
             decided = state.decided is not None
         if not decided:
             return None
+        if self.kv_evidence > 0:
+            state.pivot_centrality = state.centrality.value.clone()
         return self.select(state.centrality.value, budget(self.r_struct, view.prompt_len))
+
+    # -- kv_evidence: the full-length layers' caches chosen with deeper evidence ---------------
+
+    def defers_kv(self, view: LayerView, state: _State) -> bool:
+        return self.kv_evidence > 0 and state.pivot_centrality is None
+
+    def defer(self, index: int, view: LayerView, k, v, state: _State) -> None:
+        state.deferred.append((index, k, v, view.saliency_heads, view.positions))
+
+    def observe_compacted(self, view: LayerView, state: _State) -> None:
+        if self.kv_evidence > 0 and view.saliency is not None:
+            if state.deep is None:
+                state.deep = torch.zeros(view.prompt_len, device=view.saliency.device)
+            state.deep[view.positions] += view.saliency.float()
+
+    def resolve_deferred(self, state: _State, extra_capacity: int) -> list:
+        from structkv.cache import LayerCache
+        from structkv.selection import gather_tokens
+
+        if not state.deferred:
+            return []
+        n = state.deferred[0][4].shape[0]
+        cut = n - self.window  # the window is kept anyway: shares are over the other tokens
+
+        def share(x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            return x / x[..., :cut].sum(-1, keepdim=True).clamp_min(1e-12)
+
+        evidence = torch.zeros(n, device=state.deferred[0][1].device)
+        if state.pivot_centrality is not None:
+            evidence += share(state.pivot_centrality)
+        if state.deep is not None:
+            evidence += share(state.deep)
+        k_keep = budget(self.r_kv, n)
+        out = []
+        for index, k, v, saliency_heads, positions in state.deferred:
+            keep = self.select(share(saliency_heads) + self.kv_evidence * evidence, k_keep)
+            kept_k, kept_v = gather_tokens(k[0], keep)[None], gather_tokens(v[0], keep)[None]
+            cache = LayerCache.from_kept(kept_k, kept_v, positions[keep], extra_capacity)
+            out.append((index, cache))
+        state.deferred = []
+        return out
 
     def finish(self, state: _State, stats: PrefillStats) -> None:
         stats.lam = state.centrality.lam
@@ -169,6 +256,11 @@ class StructKVPaper(StructKV):
 
     name = "structkv-paper"
 
+    # the paper's budgets as plain defaults: a profile never changes the preset
+    window: int | None = PAPER_BUDGETS["window"]
+    chunk: int | None = PAPER_BUDGETS["chunk"]
+    r_kv: float | None = PAPER_BUDGETS["r_kv"]
+    r_struct: float | None = PAPER_BUDGETS["r_struct"]
     lam: float | None = PAPER_LAMBDA
     pivot: int | str = "online"
     rule: str = "argmax"

@@ -44,9 +44,25 @@ def _clean(doc: str) -> list[str]:
 
 @cache
 def stdlib_paragraphs() -> tuple[str, ...]:
-    """All usable paragraphs, de-duplicated, in a fixed order."""
+    """All usable paragraphs, de-duplicated, in a fixed order (the evaluation's prose)."""
+    return _module_paragraphs(SOURCE_MODULES)
+
+
+#: Calibration prose (§6): other modules' docstrings, so that calibration never sees the
+#: evaluation's haystack (paragraphs also found in the evaluation pool are dropped).
+CALIBRATION_MODULES = (
+    "abc", "ast", "base64", "bisect", "calendar", "cmd", "codecs", "configparser", "copy",
+    "ctypes", "dis", "doctest", "filecmp", "fnmatch", "ftplib", "getopt", "gettext", "glob",
+    "gzip", "hashlib", "hmac", "html.parser", "io", "locale", "mimetypes", "numbers",
+    "operator", "os", "platform", "plistlib", "poplib", "pprint", "queue", "sched", "secrets",
+    "selectors", "shelve", "signal", "socketserver", "ssl", "struct", "sysconfig", "timeit",
+    "token", "tokenize", "trace", "traceback", "types", "weakref", "xmlrpc.client", "zipimport",
+)  # fmt: skip
+
+
+def _module_paragraphs(modules: tuple[str, ...]) -> tuple[str, ...]:
     seen, out = set(), []
-    for name in SOURCE_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:  # e.g. tkinter missing on a slim Python
@@ -65,6 +81,13 @@ def stdlib_paragraphs() -> tuple[str, ...]:
                     seen.add(para)
                     out.append(para)
     return tuple(out)
+
+
+@cache
+def calibration_paragraphs() -> tuple[str, ...]:
+    """The calibration prose pool: disjoint from :func:`stdlib_paragraphs` by construction."""
+    evaluation = set(stdlib_paragraphs())
+    return tuple(p for p in _module_paragraphs(CALIBRATION_MODULES) if p not in evaluation)
 
 
 def paragraphs(haystack_file: str | None = None) -> tuple[str, ...]:

@@ -1,0 +1,102 @@
+"""The frontier: settings grid, the cheapest-setting rule, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from structkv.eval.frontier import FAMILIES, KEEP, settings, summarise
+from structkv.eval.runner import RunConfig, _key
+
+
+def test_settings_cover_each_methods_budgets_and_share_the_other_knobs():
+    specs = settings(["full", "snapkv", "gemfilter", "structkv"], [0.2, 0.5], [0.1, 0.5],
+                     {"chunk": 16, "window": 32, "lam": 0.1})  # fmt: skip
+    assert specs["full"] == ("full", {"chunk": 16, "window": 32})
+    assert specs["snapkv kv=0.5"] == ("snapkv", {"chunk": 16, "window": 32, "r_kv": 0.5})
+    assert set(specs) == {
+        "full", "snapkv kv=0.1", "snapkv kv=0.5", "gemfilter kv=0.1", "gemfilter kv=0.5",
+        "structkv rs=0.2 kv=0.1", "structkv rs=0.2 kv=0.5", "structkv rs=0.5 kv=0.1",
+        "structkv rs=0.5 kv=0.5",
+    }  # fmt: skip
+    assert specs["structkv rs=0.5 kv=0.1"][1] == {
+        "chunk": 16, "window": 32, "lam": 0.1, "r_struct": 0.5, "r_kv": 0.1}  # fmt: skip
+
+
+def _results(table: dict[str, tuple[float, dict[str, list[float]]]], n=2048) -> dict:
+    """results.json entries from {label: (compute fraction, {task: scores per seed})}."""
+    out = {}
+    for label, (frac, per_task) in table.items():
+        for task, scores in per_task.items():
+            for seed, s in enumerate(scores):
+                out[_key(label, task, n, seed)] = {"score": s, "compute_fraction": frac}
+    return out
+
+
+def test_cheapest_setting_is_least_compute_then_least_kv_among_those_keeping_90_percent():
+    specs = settings(["full", "structkv"], [0.2, 0.5], [0.1, 0.5])
+    cfg = RunConfig(methods=list(specs), tasks=["niah_single_1", "vt"], lengths=[2048],
+                    samples=2, specs=specs)  # fmt: skip
+    results = _results({
+        "full": (1.0, {"niah_single_1": [1, 1], "vt": [1, 0]}),
+        # single needle: 0.2/0.5 keeps 100 % (least compute); tracing: 0.5 at kv 0.1 is 50 %
+        # (< 90 %), at kv 0.5 100 %: chosen over nothing cheaper
+        "structkv rs=0.2 kv=0.1": (0.60, {"niah_single_1": [1, 0], "vt": [0, 0]}),
+        "structkv rs=0.2 kv=0.5": (0.60, {"niah_single_1": [1, 1], "vt": [0, 0]}),
+        "structkv rs=0.5 kv=0.1": (0.75, {"niah_single_1": [1, 1], "vt": [0, 0]}),
+        "structkv rs=0.5 kv=0.5": (0.75, {"niah_single_1": [1, 1], "vt": [1, 0]}),
+    })  # fmt: skip
+    data = summarise(results, cfg, specs)["2048"]
+    assert data["cheapest"]["structkv"] == {
+        "single needle": "structkv rs=0.2 kv=0.5", "tracing": "structkv rs=0.5 kv=0.5"}  # fmt: skip
+    row = next(r for r in data["rows"] if r["setting"] == "structkv rs=0.2 kv=0.1")
+    assert row["scores"] == {"single needle": 0.5, "tracing": 0.0}
+    assert row["pct_full"]["single needle"] == pytest.approx(50.0)
+    assert row["compute_fraction"] == pytest.approx(0.60)
+    # a family nobody keeps: None, not the least bad setting
+    results[_key("full", "vt", 2048, 1)]["score"] = 1
+    data = summarise(results, cfg, specs)["2048"]
+    assert data["cheapest"]["structkv"]["tracing"] is None
+    assert KEEP == 0.9 and set(FAMILIES) >= {"single needle", "tracing"}
+
+
+def test_an_incomplete_family_is_left_out_not_averaged_over_what_exists():
+    specs = settings(["full"], [0.2], [0.1])
+    cfg = RunConfig(methods=list(specs), tasks=["niah_single_1", "niah_single_2"],
+                    lengths=[2048], samples=2, specs=specs)  # fmt: skip
+    results = _results({"full": (1.0, {"niah_single_1": [1, 1], "niah_single_2": [0]})})
+    assert summarise(results, cfg, specs)["2048"]["rows"] == []
+
+
+@pytest.mark.real_model
+def test_frontier_command_end_to_end_and_refusals(tmp_path):
+    out = tmp_path / "frontier"
+    cmd = [sys.executable, "-m", "structkv.cli", "eval", "frontier", "--profile", "quick",
+           "--samples", "1", "--r-structs", "0.5", "--r-kvs", "0.5", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "frontier.json").read_text())
+    rows = {r["setting"]: r for r in doc["summary"]["512"]["rows"]}
+    assert set(rows) == {"full", "snapkv kv=0.5", "structkv rs=0.5 kv=0.5"}
+    assert rows["full"]["compute_fraction"] == 1.0
+    assert 0.5 < rows["structkv rs=0.5 kv=0.5"]["compute_fraction"] < 1.0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 3 * 2  # settings x (niah_single_1, vt) x 1 sample
+    assert (out / "frontier-compute-512.png").stat().st_size > 0
+    report = (out / "frontier.md").read_text()
+    # --report-only rebuilds the same report from results.json without loading the model
+    (out / "frontier.md").unlink()
+    proc = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (out / "frontier.md").read_text() == report
+    for bad, needle in (
+        (["--r-struct", "0.2"], "--r-structs"),
+        (["--r-kvs", "0.1,1.5"], "fractions in (0, 1]"),
+        (["--methods", "nope"], "unknown method"),
+        (["--speed-repeats", "2"], "--speed-repeats"),
+    ):
+        proc = subprocess.run([*cmd[:-2], "--out", str(tmp_path / "bad"), *bad],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
