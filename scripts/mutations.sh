@@ -48,3 +48,7 @@ check structkv/kernels/select_triton.py "            acc += tl.load(base + j, ma
 check plugins_trt/structKVCompactPlugin/structKVCompactPlugin.cpp "DimensionOperation::kCEIL_DIV" "DimensionOperation::kFLOOR_DIV" "tests/test_plugins_build.py"
 check plugins_trt/structKVCompactPlugin/structKVSelection.h "    return (r.num * n + r.den - 1) / r.den;" "    return (r.num * n) / r.den;" "tests/test_plugins_build.py"
 check export/tensorrt.py "        \"ratio_den\": ratio.denominator," "        \"ratio_den\": ratio.denominator + 1," "tests/test_export_tensorrt.py -k reference_op"
+check plugins_trt/structKVCompactPlugin/structKVCompactPlugin.cpp "        bytes += static_cast<size_t>(rows * n) * sizeof(int64_t); // K <= n" "        bytes += static_cast<size_t>(rows * n) * sizeof(int32_t);" "tests/test_plugins_build.py -k selftest"
+check structkv/calibration.py "run.caches[(method.chunk, method.r_kv)]" "run.caches[(method.chunk, 0.1)]" "tests/test_calibration.py -k direct_runs"
+check structkv/methods/structkv.py "            evidence += share(state.deep)" "            evidence += 0 * share(state.deep)" "tests/test_kv_evidence.py"
+check structkv/eval/frontier.py "                    best = min(ok, key=lambda r: (r[\"compute_fraction\"] or 1.0, r[\"r_kv\"])," "                    best = min(ok, key=lambda r: (r[\"r_kv\"], r[\"compute_fraction\"] or 1.0))," "tests/test_frontier.py -k cheapest"
