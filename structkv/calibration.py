@@ -280,11 +280,14 @@ def calibrate(
             compute_cap,
             pooling,
             base=(r_struct, r_kv),
+            pivots=[best["layer"], *range(l_min, cap_layer + 1, 3)],
             progress=progress,
             **(budget_grid or {}),
         )
         profile["budgets"] = search.pop("chosen")
         profile["budget_search"] = search
+        # the pivot trades compute with R_struct: the budget search's choice is the profile's
+        profile["pivot"] = search["chosen_row"]["pivot"]
     profile["seconds"] = round(time.perf_counter() - start, 1)
     return profile
 
@@ -314,29 +317,36 @@ def choose_budget(rows: list[dict], target: float) -> tuple[dict, bool]:
 
 def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap, pooling=7,
                    windows=WINDOWS, chunks=CHUNKS, r_structs=R_STRUCTS, r_kvs=R_KVS,
-                   base=(0.2, 0.1), progress=None) -> dict:  # fmt: skip
-    """Stages 2 and 3 of the calibration, at the chosen (pivot, λ).
+                   base=(0.2, 0.1), pivots=None, progress=None) -> dict:  # fmt: skip
+    """Stages 2 and 3 of the calibration, at the chosen λ.
 
-    Stage 2: observation window x chunk at the base budgets (R_struct, R_KV), best by top-1
-    agreement minus KL. Stage 3: R_struct x R_KV (R_KV <= R_struct, as engines need; compute
-    fraction under the cap) at that window and chunk; the chosen setting is the cheapest
-    (compute, then KV) whose top-1 agreement with full context reaches ``target``, else the
-    most faithful one (``met`` False). Every row is returned."""
+    Stage 2: observation window x chunk at the stage-1 pivot and the base budgets (R_struct,
+    R_KV), best by top-1 agreement minus KL. Stage 3: pivot x R_struct x R_KV (``pivots``:
+    default the stage-1 pivot alone; R_KV <= R_struct, as engines need; compute fraction under
+    the cap) at that window and chunk — the pivot and R_struct trade compute against each
+    other, so they are searched together. The chosen setting is the cheapest (compute, then
+    KV) whose top-1 agreement with full context reaches ``target``, else the most faithful one
+    (``met`` False). Every row is returned."""
     model = lm.model
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     ids = [encode_prompt(lm.tokenizer, t, chat) for t in texts]
     rs0, rk0 = base
     cap = compute_cap + 1e-9
-    affordable = [rs for rs in r_structs if compute_fraction(pivot, num_layers, rs) <= cap]
-    stage3 = [(rs, rk) for rs in affordable for rk in r_kvs if rk <= rs]
+    stage3 = [
+        (p, rs, rk)
+        for p in sorted(set(pivots or [pivot]))
+        for rs in r_structs
+        for rk in r_kvs
+        if rk <= rs and compute_fraction(p, num_layers, rs) <= cap
+    ]
     if not stage3:
         raise StructKVError(
-            f"no R_struct of {list(r_structs)} fits compute cap {compute_cap} at pivot {pivot}; "
-            "raise --compute-cap"
+            f"no R_struct of {list(r_structs)} fits compute cap {compute_cap} at the pivots "
+            "searched; raise --compute-cap"
         )
     window_rows, best, best_runs = [], None, None
     for w in windows:
-        variants = [(c, rk0) for c in chunks] + [(c, rk) for c in chunks for _, rk in stage3]
+        variants = [(c, rk0) for c in chunks] + [(c, rk) for c in chunks for *_, rk in stage3]
         runs = [_record(model, x, rk0, w, pooling, steps, variants) for x in ids]
         for c in chunks:
             method = StructKV(r_struct=rs0, r_kv=rk0, window=w, pooling=pooling, chunk=c, pivot=0)
@@ -350,16 +360,16 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
         if progress:
             progress(f"budgets: window {w} searched")
     budget_rows = []
-    for rs, rk in stage3:
+    for p, rs, rk in stage3:
         w, c = best["window"], best["chunk"]
         method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pooling, chunk=c, pivot=0)
-        kl, top1, answer_kl = _score_setting(model, best_runs, method, pivot, lam, steps)
-        frac = round(compute_fraction(pivot, num_layers, rs), 4)
-        row = {"r_struct": rs, "r_kv": rk, "kl": round(kl, 5), "top1": round(top1, 4)}
+        kl, top1, answer_kl = _score_setting(model, best_runs, method, p, lam, steps)
+        frac = round(compute_fraction(p, num_layers, rs), 4)
+        row = {"pivot": p, "r_struct": rs, "r_kv": rk, "kl": round(kl, 5), "top1": round(top1, 4)}
         row["answer_kl"] = round(answer_kl, 5)
         budget_rows.append({**row, "compute_fraction": frac})
         if progress:
-            progress(f"budgets: R_struct {rs}, R_KV {rk}: top-1 {top1:.3f}")
+            progress(f"budgets: pivot {p}, R_struct {rs}, R_KV {rk}: top-1 {top1:.3f}")
     chosen, met = choose_budget(budget_rows, target)
     return {
         "target_fidelity": target,
@@ -422,17 +432,17 @@ def format_budgets(profile: dict) -> str:
         f"{r['window']:<7} {r['chunk']:<6} {r['kl']:<9.4f} {r['top1']:.3f}"
         for r in search["window_table"]
     )]  # fmt: skip
-    rows.append("R_struct  R_KV   KL        top1    compute")
+    rows.append("pivot  R_struct  R_KV   KL        top1    compute")
     for r in search["budget_table"]:
         mark = "  <- chosen" if r == search["chosen_row"] else ""
         rows.append(
-            f"{r['r_struct']:<9} {r['r_kv']:<6} {r['kl']:<9.4f} {r['top1']:<7.3f} "
-            f"{r['compute_fraction']:.3f}{mark}"
+            f"{r['pivot']:<6} {r['r_struct']:<9} {r['r_kv']:<6} {r['kl']:<9.4f} "
+            f"{r['top1']:<7.3f} {r['compute_fraction']:.3f}{mark}"
         )
     met = "met" if search["met"] else "NOT met (the most faithful setting is chosen)"
     rows.append(
-        f"budgets: window {chosen['window']}, chunk {chosen['chunk']}, R_struct "
-        f"{chosen['r_struct']}, R_KV {chosen['r_kv']}; target top-1 "
+        f"budgets: pivot {profile['pivot']}, window {chosen['window']}, chunk "
+        f"{chosen['chunk']}, R_struct {chosen['r_struct']}, R_KV {chosen['r_kv']}; target top-1 "
         f"{search['target_fidelity']} {met}"
     )
     return "\n".join(rows)

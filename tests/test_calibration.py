@@ -146,14 +146,20 @@ def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
     best = max(search["window_table"], key=lambda r: r["score"])
     chosen = budget_profile["budgets"]
     assert (chosen["window"], chosen["chunk"]) == (best["window"], best["chunk"])
-    pivot = budget_profile["pivot"]
-    want = {(rs, rk) for rs in GRID["r_structs"] for rk in GRID["r_kvs"]
-            if rk <= rs and compute_fraction(pivot, 10, rs) <= 0.9 + 1e-9}  # fmt: skip
-    assert {(r["r_struct"], r["r_kv"]) for r in search["budget_table"]} == want
+    # the pivot is searched with the budgets: stage 1's, plus every third layer under the cap
+    pivots = {budget_profile["best"]["layer"], *range(2, budget_profile["l_max"] + 1, 3)}
+    want = {(p, rs, rk) for p in pivots for rs in GRID["r_structs"] for rk in GRID["r_kvs"]
+            if rk <= rs and compute_fraction(p, 10, rs) <= 0.9 + 1e-9}  # fmt: skip
+    assert {(r["pivot"], r["r_struct"], r["r_kv"]) for r in search["budget_table"]} == want
+    for r in search["budget_table"]:
+        assert r["compute_fraction"] == pytest.approx(
+            compute_fraction(r["pivot"], 10, r["r_struct"]), abs=1e-4
+        )
     # target 0: every row meets it, so the cheapest (compute, then KV) is chosen
     cheapest = min(search["budget_table"], key=lambda r: (r["compute_fraction"], r["r_kv"]))
-    assert search["met"] and (chosen["r_struct"], chosen["r_kv"]) == (
-        cheapest["r_struct"], cheapest["r_kv"])  # fmt: skip
+    assert search["met"] and search["chosen_row"] == cheapest
+    assert (budget_profile["pivot"], chosen["r_struct"], chosen["r_kv"]) == (
+        cheapest["pivot"], cheapest["r_struct"], cheapest["r_kv"])  # fmt: skip
 
 
 def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
@@ -161,9 +167,9 @@ def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
     equals plain prefill + decode of StructKV with that setting."""
     search = budget_profile["budget_search"]
     chosen = budget_profile["budgets"]
-    row = max(search["budget_table"], key=lambda r: (r["r_struct"], r["r_kv"]))
+    row = max(search["budget_table"], key=lambda r: (r["r_struct"], r["r_kv"], r["pivot"]))
     knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=chosen["window"],
-                 chunk=chosen["chunk"], pivot=budget_profile["pivot"],
+                 chunk=chosen["chunk"], pivot=row["pivot"],
                  lam=budget_profile["lambda"])  # fmt: skip
     direct = []
     for text in calibration_prompts(tiny_lm.tokenizer, 2, 160):

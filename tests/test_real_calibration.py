@@ -77,7 +77,8 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
     best, paper = PROFILE["best"], PROFILE["paper_preset"]
     candidates = [r for r in PROFILE["table"] if r.get("candidate", True)]
     assert best == max(candidates, key=lambda r: (r["score"], -r["compute_fraction"]))
-    assert (PROFILE["pivot"], PROFILE["lambda"]) == (best["layer"], best["lambda"])
+    chosen = PROFILE.get("budget_search", {}).get("chosen_row", {}).get("pivot", best["layer"])
+    assert (PROFILE["pivot"], PROFILE["lambda"]) == (chosen, best["lambda"])
     method = StructKV(r_struct=s["r_struct"], r_kv=s["r_kv"], window=s["window"],
                       pooling=s["pooling"], chunk=0, pivot=0)  # fmt: skip
     chat = bool(smollm2.tokenizer.chat_template)
