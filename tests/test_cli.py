@@ -32,6 +32,15 @@ BAD_INPUTS = [
     (["bench", "prefill", "--lengths", "1k"], "comma-separated integers"),
     (["eval", "niah", "--task", "vt", "--out", "x"], "--task must be a needle task"),
     (["eval", "survival", "--task", "cwe", "--out", "x"], "--task must be a needle task"),
+    (["calibrate", "--target-fidelity", "1.5"], "--target-fidelity must be in (0, 1]"),
+    (["calibrate", "--target-fidelity", "nan"], "--target-fidelity must be in (0, 1]"),
+    (["calibrate", "--compute-cap", "0"], "--compute-cap must be in (0, 1]"),
+    (["calibrate", "--prompts", "0"], "--prompts and --steps must be >= 1"),
+    (["generate", "--prompt", "hi", "--kv-evidence", "-1"], "kv_evidence must be"),
+    (["generate", "--prompt", "hi", "--method", "snapkv", "--kv-evidence", "1"], "no parameter"),
+    (["eval", "frontier", "--r-kv", "0.2", "--out", "x"], "--r-kvs"),
+    (["eval", "frontier", "--r-structs", "0.2,x", "--out", "x"], "comma-separated fractions"),
+    (["eval", "frontier", "--tasks", "nope", "--out", "x"], "unknown task"),
 ]
 
 
