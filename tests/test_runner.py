@@ -32,6 +32,22 @@ def test_run_resumes_and_tables(tmp_path):
     assert (tmp_path / "results.md").read_text().startswith("| method | niah_single_1@200")
 
 
+def test_resuming_with_another_configuration_under_the_same_name_is_refused(tmp_path):
+    """A recalibrated profile (or other knobs) changes what a method name means: a resumed run
+    must not mix the two configurations' answers in one column."""
+    from structkv.errors import StructKVError
+
+    lm = _lm()
+    cfg = RunConfig(["snapkv"], ["niah_single_1"], [200], samples=1, max_new_tokens=2)
+    first = run_ruler(lm, cfg, tmp_path)
+    assert first["snapkv|niah_single_1|200|0"]["method"]["r_kv"] == 0.1
+    cfg.samples, cfg.knobs = 2, {"r_kv": 0.3}
+    with pytest.raises(StructKVError, match="another profile or knobs"):
+        run_ruler(lm, cfg, tmp_path)
+    cfg.knobs = {"r_kv": 0.1}  # the same configuration resumes
+    assert len(run_ruler(lm, cfg, tmp_path)) == 2
+
+
 def test_table_by_hand():
     cfg = RunConfig(["full", "snapkv"], ["t"], [10], samples=2)
     results = {

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from structkv.errors import StructKVError
 from structkv.eval.ruler import TASKS, make_sample, score
 from structkv.generate import (
     as_method,
@@ -84,6 +85,20 @@ def _todo(cfg: RunConfig, results: dict) -> list[tuple[str, int, int, list[str]]
     return todo
 
 
+def _check_same_config(results: dict, name: str, config: dict, out_dir: Path) -> None:
+    """Resuming must not mix answers of two configurations under one name (a recalibrated
+    profile or other knobs change what ``structkv`` means)."""
+    for key, entry in results.items():
+        if key.split("|", 1)[0] == name and "method" in entry:
+            if entry["method"] != config:
+                raise StructKVError(
+                    f"{out_dir / 'results.json'} holds {name} answers made with {entry['method']}"
+                    f", but {name} now resolves to {config} (another profile or knobs); use a "
+                    "new --out, or the knobs of that run"
+                )
+            return
+
+
 def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
     """Score every (method, task, length, sample) not already in ``out_dir/results.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +115,7 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
                 knobs = {k: v for k, v in (cfg.knobs or {}).items() if v is not None}
                 method, own = (cfg.specs or {}).get(name, (name, {}))
                 methods[name] = as_method(method, lm.model_id, **{**knobs, **own})
+                _check_same_config(results, name, methods[name].to_dict(), out_dir)
         sample = make_sample(task, lm.tokenizer, length, seed, cfg.haystack_file)
         start = time.perf_counter()
         ids = encode_prompt(lm.tokenizer, sample.prompt, chat)
@@ -122,6 +138,7 @@ def run_ruler(lm, cfg: RunConfig, out_dir: Path, progress=None) -> dict:
                     score=score(sample, text),
                     output=text,
                     prompt_tokens=int(ids.shape[0]),
+                    method=methods[name].to_dict(),
                     pivot_layer=gen.stats.pivot_layer,
                     compute_fraction=round(gen.stats.compute_fraction, 4),
                     prefill_s=round(gen.stats.prefill_s, 3),
