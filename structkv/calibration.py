@@ -40,13 +40,15 @@ TASKS = (
     "Continue the text above with one more paragraph in the same style.",
     "List the three most important ideas in the text above.",
 )
-#: Self-supervised recall probe: quote the start of a sentence from early in the document and
-#: ask for the rest. Label-free (the reference is the full-context model's own answer) and it
-#: needs retrieval, which the generic endings barely exercise. Its wording, the prose pool
-#: (calibration_paragraphs) and the question differ from every evaluation template.
+#: Self-supervised recall probe: quote five consecutive words from early in the document and
+#: ask for the words that follow them there. The answer is not in the question (a quoted
+#: sentence start was: the model could echo it from the window), so reproducing it needs the
+#: lookup a retrieval question needs. Label-free: the reference is the full-context model's own
+#: answer. Its wording, the prose pool (calibration_paragraphs) and the question differ from
+#: every evaluation template.
 PROBE = (
-    'Here is the beginning of a sentence from the text above: "{start} ..." '
-    "Write out the rest of that sentence exactly as it appears in the text."
+    'In the text above, the words "{quote}" are followed by more words. '
+    "Write the ten words that come right after them in the text."
 )
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: The paper's operating point: prefill computation reduced by 40% (compute fraction 0.6).
@@ -54,30 +56,32 @@ DEFAULT_COMPUTE_CAP = 0.6
 
 
 def _probe(context: list[str], rng: random.Random) -> str | None:
-    """A recall question on a sentence of >= 12 words from the first 60 % of ``context``."""
+    """A recall question on five words inside a sentence of >= 16 words from the first 60 %
+    of ``context`` (at least ten words follow them in that sentence)."""
     early = context[: max(1, int(0.6 * len(context)))]
     sentences = [
         sent
         for para in early
         for sent in re.split(r"(?<=[.!?])\s+", para)
-        if len(sent.split()) >= 12
+        if len(sent.split()) >= 16
     ]
     if not sentences:
         return None
     words = rng.choice(sentences).split()
-    return PROBE.format(start=" ".join(words[:6]))
+    start = rng.randrange(0, len(words) - 15)
+    return PROBE.format(quote=" ".join(words[start : start + 5]))
 
 
 def calibration_prompts(tokenizer, n: int, length: int, seed: int = 1234) -> list[str]:
     """``n`` prompts of about ``length`` tokens of calibration prose (never the evaluation's
-    haystack): even ones end with a recall probe, odd ones with a generic task."""
+    haystack): three in four end with a recall probe, every fourth with a generic task."""
     source = calibration_paragraphs()
     rng = random.Random(seed)
     out = []
     for i in range(n):
         context = build_context(tokenizer, length - 48, rng, source)
-        ending = _probe(context, rng) if i % 2 == 0 else None
-        out.append("\n".join(context) + "\n\n" + (ending or TASKS[(i // 2) % len(TASKS)]))
+        ending = _probe(context, rng) if i % 4 != 3 else None
+        out.append("\n".join(context) + "\n\n" + (ending or TASKS[(i // 4) % len(TASKS)]))
     return out
 
 

@@ -226,13 +226,16 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
 
     calibration, evaluation = calibration_paragraphs(), stdlib_paragraphs()
     assert len(calibration) > 100 and not set(calibration) & set(evaluation)
-    texts = calibration_prompts(ByteTokenizer(), 4, 2000)
-    probes = [t for t in texts if "Here is the beginning of a sentence" in t]
-    assert len(probes) == 2
+    texts = calibration_prompts(ByteTokenizer(), 8, 2000)
+    probes = [t for t in texts if "are followed by more words" in t]
+    assert len(probes) == 6  # three in four
     for text in probes:
-        start = text.split('text above: "')[1].split(" ...")[0]
-        context = text.split("\n\nHere is the beginning")[0]
-        assert len(start.split()) == 6 and start in context  # a quote of the document itself
+        quote = text.split('the words "')[1].split('" are followed')[0]
+        context = text.split("\n\nIn the text above")[0]
+        # five words of the document itself, and what follows them is not in the question
+        assert len(quote.split()) == 5 and quote in context
+        after = context.split(quote, 1)[1].split()[:10]
+        assert len(after) == 10 and " ".join(after) not in text.split("\n\n")[-1]
     for text in texts:
         assert "magic" not in text.lower() and "needle" not in text.lower()
 
