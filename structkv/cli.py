@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
     )
     stats = out.stats_json()
     if args.json:
-        print(json.dumps({"text": out.text, "stats": stats}))
+        print(json.dumps({"text": out.text, "stats": stats, "method": out.method}))
     else:
         print(out.text)
         print(

@@ -80,6 +80,7 @@ class Generation:
     decode_s: float
     cache: CompressedKVCache | None = None  # to continue decoding, or inspect what was kept
     text: str = ""
+    method: dict | None = None  # the resolved configuration (profile defaults filled in)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -230,4 +231,5 @@ def generate_text(
         lm.model, ids, resolved, max_new_tokens, temperature, top_p, seed, eos_token_ids(lm)
     )
     out.text = lm.tokenizer.decode(out.tokens, skip_special_tokens=True)
+    out.method = resolved.to_dict()
     return out

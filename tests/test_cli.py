@@ -102,6 +102,7 @@ def test_generate_json_on_a_2k_needle_prompt(tmp_path, smollm2):
     from structkv.generate import as_method
 
     m = as_method("structkv", "smollm2-135m")
+    assert out["method"] == m.to_dict()  # what was used, profile defaults filled in
     if m.chunk <= 1:
         assert stats["kv_tokens_per_layer"] == [math.ceil(m.r_kv * n) + m.window] * 30
         assert stats["propagated_tokens"] == math.ceil(m.r_struct * n) + m.window
