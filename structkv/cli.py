@@ -134,16 +134,11 @@ def cmd_bench(args) -> int:
     return bench.main_from_args(args)
 
 
-def cmd_eval_ruler(args) -> int:
-    from tqdm import tqdm
-
-    from structkv.bench import parse_ints
+def _suite_names(args, preset: dict) -> tuple[list[str], list[str]]:
+    """--methods / --tasks (or the profile's), every name checked before a model is loaded."""
     from structkv.eval.ruler import TASKS
-    from structkv.eval.runner import PROFILES, RunConfig, run_ruler
     from structkv.methods import METHODS
-    from structkv.models import load
 
-    preset = PROFILES[args.profile]
     methods = (args.methods or preset["methods"]).split(",")
     tasks = (args.tasks or preset["tasks"]).split(",")
     for name in methods:
@@ -152,6 +147,18 @@ def cmd_eval_ruler(args) -> int:
     for task in tasks:
         if task not in TASKS:
             raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return methods, tasks
+
+
+def cmd_eval_ruler(args) -> int:
+    from tqdm import tqdm
+
+    from structkv.bench import parse_ints
+    from structkv.eval.runner import PROFILES, RunConfig, run_ruler
+    from structkv.models import load
+
+    preset = PROFILES[args.profile]
+    methods, tasks = _suite_names(args, preset)
     cfg = RunConfig(
         methods=methods,
         tasks=tasks,
@@ -190,9 +197,7 @@ def cmd_eval_frontier(args) -> int:
 
     from structkv.bench import parse_ints
     from structkv.eval.frontier import PROFILES, run_frontier, settings
-    from structkv.eval.ruler import TASKS
     from structkv.eval.runner import RunConfig
-    from structkv.methods import METHODS
     from structkv.models import load
 
     preset = PROFILES[args.profile]
@@ -201,14 +206,7 @@ def cmd_eval_frontier(args) -> int:
         if fixed in knobs:
             flag = "--" + fixed.replace("_", "-")
             raise StructKVError(f"{flag} is what the frontier varies; list values with {flag}s")
-    methods = (args.methods or preset["methods"]).split(",")
-    tasks = (args.tasks or preset["tasks"]).split(",")
-    for name in methods:
-        if name not in METHODS:
-            raise StructKVError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    for task in tasks:
-        if task not in TASKS:
-            raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    methods, tasks = _suite_names(args, preset)
     if "full" not in methods:
         methods = ["full", *methods]  # the reference every percentage is of
     specs = settings(
@@ -377,6 +375,23 @@ SEED_HELP = "seed of the generated prompts (default 0)"
 DEVICE_HELP = "torch device for the model: cpu (default), cuda, cuda:N"
 
 
+def _suite_args(p: argparse.ArgumentParser, profile_help: str) -> None:
+    """The flags every resumable evaluation suite (ruler, frontier) takes."""
+    _model_args(p)
+    p.add_argument("--profile", choices=("quick", "full"), default="quick", help=profile_help)
+    p.add_argument("--methods", help="comma-separated (default: the profile's)")
+    p.add_argument("--tasks", help="comma-separated (default: the profile's)")
+    p.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
+    p.add_argument("--samples", type=int, help="samples per task and length")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--out", required=True, help="results directory (re-runs resume here)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from results.json without generating anything",
+    )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from structkv.models import DEFAULT_MODEL
 
@@ -453,42 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy evaluations (resumable; results.json/.md)")
     kinds = e.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     r = kinds.add_parser("ruler", help="RULER-style tasks: needles, vt, cwe, fwe")
-    _model_args(r)
-    r.add_argument(
-        "--profile",
-        choices=("quick", "full"),
-        default="quick",
-        help="quick (CI-sized) or full (the report) task/length/sample set",
-    )
-    r.add_argument("--methods", help="comma-separated (default: the profile's)")
-    r.add_argument("--tasks", help="comma-separated (default: the profile's)")
-    r.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
-    r.add_argument("--samples", type=int, help="samples per task and length")
-    r.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    r.add_argument("--out", required=True, help="results directory (re-runs resume here)")
+    _suite_args(r, "quick (CI-sized) or full (the report) task/length/sample set")
     r.add_argument("--haystack-file", help="your own prose for the haystack (default: docstrings)")
-    r.add_argument(
-        "--report-only",
-        action="store_true",
-        help="rewrite results.md from results.json without generating anything",
-    )
     add_method_args(r)
     r.set_defaults(func=cmd_eval_ruler)
 
     fr = kinds.add_parser(
         "frontier", help="accuracy vs prefill compute and KV fraction, every method (resumable)"
     )
-    _model_args(fr)
-    fr.add_argument(
-        "--profile",
-        choices=("quick", "full"),
-        default="quick",
-        help="quick (CI-sized) or full (2K/4K, all task families, 20 samples, the whole grid)",
-    )
-    fr.add_argument("--methods", help="comma-separated (default: the profile's; full is added)")
-    fr.add_argument("--tasks", help="comma-separated (default: the profile's)")
-    fr.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
-    fr.add_argument("--samples", type=int, help="samples per task and length")
+    _suite_args(fr, "quick (CI-sized) or full (2K/4K, all task families, 20 samples, the grid)")
     fr.add_argument("--r-structs", help="R_struct values, e.g. 0.1,0.2,0.3,0.5,0.7")
     fr.add_argument("--r-kvs", help="R_KV values, e.g. 0.05,0.1,0.2,0.5")
     fr.add_argument(
@@ -496,11 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="time the cheapest settings' prefill vs full at the longest length (0: skip)",
-    )
-    fr.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    fr.add_argument("--out", required=True, help="results directory (re-runs resume here)")
-    fr.add_argument(
-        "--report-only", action="store_true", help="rewrite the report from results.json"
     )
     add_method_args(fr)
     fr.set_defaults(func=cmd_eval_frontier)

@@ -89,6 +89,23 @@ bool describe(int32_t nbInputs, int32_t const* nbDims, int64_t const* dims, char
     return true;
 }
 
+//! The plugin for these attributes with its input descriptors, or false (message on stderr).
+struct Prepared
+{
+    std::unique_ptr<structkv::StructKVCompactPlugin> plugin;
+    std::vector<PluginTensorDesc> desc;
+    std::vector<DynamicPluginTensorDesc> dynamic;
+};
+
+bool prepare(char const* mode, int32_t ratioNum, int32_t ratioDen, int32_t window, int32_t pooling,
+    char const* poolMode, int32_t nbInputs, int32_t const* nbDims, int64_t const* dims, char const* const* types,
+    Prepared& out)
+{
+    out.plugin = makePlugin(mode, ratioNum, ratioDen, window, pooling, poolMode);
+    return out.plugin && nbInputs == out.plugin->getNbInputs()
+        && describe(nbInputs, nbDims, dims, types, out.desc, out.dynamic);
+}
+
 } // namespace
 
 extern "C"
@@ -98,15 +115,12 @@ extern "C"
         int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode, int32_t nbInputs,
         int32_t const* nbDims, int64_t const* dims, char const* const* types)
     {
-        auto plugin = makePlugin(mode, ratioNum, ratioDen, window, pooling, poolMode);
-        std::vector<PluginTensorDesc> desc;
-        std::vector<DynamicPluginTensorDesc> dynamic;
-        if (!plugin || nbInputs != plugin->getNbInputs()
-            || !describe(nbInputs, nbDims, dims, types, desc, dynamic))
+        Prepared p;
+        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, nbInputs, nbDims, dims, types, p))
         {
             return -1;
         }
-        return static_cast<int64_t>(plugin->getWorkspaceSize(dynamic.data(), nbInputs, nullptr, 0));
+        return static_cast<int64_t>(p.plugin->getWorkspaceSize(p.dynamic.data(), nbInputs, nullptr, 0));
     }
 
     //! enqueue on ``stream`` (a CUstream / cudaStream_t; 0 = the legacy default stream) with device
@@ -116,16 +130,13 @@ extern "C"
         int32_t const* nbDims, int64_t const* dims, char const* const* types, void const* const* inputs,
         void* const* outputs, void* workspace, void* stream)
     {
-        auto plugin = makePlugin(mode, ratioNum, ratioDen, window, pooling, poolMode);
-        std::vector<PluginTensorDesc> desc;
-        std::vector<DynamicPluginTensorDesc> dynamic;
-        if (!plugin || nbInputs != plugin->getNbInputs()
-            || !describe(nbInputs, nbDims, dims, types, desc, dynamic))
+        Prepared p;
+        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, nbInputs, nbDims, dims, types, p))
         {
             return -1;
         }
-        std::vector<PluginTensorDesc> outDesc(static_cast<size_t>(plugin->getNbOutputs()));
-        return plugin->enqueue(
-            desc.data(), outDesc.data(), inputs, outputs, workspace, static_cast<cudaStream_t>(stream));
+        std::vector<PluginTensorDesc> outDesc(static_cast<size_t>(p.plugin->getNbOutputs()));
+        return p.plugin->enqueue(
+            p.desc.data(), outDesc.data(), inputs, outputs, workspace, static_cast<cudaStream_t>(stream));
     }
 }
