@@ -421,7 +421,8 @@ def format_table(profile: dict) -> str:
     rows = ["rule        layer(s)            lambda  KL        top1    compute"]
     for r in profile["table"]:
         layer = r["layer"] if isinstance(r["layer"], int) else ",".join(map(str, r["layer"]))
-        mark = "  <- chosen" if r == profile["best"] else ""
+        mark = "  <- stage 1" if r == profile["best"] and "budgets" in profile else ""
+        mark = mark or ("  <- chosen" if r == profile["best"] else "")
         rows.append(
             f"{r['rule']:<11} {layer:<19} {r['lambda']:<7} {r['kl']:<9.4f} "
             f"{r['top1']:<7.3f} {r['compute_fraction']:.3f}{mark}"
