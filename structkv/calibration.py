@@ -29,7 +29,7 @@ from structkv.methods import Full, SnapKV, StructKV
 from structkv.pivot import OnlinePivot, metric_scales, search_range
 from structkv.prefill import Compacted, LayerView, compact, continue_prefill, run_prefill_shared
 from structkv.profile import FORMAT_VERSION
-from structkv.prompts.haystack import calibration_paragraphs
+from structkv.prompts.haystack import calibration_paragraphs, paragraphs
 from structkv.prompts.needle import build_context
 from structkv.selection import budget
 
@@ -72,9 +72,17 @@ def _probe(context: list[str], rng: random.Random) -> str | None:
     return PROBE.format(quote=" ".join(words[start : start + 5]))
 
 
-def calibration_prompts(tokenizer, n: int, length: int, seed: int = 1234) -> list[str]:
+def calibration_prompts(
+    tokenizer, n: int, length: int, seed: int = 1234, prompt_set: str = "probes"
+) -> list[str]:
     """``n`` prompts of about ``length`` tokens of calibration prose (never the evaluation's
-    haystack): three in four end with a recall probe, every fourth with a generic task."""
+    haystack): three in four end with a recall probe, every fourth with a generic task.
+    ``prompt_set="generic"`` rebuilds the prompts of profiles made before the probes (the
+    evaluation's prose pool, generic tasks only), so that those profiles stay reproducible."""
+    if prompt_set == "generic":
+        rng = random.Random(seed)
+        contexts = [build_context(tokenizer, length - 24, rng, paragraphs()) for _ in range(n)]
+        return ["\n".join(c) + "\n\n" + TASKS[i % len(TASKS)] for i, c in enumerate(contexts)]
     source = calibration_paragraphs()
     rng = random.Random(seed)
     out = []
@@ -262,7 +270,7 @@ def calibrate(
     table = _search(model, runs, candidates, method, lambdas, steps, num_layers, progress)
     settings = dict(
         prompts=n_prompts, length=length, r_struct=r_struct, r_kv=r_kv, window=window,
-        pooling=pooling, compute_cap=compute_cap, steps=steps,
+        pooling=pooling, compute_cap=compute_cap, steps=steps, prompt_set="probes",
     )  # fmt: skip
     if target_fidelity is not None:
         # the budget search (and every engine) needs one fixed pivot layer: choose among those

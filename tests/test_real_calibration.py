@@ -84,7 +84,9 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
     chat = bool(smollm2.tokenizer.chat_template)
     kl = {"best": [], "paper": []}
     pivots = []
-    for text in calibration_prompts(smollm2.tokenizer, s["prompts"], s["length"]):
+    prompt_set = s.get("prompt_set", "generic")  # profiles from before the recall probes
+    for text in calibration_prompts(smollm2.tokenizer, s["prompts"], s["length"],
+                                    prompt_set=prompt_set):  # fmt: skip
         ids = encode_prompt(smollm2.tokenizer, text, chat)
         run = _record(smollm2.model, ids, s["r_kv"], s["window"], s["pooling"], steps=1)
         pivot = _rule_pivot(run.record.metrics, PROFILE["l_min"], PROFILE["l_max"], "argmax",
