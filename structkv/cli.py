@@ -196,7 +196,7 @@ def _ratios(text: str, flag: str) -> list[float]:
 def cmd_eval_frontier(args) -> int:
     from tqdm import tqdm
 
-    from structkv.bench import parse_ints
+    from structkv.bench import bench_prefill, parse_ints
     from structkv.eval.frontier import PROFILES, run_frontier, settings
     from structkv.eval.runner import RunConfig
     from structkv.models import load
@@ -238,6 +238,9 @@ def cmd_eval_frontier(args) -> int:
         out,
         progress=lambda total: tqdm(total=total, file=sys.stderr),
         speed_repeats=args.speed_repeats,
+        timer=lambda lm, methods, n, repeats: bench_prefill(
+            lm, [n], list(methods), repeats=repeats, instances=methods
+        ),
     )
     print((out / "frontier.md").read_text(), end="")
     return 0

@@ -76,9 +76,15 @@ def test_frontier_command_end_to_end_and_refusals(tmp_path):
     out = tmp_path / "frontier"
     cmd = [sys.executable, "-m", "structkv.cli", "eval", "frontier", "--profile", "quick",
            "--samples", "1", "--r-structs", "0.5", "--r-kvs", "0.5", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    timed = [*cmd[:-2], "--speed-repeats", "3", *cmd[-2:]]
+    proc = subprocess.run(timed, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((out / "frontier.json").read_text())
+    # the cheapest settings (and full) timed in one paired benchmark at the longest length
+    timed_rows = {r["setting"]: r for r in doc["speed"]}
+    assert "full" in timed_rows and timed_rows["full"]["speedup_vs_full"] == 1.0
+    assert set(timed_rows) - {"full"} <= {s for per in doc["summary"]["512"]["cheapest"].values()
+                                          for s in per.values() if s}  # fmt: skip
     rows = {r["setting"]: r for r in doc["summary"]["512"]["rows"]}
     assert set(rows) == {"full", "snapkv kv=0.5", "structkv rs=0.5 kv=0.5"}
     assert rows["full"]["compute_fraction"] == 1.0

@@ -225,17 +225,20 @@ def plot_frontier(summary: dict, cfg: RunConfig, out: Path) -> list[Path]:
 
 
 def run_frontier(lm, cfg: RunConfig, specs: dict, out: Path, progress=None,
-                 speed_repeats: int = 0) -> dict:  # fmt: skip
+                 speed_repeats: int = 0, timer=None) -> dict:  # fmt: skip
     """Score every setting (resumable), then write frontier.json / .md and the figures. With
     ``speed_repeats``, the cheapest settings' prefill is timed against full at the longest
-    length (paired medians, :func:`structkv.bench.bench_prefill`)."""
+    length by ``timer(lm, instances, length, repeats)`` (the CLI passes the benchmark's paired
+    medians, :func:`structkv.bench.bench_prefill`, a front end this package does not import)."""
     if lm is not None:
         run_ruler(lm, cfg, out, progress=progress)
     results = load_results(out)
     summary = summarise(results, cfg, specs)
     speed = None
-    if lm is not None and speed_repeats:
-        speed = measure_speed(lm, summary, specs, max(cfg.lengths), speed_repeats)
+    if lm is not None and speed_repeats and timer is not None:
+        speed = measure_speed(lm, summary, specs, max(cfg.lengths), speed_repeats, timer)
+    elif lm is None and (out / "frontier.json").is_file():  # --report-only keeps the timings
+        speed = json.loads((out / "frontier.json").read_text()).get("speed")
     doc = {"config": {"tasks": cfg.tasks, "lengths": cfg.lengths, "samples": cfg.samples,
                       "seed": cfg.seed, "settings": specs}, "summary": summary,
            "speed": speed}  # fmt: skip
@@ -245,8 +248,8 @@ def run_frontier(lm, cfg: RunConfig, specs: dict, out: Path, progress=None,
     return doc
 
 
-def measure_speed(lm, summary: dict, specs: dict, length: int, repeats: int) -> list[dict]:
-    from structkv.bench import bench_prefill
+def measure_speed(lm, summary: dict, specs: dict, length: int, repeats: int, timer) -> list:
+    """The cheapest settings (and full) configured for ``lm``, timed by ``timer``."""
     from structkv.generate import as_method
 
     chosen = {s for per in summary[str(length)]["cheapest"].values() for s in per.values() if s}
@@ -254,7 +257,7 @@ def measure_speed(lm, summary: dict, specs: dict, length: int, repeats: int) -> 
     for label in sorted(chosen - {"full"}):
         method, knobs = specs[label]
         instances[label] = as_method(method, lm.model_id, **knobs)
-    rows = bench_prefill(lm, [length], list(instances), repeats=repeats, instances=instances)
+    rows = timer(lm, instances, length, repeats)
     return [{"setting": r["method"], "length": r["length"], "median_s": r["median_s"],
              "speedup_vs_full": r["speedup_vs_full"], "compute_fraction": r["compute_fraction"]}
             for r in rows]  # fmt: skip
