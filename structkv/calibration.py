@@ -1,10 +1,20 @@
 """§6 Calibration: choose the pivot (rule or layer) and λ per model by label-free fidelity.
 
 Why: the paper's λ 0.9 and argmax pivot fail on shallow-salience models such as SmolLM2
-(method.md §2–3). We pick, on generic prose prompts that are not from any evaluation task,
-the (pivot, λ) whose compressed model stays closest to full context: KL of the next-token
-distribution at the last prompt position, and teacher-forced greedy top-1 agreement over the
-next ``steps`` tokens of the full model. Only pivots under the compute cap are searched.
+(method.md §2–3). We pick, on prose prompts that are not from any evaluation task, the (pivot,
+λ) whose compressed model stays closest to full context: the agreement of its free-running
+greedy answer with the full model's own answer (the matched prefix), KL of the next-token
+distribution at the last prompt position, and teacher-forced top-1 agreement over the next
+``steps`` tokens. Only pivots under the compute cap are searched.
+
+Why copy probes and free-running agreement (prompt set "copy", the default): the earlier
+objectives (generic tasks, then question-form recall probes, scored by teacher-forced top-1)
+chose settings that fail needle retrieval — the 135M model does not answer a question-form
+recall probe from the document, so its "reference" answer was a summary any compressed model
+reproduces, and teacher forcing hides the one wrong retrieval step among easy copied ones.
+A copy probe pre-fills the answer with the opening words of a sentence from early in the
+document; the full model continues it from the document (induction), which only works if
+compression kept that sentence. Probes the full model does not continue are set aside.
 
 Cost: one full prefill per prompt, recorded layer by layer; each candidate then re-runs only
 the layers after its pivot on the compacted tokens (:func:`structkv.prefill.continue_prefill`),
@@ -40,12 +50,18 @@ TASKS = (
     "Continue the text above with one more paragraph in the same style.",
     "List the three most important ideas in the text above.",
 )
-#: Self-supervised recall probe: quote five consecutive words from early in the document and
-#: ask for the words that follow them there. The answer is not in the question (a quoted
-#: sentence start was: the model could echo it from the window), so reproducing it needs the
-#: lookup a retrieval question needs. Label-free: the reference is the full-context model's own
-#: answer. Its wording, the prose pool (calibration_paragraphs) and the question differ from
-#: every evaluation template.
+#: Copy probe (prompt set "copy"): the user turn asks for a sentence of the document, and the
+#: answer is pre-filled with the first :data:`QUOTE_WORDS` words of one from its first 60 %.
+COPY_REQUEST = "Quote one sentence of the text above word for word."
+QUOTE_WORDS = 8
+#: A copy probe counts as answered by the full model when its answer starts with this many
+#: words of the sentence's true continuation.
+COPIED_WORDS = 3
+#: Question-form recall probe (prompt set "probes", the profiles of 2026-11-29): quote five
+#: consecutive words from early in the document and ask for the words that follow them there.
+#: Label-free: the reference is the full-context model's own answer. Its wording, the prose pool
+#: (calibration_paragraphs) and the question differ from every evaluation template, as the copy
+#: probe's do.
 PROBE = (
     'In the text above, the words "{quote}" are followed by more words. '
     "Write the ten words that come right after them in the text."
@@ -72,25 +88,94 @@ def _probe(context: list[str], rng: random.Random) -> str | None:
     return PROBE.format(quote=" ".join(words[start : start + 5]))
 
 
+@dataclass(frozen=True)
+class CalibrationPrompt:
+    """A calibration prompt: the user's text, the answer's pre-filled start (copy probes) and
+    the document's own continuation of it (what a copying full model says; only used to set
+    aside probes the full model does not continue — never as a reference)."""
+
+    text: str
+    prefill: str = ""
+    continuation: str = ""
+
+    def encode(self, tokenizer, chat: bool) -> torch.Tensor:
+        """The prompt's ids: the chat template's user turn, then the pre-filled answer."""
+        if not self.prefill:
+            return encode_prompt(tokenizer, self.text, chat)
+        if not chat:
+            return encode_prompt(tokenizer, self.text + "\n" + self.prefill, chat)
+        head = encode_prompt(tokenizer, self.text, chat)
+        tail = tokenizer(self.prefill, add_special_tokens=False)["input_ids"]
+        return torch.cat([head, torch.tensor(tail, dtype=head.dtype)])
+
+    def copied(self, answer: str) -> bool:
+        """Whether ``answer`` (the full model's) continues the quote as the document does."""
+        want = self.continuation.split()[:COPIED_WORDS]
+        return bool(want) and answer.split()[: len(want)] == want
+
+
+def _copy_probe(context: list[str], rng: random.Random) -> CalibrationPrompt | None:
+    early = context[: max(1, int(0.6 * len(context)))]
+    sentences = [
+        sent
+        for para in early
+        for sent in re.split(r"(?<=[.!?])\s+", para)
+        if len(sent.split()) >= QUOTE_WORDS + 8
+    ]
+    if not sentences:
+        return None
+    words = rng.choice(sentences).split()
+    return CalibrationPrompt(
+        "\n".join(context) + "\n\n" + COPY_REQUEST,
+        " ".join(words[:QUOTE_WORDS]),
+        " ".join(words[QUOTE_WORDS:]),
+    )
+
+
+PROMPT_SETS = ("copy", "probes", "generic")
+
+
 def calibration_prompts(
-    tokenizer, n: int, length: int, seed: int = 1234, prompt_set: str = "probes"
-) -> list[str]:
+    tokenizer, n: int, length: int, seed: int = 1234, prompt_set: str = "copy"
+) -> list[CalibrationPrompt]:
     """``n`` prompts of about ``length`` tokens of calibration prose (never the evaluation's
-    haystack): three in four end with a recall probe, every fourth with a generic task.
-    ``prompt_set="generic"`` rebuilds the prompts of profiles made before the probes (the
-    evaluation's prose pool, generic tasks only), so that those profiles stay reproducible."""
+    haystack). "copy": copy probes (calibration draws twice the prompts it needs and keeps
+    those the full model continues). "probes" (profiles of 2026-11-29): three in four end with
+    a question-form recall probe, every fourth with a generic task. "generic" (older profiles:
+    the evaluation's prose pool, generic tasks only). The older sets stay so that the profiles
+    made with them stay reproducible."""
+    if prompt_set not in PROMPT_SETS:
+        raise StructKVError(f"unknown prompt set {prompt_set!r}; choose one of {PROMPT_SETS}")
     if prompt_set == "generic":
         rng = random.Random(seed)
         contexts = [build_context(tokenizer, length - 24, rng, paragraphs()) for _ in range(n)]
-        return ["\n".join(c) + "\n\n" + TASKS[i % len(TASKS)] for i, c in enumerate(contexts)]
+        return [
+            CalibrationPrompt("\n".join(c) + "\n\n" + TASKS[i % len(TASKS)])
+            for i, c in enumerate(contexts)
+        ]
     source = calibration_paragraphs()
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    while len(out) < n:
         context = build_context(tokenizer, length - 48, rng, source)
+        if prompt_set == "copy":
+            probe = _copy_probe(context, rng)
+            if probe is not None:
+                out.append(probe)
+            continue
+        i = len(out)
         ending = _probe(context, rng) if i % 4 != 3 else None
-        out.append("\n".join(context) + "\n\n" + (ending or TASKS[(i // 4) % len(TASKS)]))
+        text = "\n".join(context) + "\n\n" + (ending or TASKS[(i // 4) % len(TASKS)])
+        out.append(CalibrationPrompt(text))
     return out
+
+
+def keep_prompts(recorded: list[tuple], n: int, prefer_copied: bool) -> list[tuple]:
+    """The ``n`` prompts calibration scores, from ``(index, run, copied)`` in drawing order:
+    the probes the full model continues first (a probe it does not continue measures nothing
+    about retrieval), the others only to fill up; kept in drawing order."""
+    ranked = sorted(recorded, key=lambda r: (prefer_copied and not r[2], r[0]))
+    return sorted(ranked[:n], key=lambda r: r[0])
 
 
 def compute_fraction(pivot: int, num_layers: int, r_struct: float) -> float:
@@ -160,10 +245,21 @@ def _record(model, ids, r_kv, window, pooling, steps, variants=None) -> _PromptR
     return _PromptRun(ids, record, caches, logprobs, tokens, step_logprobs)
 
 
+def matched_prefix(tokens: list[int], reference: list[int]) -> float:
+    """The share of ``reference`` that ``tokens`` reproduce before their first difference."""
+    same = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        same += 1
+    return same / len(reference)
+
+
 @torch.inference_mode()
 def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, steps: int):
     """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement,
-    mean KL over the teacher-forced answer steps: what the decode reads from the caches)."""
+    mean KL over the teacher-forced answer steps: what the decode reads from the caches, and
+    the free-running answer's agreement: :func:`matched_prefix` of its own greedy tokens)."""
     n = int(run.ids.shape[0])
     c = None
     for saliency in run.record.saliency[: pivot + 1]:
@@ -172,6 +268,8 @@ def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, 
     hidden, positions = compact(run.record.hidden[pivot], torch.arange(n, device=keep.device), keep)
     caches = [_fresh(c_, steps) for c_ in run.caches[(method.chunk, method.r_kv)][: pivot + 1]]
     out = continue_prefill(model, n, method, Compacted(pivot, hidden, positions, caches), steps)
+    # the free-running answer reuses the caches: decoding appends in place after `length`
+    lengths, next_position = out.cache.tokens_per_layer(), out.cache.next_position
     logprobs = torch.log_softmax(out.logits, -1)
     kl = float((run.full_logprobs.exp() * (run.full_logprobs - logprobs)).sum())
     agree = [int(out.logits.argmax()) == run.full_tokens[0]]
@@ -181,7 +279,14 @@ def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, 
         agree.append(int(logits.argmax()) == run.full_tokens[i])
         p = run.full_step_logprobs[i - 1]
         answer_kl.append(float((p.exp() * (p - torch.log_softmax(logits, -1))).sum()))
-    return kl, sum(agree) / len(agree), sum(answer_kl) / max(1, len(answer_kl))
+    for layer, length in zip(out.cache.layers, lengths):
+        layer.length = length
+    out.cache.next_position = next_position
+    tokens = [int(out.logits.argmax())]
+    for _ in range(1, steps):
+        tokens.append(int(decode_step(model, out.cache, tokens[-1]).argmax()))
+    answer = matched_prefix(tokens, run.full_tokens)
+    return kl, sum(agree) / len(agree), sum(answer_kl) / max(1, len(answer_kl)), answer
 
 
 def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
@@ -193,9 +298,11 @@ def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
     return l_max
 
 
-def _search(model, runs, candidates, method, lambdas, steps, num_layers, progress) -> list[dict]:
-    """One table row per (candidate pivot choice, λ): mean KL, top-1 agreement, compute."""
-    cache: dict[tuple[int, int, float], tuple[float, float]] = {}
+def _search(model, runs, candidates, method, lambdas, steps, num_layers, progress,
+            objective="answer") -> list[dict]:  # fmt: skip
+    """One table row per (candidate pivot choice, λ): mean KL, top-1 agreement, free-running
+    answer agreement, compute; ``score`` is the ``objective`` agreement minus KL."""
+    cache: dict[tuple[int, int, float], tuple[float, ...]] = {}
     table = []
     for label, pivots in candidates:
         for lam in lambdas:
@@ -207,18 +314,19 @@ def _search(model, runs, candidates, method, lambdas, steps, num_layers, progres
                 scores.append(cache[key])
             kl = sum(s[0] for s in scores) / len(scores)
             agree = sum(s[1] for s in scores) / len(scores)
+            answer = sum(s[3] for s in scores) / len(scores)
             frac = sum(compute_fraction(p, num_layers, method.r_struct) for p in pivots)
-            table.append(
-                {
-                    "rule": label if label in ("argmax", "stabilised") else "fixed",
-                    "layer": pivots[0] if label.startswith("layer") else pivots,
-                    "lambda": lam,
-                    "kl": round(kl, 5),
-                    "top1": round(agree, 4),
-                    "compute_fraction": round(frac / len(pivots), 4),
-                    "score": round(agree - kl, 5),
-                }
-            )
+            row = {
+                "rule": label if label in ("argmax", "stabilised") else "fixed",
+                "layer": pivots[0] if label.startswith("layer") else pivots,
+                "lambda": lam,
+                "kl": round(kl, 5),
+                "top1": round(agree, 4),
+                "answer": round(answer, 4),
+                "compute_fraction": round(frac / len(pivots), 4),
+            }
+            row["score"] = round(row[objective] - kl, 5)
+            table.append(row)
         if progress:
             progress(f"searched {label}")
     return table
@@ -238,9 +346,12 @@ def calibrate(
     progress=None,
     target_fidelity: float | None = None,
     budget_grid: dict | None = None,
+    prompt_set: str = "copy",
 ) -> dict:
     """Search (pivot rule or layer) x λ under the compute cap; with ``target_fidelity``, then
-    window x chunk and R_struct x R_KV (:func:`search_budgets`). Returns the profile dict."""
+    window x chunk and R_struct x R_KV (:func:`search_budgets`). Returns the profile dict.
+    The objective is the free-running answer agreement for copy probes, teacher-forced top-1
+    for the older prompt sets."""
     if lm.tokenizer is None:
         raise StructKVError("calibration needs a model with a tokenizer")
     model = lm.model
@@ -252,13 +363,24 @@ def calibrate(
     method = StructKV(r_struct=r_struct, r_kv=r_kv, window=window, pooling=pooling, pivot=0)
     start = time.perf_counter()
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    runs = []
-    texts = calibration_prompts(lm.tokenizer, n_prompts, length)
-    for i, text in enumerate(texts):
-        ids = encode_prompt(lm.tokenizer, text, chat)
-        runs.append(_record(model, ids, r_kv, window, pooling, steps))
+    objective = "answer" if prompt_set == "copy" else "top1"
+    drawn = 2 * n_prompts if prompt_set == "copy" else n_prompts
+    candidates_prompts = calibration_prompts(lm.tokenizer, drawn, length, prompt_set=prompt_set)
+    recorded = []
+    for i, prompt in enumerate(candidates_prompts):
+        ids = prompt.encode(lm.tokenizer, chat)
+        run = _record(model, ids, r_kv, window, pooling, steps)
+        copied = prompt.copied(lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True))
+        recorded.append((i, run, copied))
         if progress:
-            progress(f"recorded prompt {i + 1}/{n_prompts}")
+            progress(f"recorded prompt {i + 1}/{drawn}" + (", copied" if copied else ""))
+    chosen = keep_prompts(recorded, n_prompts, prefer_copied=prompt_set == "copy")
+    selected = [i for i, _, _ in chosen]
+    runs = [run for _, run, _ in chosen]
+    texts = [candidates_prompts[i] for i in selected]
+    copied = sum(c for *_, c in chosen)
+    if prompt_set == "copy" and progress:
+        progress(f"{copied} of the {n_prompts} probes used are continued by the full model")
     per_prompt_scales = [metric_scales(r.record.metrics) for r in runs]
     scales = tuple(sorted(s[i] for s in per_prompt_scales)[len(runs) // 2] for i in range(3))
     candidates: list[tuple[str, list[int]]] = [
@@ -267,10 +389,13 @@ def calibrate(
     for rule in ("argmax", "stabilised"):
         pivots = [_rule_pivot(r.record.metrics, l_min, cap_layer, rule, scales) for r in runs]
         candidates.append((rule, pivots))
-    table = _search(model, runs, candidates, method, lambdas, steps, num_layers, progress)
+    table = _search(
+        model, runs, candidates, method, lambdas, steps, num_layers, progress, objective
+    )
     settings = dict(
         prompts=n_prompts, length=length, r_struct=r_struct, r_kv=r_kv, window=window,
-        pooling=pooling, compute_cap=compute_cap, steps=steps, prompt_set="probes",
+        pooling=pooling, compute_cap=compute_cap, steps=steps, prompt_set=prompt_set,
+        drawn=drawn, selected=selected, copied=copied, objective=objective,
     )  # fmt: skip
     if target_fidelity is not None:
         # the budget search (and every engine) needs one fixed pivot layer: choose among those
@@ -294,6 +419,7 @@ def calibrate(
             base=(r_struct, r_kv),
             pivots=[best["layer"], *range(l_min, cap_layer + 1, 3)],
             progress=progress,
+            objective=objective,
             **(budget_grid or {}),
         )
         profile["budgets"] = search.pop("chosen")
@@ -311,37 +437,38 @@ R_STRUCTS = (0.1, 0.2, 0.3, 0.5, 0.7)
 R_KVS = (0.05, 0.1, 0.2, 0.5)
 
 
-def _score_setting(model, runs, method, pivot, lam, steps) -> tuple[float, float, float]:
-    """Means over the prompts of :func:`_fidelity`'s three numbers."""
+def _score_setting(model, runs, method, pivot, lam, steps) -> tuple[float, ...]:
+    """Means over the prompts of :func:`_fidelity`'s four numbers."""
     scores = [_fidelity(model, run, method, pivot, lam, steps) for run in runs]
-    return tuple(sum(s[i] for s in scores) / len(scores) for i in range(3))
+    return tuple(sum(s[i] for s in scores) / len(scores) for i in range(4))
 
 
-def choose_budget(rows: list[dict], target: float) -> tuple[dict, bool]:
-    """The cheapest row (least compute, then least KV) whose top-1 agreement reaches
+def choose_budget(rows: list[dict], target: float, objective: str = "answer") -> tuple[dict, bool]:
+    """The cheapest row (least compute, then least KV) whose ``objective`` agreement reaches
     ``target``; when none does, the most faithful row (ties: less compute). And whether the
     target was met."""
-    meets = [r for r in rows if r["top1"] >= target]
+    meets = [r for r in rows if r[objective] >= target]
     if meets:
         return min(meets, key=lambda r: (r["compute_fraction"], r["r_kv"])), True
-    return max(rows, key=lambda r: (r["top1"], -r["compute_fraction"])), False
+    return max(rows, key=lambda r: (r[objective], -r["compute_fraction"])), False
 
 
 def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap, pooling=7,
                    windows=WINDOWS, chunks=CHUNKS, r_structs=R_STRUCTS, r_kvs=R_KVS,
-                   base=(0.2, 0.1), pivots=None, progress=None) -> dict:  # fmt: skip
+                   base=(0.2, 0.1), pivots=None, progress=None,
+                   objective="answer") -> dict:  # fmt: skip
     """Stages 2 and 3 of the calibration, at the chosen λ.
 
     Stage 2: observation window x chunk at the stage-1 pivot and the base budgets (R_struct,
-    R_KV), best by top-1 agreement minus KL. Stage 3: pivot x R_struct x R_KV (``pivots``:
+    R_KV), best by the objective's agreement minus KL. Stage 3: pivot x R_struct x R_KV (``pivots``:
     default the stage-1 pivot alone; R_KV <= R_struct, as engines need; compute fraction under
     the cap) at that window and chunk — the pivot and R_struct trade compute against each
     other, so they are searched together. The chosen setting is the cheapest (compute, then
-    KV) whose top-1 agreement with full context reaches ``target``, else the most faithful one
-    (``met`` False). Every row is returned."""
+    KV) whose ``objective`` agreement with full context reaches ``target``, else the most
+    faithful one (``met`` False). Every row is returned."""
     model = lm.model
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    ids = [encode_prompt(lm.tokenizer, t, chat) for t in texts]
+    ids = [t.encode(lm.tokenizer, chat) for t in texts]
     rs0, rk0 = base
     cap = compute_cap + 1e-9
     stage3 = [
@@ -362,10 +489,11 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
         runs = [_record(model, x, rk0, w, pooling, steps, variants) for x in ids]
         for c in chunks:
             method = StructKV(r_struct=rs0, r_kv=rk0, window=w, pooling=pooling, chunk=c, pivot=0)
-            kl, top1, answer_kl = _score_setting(model, runs, method, pivot, lam, steps)
+            kl, top1, answer_kl, answer = _score_setting(model, runs, method, pivot, lam, steps)
             row = {"window": w, "chunk": c, "kl": round(kl, 5), "top1": round(top1, 4)}
             row["answer_kl"] = round(answer_kl, 5)
-            row["score"] = round(top1 - kl, 5)
+            row["answer"] = round(answer, 4)
+            row["score"] = round(row[objective] - kl, 5)
             window_rows.append(row)
             if best is None or row["score"] > best["score"]:
                 best, best_runs = row, runs
@@ -375,16 +503,21 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
     for p, rs, rk in stage3:
         w, c = best["window"], best["chunk"]
         method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pooling, chunk=c, pivot=0)
-        kl, top1, answer_kl = _score_setting(model, best_runs, method, p, lam, steps)
+        kl, top1, answer_kl, answer = _score_setting(model, best_runs, method, p, lam, steps)
         frac = round(compute_fraction(p, num_layers, rs), 4)
         row = {"pivot": p, "r_struct": rs, "r_kv": rk, "kl": round(kl, 5), "top1": round(top1, 4)}
         row["answer_kl"] = round(answer_kl, 5)
+        row["answer"] = round(answer, 4)
         budget_rows.append({**row, "compute_fraction": frac})
         if progress:
-            progress(f"budgets: pivot {p}, R_struct {rs}, R_KV {rk}: top-1 {top1:.3f}")
-    chosen, met = choose_budget(budget_rows, target)
+            progress(
+                f"budgets: pivot {p}, R_struct {rs}, R_KV {rk}: answer {answer:.3f}, "
+                f"top-1 {top1:.3f}"
+            )
+    chosen, met = choose_budget(budget_rows, target, objective)
     return {
         "target_fidelity": target,
+        "objective": objective,
         "met": met,
         "chosen": {
             "r_struct": chosen["r_struct"],
@@ -415,7 +548,12 @@ def _profile(model_id, num_layers, table, l_min, cap_layer, scales, settings) ->
         "l_min": l_min,
         "l_max": cap_layer,
         "metric_scales": list(scales),
-        "objective": "maximise top1 - KL (teacher-forced, vs full context); ties: less compute",
+        "objective": (
+            "maximise answer - KL (free-running answer agreement with full context's own "
+            "answer to copy probes); ties: less compute"
+            if settings.get("objective") == "answer"
+            else "maximise top1 - KL (teacher-forced, vs full context); ties: less compute"
+        ),
         "settings": settings,
         "best": best,
         "paper_preset": next(
@@ -426,14 +564,15 @@ def _profile(model_id, num_layers, table, l_min, cap_layer, scales, settings) ->
 
 
 def format_table(profile: dict) -> str:
-    rows = ["rule        layer(s)            lambda  KL        top1    compute"]
+    rows = ["rule        layer(s)            lambda  KL        top1    answer  compute"]
     for r in profile["table"]:
         layer = r["layer"] if isinstance(r["layer"], int) else ",".join(map(str, r["layer"]))
         mark = "  <- stage 1" if r == profile["best"] and "budgets" in profile else ""
         mark = mark or ("  <- chosen" if r == profile["best"] else "")
         rows.append(
             f"{r['rule']:<11} {layer:<19} {r['lambda']:<7} {r['kl']:<9.4f} "
-            f"{r['top1']:<7.3f} {r['compute_fraction']:.3f}{mark}"
+            f"{r['top1']:<7.3f} {r.get('answer', float('nan')):<7.3f} "
+            f"{r['compute_fraction']:.3f}{mark}"
         )
     return "\n".join(rows)
 
@@ -441,22 +580,24 @@ def format_table(profile: dict) -> str:
 def format_budgets(profile: dict) -> str:
     """The budget search's tables (window x chunk, then R_struct x R_KV) and its choice."""
     search, chosen = profile["budget_search"], profile["budgets"]
-    rows = ["window  chunk  KL        top1", *(
-        f"{r['window']:<7} {r['chunk']:<6} {r['kl']:<9.4f} {r['top1']:.3f}"
+    nan = float("nan")
+    rows = ["window  chunk  KL        top1    answer", *(
+        f"{r['window']:<7} {r['chunk']:<6} {r['kl']:<9.4f} {r['top1']:<7.3f} "
+        f"{r.get('answer', nan):.3f}"
         for r in search["window_table"]
     )]  # fmt: skip
-    rows.append("pivot  R_struct  R_KV   KL        top1    compute")
+    rows.append("pivot  R_struct  R_KV   KL        top1    answer  compute")
     for r in search["budget_table"]:
         mark = "  <- chosen" if r == search["chosen_row"] else ""
         rows.append(
             f"{r['pivot']:<6} {r['r_struct']:<9} {r['r_kv']:<6} {r['kl']:<9.4f} "
-            f"{r['top1']:<7.3f} {r['compute_fraction']:.3f}{mark}"
+            f"{r['top1']:<7.3f} {r.get('answer', nan):<7.3f} {r['compute_fraction']:.3f}{mark}"
         )
     met = "met" if search["met"] else "NOT met (the most faithful setting is chosen)"
     rows.append(
         f"budgets: pivot {profile['pivot']}, window {chosen['window']}, chunk "
-        f"{chosen['chunk']}, R_struct {chosen['r_struct']}, R_KV {chosen['r_kv']}; target top-1 "
-        f"{search['target_fidelity']} {met}"
+        f"{chosen['chunk']}, R_struct {chosen['r_struct']}, R_KV {chosen['r_kv']}; target "
+        f"{search.get('objective', 'top1')} {search['target_fidelity']} {met}"
     )
     return "\n".join(rows)
 

@@ -121,7 +121,8 @@ def cmd_calibrate(args) -> int:
     layer = best["layer"] if best["rule"] == "fixed" else profile["pivot"]
     print(
         f"chosen: pivot {layer} (rule {profile['rule'] or 'fixed'}), lambda "
-        f"{profile['lambda']}, KL {best['kl']:.4f}, top-1 {best['top1']:.3f}, compute "
+        f"{profile['lambda']}, KL {best['kl']:.4f}, top-1 {best['top1']:.3f}, answer "
+        f"{best.get('answer', float('nan')):.3f}, compute "
         f"{best['compute_fraction']:.3f} (at R_struct 0.2 / R_KV 0.1); saved to {out}"
     )
     if target is not None:

@@ -11,10 +11,13 @@ from conftest import ByteTokenizer
 
 from structkv.calibration import (
     DEFAULT_COMPUTE_CAP,
+    CalibrationPrompt,
     calibrate,
     calibration_prompts,
     choose_budget,
     compute_fraction,
+    keep_prompts,
+    matched_prefix,
 )
 from structkv.generate import decode_step, encode_prompt, generate_ids
 from structkv.methods import Full, StructKV, StructKVPaper
@@ -34,11 +37,21 @@ def profile(tiny_lm):
     return calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2, 0.9), steps=4)
 
 
-def _direct(lm, text, pivot, lam, steps):
-    """KL and teacher-forced agreement from plain prefill + decode, no calibration shortcut."""
-    ids = encode_prompt(lm.tokenizer, text, chat=False)
+def _used_prompts(lm, profile) -> list[CalibrationPrompt]:
+    """The prompts a profile was scored on: those it selected from the ones it drew."""
+    s = profile["settings"]
+    drawn = calibration_prompts(lm.tokenizer, s["drawn"], s["length"], prompt_set=s["prompt_set"])
+    return [drawn[i] for i in s["selected"]]
+
+
+def _direct(lm, prompt, pivot, lam, steps):
+    """KL, teacher-forced agreement and the free-running answer's agreement (its tokens up to
+    the first difference from full context's, as a share), from plain prefill + generation:
+    no calibration shortcut."""
+    ids = prompt.encode(lm.tokenizer, chat=False)
     full = generate_ids(lm.model, ids, Full(), steps)
-    out = StructKV(pivot=pivot, lam=lam).prefill(lm.model, ids, extra_capacity=steps)
+    method = StructKV(pivot=pivot, lam=lam)
+    out = method.prefill(lm.model, ids, extra_capacity=steps)
     p = torch.log_softmax(Full().prefill(lm.model, ids).logits, -1)
     q = torch.log_softmax(out.logits, -1)
     kl = float((p.exp() * (p - q)).sum())
@@ -46,15 +59,19 @@ def _direct(lm, text, pivot, lam, steps):
     for i in range(1, steps):
         logits = decode_step(lm.model, out.cache, full.tokens[i - 1])
         agree.append(int(logits.argmax()) == full.tokens[i])
-    return kl, sum(agree) / steps
+    own = generate_ids(lm.model, ids, method, steps).tokens
+    same = next((i for i, (a, b) in enumerate(zip(own, full.tokens)) if a != b), steps)
+    return kl, sum(agree) / steps, same / steps
 
 
 def test_table_entries_equal_direct_runs(tiny_lm, profile):
-    prompts = calibration_prompts(tiny_lm.tokenizer, 2, 160)
+    prompts = _used_prompts(tiny_lm, profile)
+    assert len(prompts) == 2 and all(p.prefill for p in prompts)  # copy probes
     row = next(r for r in profile["table"] if r["rule"] == "fixed" and r["lambda"] == 0.2)
     direct = [_direct(tiny_lm, t, row["layer"], 0.2, 4) for t in prompts]
     assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
     assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
+    assert row["answer"] == pytest.approx(sum(d[2] for d in direct) / 2)
 
 
 def test_choice_is_the_best_row_under_the_cap(profile):
@@ -66,10 +83,10 @@ def test_choice_is_the_best_row_under_the_cap(profile):
     # l_max is the last layer under the compute cap (or the search range's end, 7)
     assert compute_fraction(l_max, 10, 0.2) <= DEFAULT_COMPUTE_CAP + 1e-9
     assert l_max == 7 or compute_fraction(l_max + 1, 10, 0.2) > DEFAULT_COMPUTE_CAP
-    best = max(table, key=lambda r: (r["top1"] - r["kl"], -r["compute_fraction"]))
-    assert profile["best"]["score"] == pytest.approx(best["top1"] - best["kl"], abs=1e-4)
+    best = max(table, key=lambda r: (r["answer"] - r["kl"], -r["compute_fraction"]))
+    assert profile["best"]["score"] == pytest.approx(best["answer"] - best["kl"], abs=1e-4)
     for r in table:
-        assert r["kl"] >= -1e-6 and 0 <= r["top1"] <= 1
+        assert r["kl"] >= -1e-6 and 0 <= r["top1"] <= 1 and 0 <= r["answer"] <= 1
         if r["rule"] == "fixed":
             assert r["compute_fraction"] == pytest.approx(
                 round(compute_fraction(r["layer"], 10, 0.2), 4)
@@ -172,8 +189,8 @@ def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
                  chunk=chosen["chunk"], pivot=row["pivot"],
                  lam=budget_profile["lambda"])  # fmt: skip
     direct = []
-    for text in calibration_prompts(tiny_lm.tokenizer, 2, 160):
-        ids = encode_prompt(tiny_lm.tokenizer, text, chat=False)
+    for prompt in _used_prompts(tiny_lm, budget_profile):
+        ids = prompt.encode(tiny_lm.tokenizer, chat=False)
         full = Full().prefill(tiny_lm.model, ids, extra_capacity=4)
         out = StructKV(**knobs).prefill(tiny_lm.model, ids, extra_capacity=4)
         p = torch.log_softmax(full.logits, -1)
@@ -186,23 +203,45 @@ def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
             tokens.append(int(f.argmax()))
             agree.append(int(c.argmax()) == tokens[-1])
             answer_kl.append(float((f.exp() * (f - c)).sum()))
-        direct.append((float((p.exp() * (p - q)).sum()), sum(agree) / 4, sum(answer_kl) / 3))
+        own = generate_ids(tiny_lm.model, ids, StructKV(**knobs), 4).tokens
+        answer = matched_prefix(own, tokens)
+        kl = float((p.exp() * (p - q)).sum())
+        direct.append((kl, sum(agree) / 4, sum(answer_kl) / 3, answer))
     assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
     assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
+    assert row["answer"] == pytest.approx(sum(d[3] for d in direct) / 2)
     # the answer's KL reads the decode caches: it fails if a row used another setting's caches
     assert row["answer_kl"] == pytest.approx(sum(d[2] for d in direct) / 2, rel=1e-3, abs=1e-5)
 
 
 def test_choose_budget_takes_the_cheapest_that_meets_the_target_else_the_most_faithful():
     rows = [
-        {"r_struct": 0.2, "r_kv": 0.1, "top1": 0.80, "compute_fraction": 0.6},
-        {"r_struct": 0.2, "r_kv": 0.2, "top1": 0.93, "compute_fraction": 0.6},
-        {"r_struct": 0.5, "r_kv": 0.1, "top1": 0.95, "compute_fraction": 0.75},
-        {"r_struct": 0.5, "r_kv": 0.5, "top1": 0.97, "compute_fraction": 0.75},
+        {"r_struct": 0.2, "r_kv": 0.1, "answer": 0.80, "top1": 1.0, "compute_fraction": 0.6},
+        {"r_struct": 0.2, "r_kv": 0.2, "answer": 0.93, "top1": 0.0, "compute_fraction": 0.6},
+        {"r_struct": 0.5, "r_kv": 0.1, "answer": 0.95, "top1": 0.0, "compute_fraction": 0.75},
+        {"r_struct": 0.5, "r_kv": 0.5, "answer": 0.97, "top1": 0.0, "compute_fraction": 0.75},
     ]
     assert choose_budget(rows, 0.9) == (rows[1], True)
     assert choose_budget(rows, 0.95) == (rows[2], True)
     assert choose_budget(rows, 0.99) == (rows[3], False)
+    assert choose_budget(rows, 0.9, "top1") == (rows[0], True)  # older profiles' objective
+
+
+def test_matched_prefix_counts_up_to_the_first_difference():
+    assert matched_prefix([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert matched_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5  # later agreement does not count
+    assert matched_prefix([9, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+
+
+def test_probes_the_full_model_does_not_continue_are_set_aside():
+    probe = CalibrationPrompt("doc", "the opening words", "of the sentence as written")
+    assert probe.copied("of the sentence but then otherwise")
+    assert not probe.copied("of a sentence")
+    recorded = [(0, "a", False), (1, "b", True), (2, "c", False), (3, "d", True), (4, "e", True)]
+    assert [i for i, *_ in keep_prompts(recorded, 3, prefer_copied=True)] == [1, 3, 4]
+    # too few continued: the others fill up, in drawing order
+    assert [i for i, *_ in keep_prompts(recorded[:3], 2, prefer_copied=True)] == [0, 1]
+    assert [i for i, *_ in keep_prompts(recorded, 3, prefer_copied=False)] == [0, 1, 2]
 
 
 def test_profile_budgets_fill_only_the_knobs_left_unset():
@@ -226,36 +265,22 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
 
     calibration, evaluation = calibration_paragraphs(), stdlib_paragraphs()
     assert len(calibration) > 100 and not set(calibration) & set(evaluation)
-    texts = calibration_prompts(ByteTokenizer(), 8, 2000)
-    probes = [t for t in texts if "are followed by more words" in t]
-    assert len(probes) == 6  # three in four
-    for text in probes:
-        quote = text.split('the words "')[1].split('" are followed')[0]
-        context = text.split("\n\nIn the text above")[0]
-        # five words of the document itself, and what follows them is not in the question
-        assert len(quote.split()) == 5 and quote in context
-        after = context.split(quote, 1)[1].split()[:10]
-        assert len(after) == 10 and " ".join(after) not in text.split("\n\n")[-1]
-    for text in texts:
-        assert "magic" not in text.lower() and "needle" not in text.lower()
-
-
-def test_export_takes_the_profile_budgets_but_not_its_chunk(tiny_lm, tmp_path, monkeypatch):
-    """Engines select single tokens: an export reads the profile's budgets and window but drops
-    its chunk, saying so; a knob given on the command line still wins."""
-    from structkv.export.exporter import ExportSettings
-    from structkv.export.exporter import resolve_method as resolve_for_export
-    from structkv.profile import FORMAT_VERSION
-
-    monkeypatch.setenv("STRUCTKV_CACHE", str(tmp_path))
-    profile = {"format": FORMAT_VERSION, "model_id": tiny_lm.model_id, "lambda": 0.3,
-               "pivot": 4, "rule": None, "l_min": 2, "l_max": 7,
-               "budgets": {"r_struct": 0.5, "r_kv": 0.2, "window": 16, "chunk": 8}}  # fmt: skip
-    save_profile(profile, user_profile_path(tiny_lm.model_id))
-    notes: list[str] = []
-    method, _, _ = resolve_for_export(tiny_lm, ExportSettings(), log=notes.append)
-    assert (method.r_struct, method.r_kv, method.window, method.chunk, method.pivot) == (
-        0.5, 0.2, 16, 0, 4)  # fmt: skip
-    assert len(notes) == 1 and "chunk 8 is not used" in notes[0]
-    given = ExportSettings(method=StructKV(window=8))
-    assert resolve_for_export(tiny_lm, given, log=notes.append)[0].window == 8
+    probes = calibration_prompts(ByteTokenizer(), 8, 2000)
+    assert len(probes) == 8
+    for probe in probes:
+        context, request = probe.text.rsplit("\n\n", 1)
+        assert request == "Quote one sentence of the text above word for word."
+        # the pre-filled answer opens a sentence of the document; what follows it there is
+        # what a copying model says, and it is nowhere in the request or the pre-fill
+        assert len(probe.prefill.split()) == 8
+        assert probe.prefill + " " + probe.continuation in context
+        assert len(probe.continuation.split()) >= 8
+        assert probe.continuation not in request + probe.prefill
+        # from the first 60 % of the document's paragraphs
+        paras = context.split("\n")
+        at = next(i for i, para in enumerate(paras) if probe.prefill in para)
+        assert at < max(1, int(0.6 * len(paras)))
+    older = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="probes")
+    assert sum("are followed by more words" in p.text for p in older) == 6  # three in four
+    for p in [*probes, *older]:
+        assert "magic" not in p.text.lower() and "needle" not in p.text.lower()

@@ -85,9 +85,10 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
     kl = {"best": [], "paper": []}
     pivots = []
     prompt_set = s.get("prompt_set", "generic")  # profiles from before the recall probes
-    for text in calibration_prompts(smollm2.tokenizer, s["prompts"], s["length"],
-                                    prompt_set=prompt_set):  # fmt: skip
-        ids = encode_prompt(smollm2.tokenizer, text, chat)
+    drawn = calibration_prompts(smollm2.tokenizer, s.get("drawn", s["prompts"]), s["length"],
+                                prompt_set=prompt_set)  # fmt: skip
+    for prompt in [drawn[i] for i in s.get("selected", range(len(drawn)))]:
+        ids = prompt.encode(smollm2.tokenizer, chat)
         run = _record(smollm2.model, ids, s["r_kv"], s["window"], s["pooling"], steps=1)
         pivot = _rule_pivot(run.record.metrics, PROFILE["l_min"], PROFILE["l_max"], "argmax",
                             tuple(PROFILE["metric_scales"]))  # fmt: skip
