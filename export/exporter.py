@@ -11,10 +11,15 @@ Layout of an engine (see :mod:`structkv.manifest` for the manifest):
 ``weights.bin`` (every weight once, graphs reference it by offset), ``tokenizer/``,
 ``manifest.json``. It is built in a temporary sibling directory and renamed into place, so an
 interrupted export never leaves a half-written engine.
+
+The weights are never all in memory (export/checkpoint.py): the graphs are traced from a model
+of placeholder parameters, then each weight is streamed from the checkpoint's safetensors into
+``weights.bin`` once, so models larger than the machine's memory export.
 """
 
 from __future__ import annotations
 
+import io as io_module
 import logging
 import os
 import resource
@@ -29,6 +34,18 @@ from pathlib import Path
 import torch
 
 from structkv.errors import StructKVError
+from structkv.export.checkpoint import (
+    SafetensorsCheckpoint,
+    StateDictCheckpoint,
+    bind_weights,
+    check_disk_space,
+    checkpoint_names,
+    defer_weights,
+    pending_tensors,
+    placeholder_model,
+    unvalued,
+    vectors,
+)
 from structkv.export.fusion import fuse_causal_attention
 from structkv.export.weights import WeightStore
 from structkv.graphs import DTYPES, GRAPH_NAMES, stage_modules
@@ -37,7 +54,7 @@ from structkv.knobs import add_method_args, method_knobs
 from structkv.layers import head_dims
 from structkv.manifest import FORMAT_VERSION, describe_io, write_manifest
 from structkv.methods import StructKV, get_method
-from structkv.profile import find_profile, save_profile, user_profile_path
+from structkv.profile import find_profile
 
 OPSET = 23
 ATTENTION = ("auto", "structkv", "contrib", "onnx", "explicit")
@@ -63,6 +80,9 @@ class ExportSettings:
     #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
     attention: str = "auto"
     target: str = "onnxruntime"
+    #: A calibration profile file made elsewhere (``structkv calibrate --out``, on a machine
+    #: that holds the model); default: the one found for the model id, if any.
+    profile: Path | None = None
 
     def resolved_attention(self) -> str:
         """The attention kernel this export will use ("auto" decided for this machine)."""
@@ -116,19 +136,38 @@ def check_out_dir(out: Path, force: bool) -> None:
         )
 
 
-def resolve_method(lm, settings: ExportSettings, log=_log) -> tuple[StructKV, str, dict | None]:
-    """The StructKV configuration the engine bakes in, where its pivot came from, and the
-    calibration profile it was read from (calibrating first when ``--pivot auto`` finds none)."""
-    from structkv.calibration import calibrate
+#: The paper's operating point, which an engine without a profile is exported at: prefill
+#: compute reduced by 40 % (the deepest fixed pivot whose compute fraction is <= 0.6).
+PAPER_COMPUTE = 0.6
 
+
+def resolve_method(src, settings: ExportSettings, log=_log) -> tuple[StructKV, str, dict | None]:
+    """The StructKV configuration the engine bakes in, where its pivot came from, and the
+    calibration profile it was read from. Without a profile the export does not calibrate (a
+    model too big for this machine's memory cannot be): it says so and uses the paper preset
+    with a fixed pivot, the deepest layer at the paper's compute fraction 0.6; ``--pivot`` and
+    ``--lambda`` override."""
+    from structkv.calibration import max_pivot_under_cap
+    from structkv.methods.structkv import PAPER_LAMBDA
+
+    num_layers = src.config.num_hidden_layers
     method, profile = settings.method, None
     if method.pivot == "auto":
-        profile = find_profile(lm.model_id)
+        profile = read_profile(settings.profile, num_layers) if settings.profile else None
+        profile = profile or find_profile(src.model_id)
+        source = f"calibration profile {settings.profile}" if settings.profile else (
+            "calibration profile")  # fmt: skip
         if profile is None:
-            log(f"no calibration profile for {lm.model_id}: calibrating (method.md §6)")
-            profile = calibrate(lm, progress=log)
-            save_profile(profile, user_profile_path(lm.model_id))
-        source = "calibration profile"
+            pivot = max_pivot_under_cap(num_layers, method.r_struct, PAPER_COMPUTE)
+            lam = method.lam if method.lam is not None else PAPER_LAMBDA
+            log(
+                f"no calibration profile for {src.model_id}: exporting the paper preset (lambda "
+                f"{lam}, fixed pivot {pivot}: prefill compute fraction <= {PAPER_COMPUTE}); "
+                f"pass --pivot/--lambda to choose, or calibrate on a machine that holds the model "
+                f"(`structkv calibrate --model {src.model_id}`, docs/DEPLOY.md) and export again"
+            )
+            method = replace(method, pivot=pivot, lam=lam)
+            source = "paper preset (no calibration profile)"
     else:
         source = "fixed by --pivot"
     given = settings.method
@@ -136,11 +175,32 @@ def resolve_method(lm, settings: ExportSettings, log=_log) -> tuple[StructKV, st
     if method.chunk > 1 and "chunk" in given.from_profile:
         log(f"the profile's chunk {method.chunk} is not used: engines select single tokens")
         method = replace(method, chunk=0)
-    method.check_engine(len(lm.model.model.layers))
+    method.check_engine(num_layers)
     return method, source, profile
 
 
+def read_profile(path: Path, num_layers: int) -> dict:
+    """A profile file given with ``--profile``: it must be a profile of a model of this depth."""
+    import json
+
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise StructKVError(f"--profile {path}: cannot read it ({e}); pass a profile JSON "
+                            "written by `structkv calibrate --out`") from None  # fmt: skip
+    if not isinstance(profile, dict) or "pivot" not in profile or "lambda" not in profile:
+        raise StructKVError(f"--profile {path} is not a calibration profile (no pivot/lambda)")
+    if profile.get("num_layers") != num_layers:
+        raise StructKVError(
+            f"--profile {path} was calibrated for a {profile.get('num_layers')}-layer model; "
+            f"this one has {num_layers} layers: calibrate this model"
+        )
+    return profile
+
+
 def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]], attention: str):
+    """Trace ``module`` (a stage of a placeholder model) to an ``onnx_ir`` model whose weights
+    are pending (:func:`structkv.export.checkpoint.defer_weights`)."""
     from contextlib import nullcontext
 
     from structkv.layers import explicit_attention
@@ -164,7 +224,11 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
             input_names=names[0],
             output_names=names[1],
             verbose=False,
+            optimize=False,  # first the weights: the optimizer would fold their transposes
         )
+        pending = defer_weights(program.model, checkpoint_names(module))
+        with unvalued(pending):
+            program.optimize()
     if attention in ("contrib", "structkv"):
         fuse_causal_attention(program.model, attention)
     return program.model
@@ -281,7 +345,7 @@ def export_engine(
     """Export ``model_name`` to the engine directory ``out`` (a progress bar per graph on
     stderr unless ``progress`` is False) with ``jobs`` tracing processes (default: 2 where two
     CPUs are usable); returns ``out``."""
-    from structkv.models import load
+    from structkv.models import locate
 
     settings.check()
     jobs = jobs or default_jobs()
@@ -292,34 +356,34 @@ def export_engine(
     if attention == "structkv":
         ort_ops.library_path()  # build it now: a compiler problem fails before any tracing
     log(f"attention kernel: {attention}")
-    lm = load(model_name)
+    src = locate(model_name)
     dtype = DTYPES[settings.dtype]
-    model = lm.model.to(dtype).eval()
-    method, source, profile = resolve_method(lm, settings, log)
+    method, source, profile = resolve_method(src, settings, log)
     log(
-        f"{lm.model_id}: pivot {method.pivot} ({source}), lambda {method.lam}, "
+        f"{src.model_id}: pivot {method.pivot} ({source}), lambda {method.lam}, "
         f"dtype {settings.dtype}"
     )
+    if src.directory is not None:
+        checkpoint = SafetensorsCheckpoint(src.directory)
+    else:
+        checkpoint = StateDictCheckpoint(src.model)
+    small, names = vectors(checkpoint), frozenset(checkpoint.names())
+    model = placeholder_model(src.config, dtype, small, names)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         store = WeightStore(tmp)
         io = _trace_graphs(
-            model_name,
-            model,
-            method,
-            settings.dtype,
-            attention,
-            store,
-            tmp,
-            log,
-            progress,
-            jobs,
-        )
+            (src.config, small, names), model, method, settings.dtype, attention, store, tmp, log,
+            progress, jobs,
+        )  # fmt: skip
+        _stream_weights(tmp, checkpoint, store, dtype, log, progress)
+        for name in io:
+            onnx_check(tmp / f"{name}.onnx")
         if settings.target == "tensorrt":
             _plugin_graphs(tmp, method, io, log)
-        peak_mb = _finish_engine(tmp, lm, method, source, profile, settings, attention, io,
+        peak_mb = _finish_engine(tmp, src, method, source, profile, settings, attention, io,
                                  store, start, jobs)  # fmt: skip
         _move_into_place(tmp, out)
     except BaseException:
@@ -331,6 +395,35 @@ def export_engine(
         f"{store.bytes / 2**20:.0f} MiB)"
     )
     return out
+
+
+def onnx_check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _stream_weights(tmp: Path, checkpoint, store, dtype, log, progress) -> None:
+    """Every graph's pending weights from the checkpoint into ``weights.bin``, each tensor
+    read once; refused up front when the disk cannot hold them."""
+    from tqdm import tqdm
+
+    graphs = [tmp / f"{name}.onnx" for name in GRAPH_NAMES]
+    pending = pending_tensors(graphs)
+    total = sum(pending.values())
+    check_disk_space(tmp, total + 2**20)
+    t = time.perf_counter()
+    bar = tqdm(total=total, desc="weights", unit="B", unit_scale=True, file=sys.stderr,
+               disable=not progress)  # fmt: skip
+    try:
+        bind_weights(graphs, checkpoint, store, dtype, bar)
+    finally:
+        bar.close()
+        store.close()
+    log(
+        f"{len(pending)} weights ({total / 2**20:.0f} MiB) streamed from the checkpoint in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
 
 
 def _plugin_graphs(tmp: Path, method, io: dict, log) -> None:
@@ -347,17 +440,17 @@ def _plugin_graphs(tmp: Path, method, io: dict, log) -> None:
     log("compact.onnx and kv_select.onnx: StructKVCompact plugin nodes (TensorRT target)")
 
 
-def _finish_engine(tmp, lm, method, source, profile, settings, attention, io, store, start, jobs):
+def _finish_engine(tmp, src, method, source, profile, settings, attention, io, store, start, jobs):
     """Tokenizer and manifest (hashes of every file) into ``tmp``; returns the peak RSS (MiB)."""
-    if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(tmp / "tokenizer")
+    if src.tokenizer is not None:
+        src.tokenizer.save_pretrained(tmp / "tokenizer")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the decode graph's tracing process (jobs > 1), alive at the same time as this one
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     write_manifest(
         tmp,
-        model_id=lm.model_id,
-        config=lm.model.config.to_dict(),
+        model_id=src.model_id,
+        config=src.config.to_dict(),
         method=method,
         pivot_source=source,
         profile=profile,
@@ -416,14 +509,14 @@ def _trace(model, method, dtype, attention, store, directory: Path, names, log, 
     return io
 
 
-def _trace_worker(
-    model_name: str, dtype: str, method: dict, attention: str, directory: str, verbose: bool
-):
-    """A spawned process's share of an export: the decode graph, into its own weights file."""
+def _trace_worker(source, dtype: str, method: dict, attention: str, directory: str, verbose: bool):
+    """A spawned process's share of an export: the decode graph (its small constants into its
+    own weights file; its weights stay pending)."""
     from structkv.methods import method_from_dict
-    from structkv.models import load
 
-    model = load(model_name).model.to(DTYPES[dtype]).eval()
+    config, packed, names = source
+    small = torch.load(io_module.BytesIO(packed), weights_only=True)
+    model = placeholder_model(config, DTYPES[dtype], small, names)
     out = Path(directory)
     store = WeightStore(out, PART_WEIGHTS)
     log = _log if verbose else None
@@ -444,15 +537,12 @@ def default_jobs() -> int:
     return min(2, len(os.sched_getaffinity(0)))
 
 
-def _trace_graphs(
-    model_name, model, method, dtype_name, attention, store, tmp, log, progress, jobs
-) -> dict:
-    """Trace every stage graph into ``tmp`` (weights in ``store``; with ``jobs`` > 1 the decode
-    graph in a spawned process at the same time), check each with the full ONNX checker, and
-    return their I/O descriptions for the manifest."""
+def _trace_graphs(source, model, method, dtype_name, attention, store, tmp, log, progress, jobs):
+    """Trace every stage graph into ``tmp`` (constants in ``store``, weights pending; with
+    ``jobs`` > 1 the decode graph in a spawned process at the same time), and return their I/O
+    descriptions for the manifest."""
     import multiprocessing
 
-    import onnx
     from tqdm import tqdm
 
     remote = REMOTE if jobs > 1 else ()
@@ -469,7 +559,13 @@ def _trace_graphs(
         if pool is not None:
             part.mkdir()
             verbose = log is _log
-            args = (model_name, dtype_name, method.to_dict(), attention, str(part), verbose)
+            # tensors as torch.save bytes: pickling them through the pool passes shared-memory
+            # handles, which a spawned worker could not always open
+            config, small, names = source
+            packed = io_module.BytesIO()
+            torch.save(small, packed)
+            args = ((config, packed.getvalue(), names), dtype_name, method.to_dict(), attention,
+                    str(part), verbose)  # fmt: skip
             pending = pool.apply_async(_trace_worker, args)
         io = _trace(model, method, DTYPES[dtype_name], attention, store, tmp, local, log, bar)
         if pending is not None:
@@ -488,9 +584,6 @@ def _trace_graphs(
         os.replace(part / f"{name}.onnx", tmp / f"{name}.onnx")
         store.absorb(tmp / f"{name}.onnx", part / PART_WEIGHTS)
     shutil.rmtree(part, ignore_errors=True)
-    store.close()
-    for name in io:
-        onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
     return {name: io[name] for name in GRAPH_NAMES}
 
 
@@ -524,9 +617,14 @@ def build_parser():
         "--jobs",
         type=int,
         help="tracing processes: 2 traces the decode graph beside the others (default: 2 where "
-        "two CPUs are usable, else 1; each holds the model in memory)",
+        "two CPUs are usable, else 1; neither holds the weights)",
     )
     add_method_args(p)
+    p.add_argument(
+        "--profile",
+        help="a calibration profile JSON made on another machine (`structkv calibrate --out`); "
+        "default: the model's own profile if calibrated here, else the paper preset",
+    )
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | fp16 | bf16")
     p.add_argument(
         "--attention",
@@ -558,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             attention=args.attention,
             target=args.target,
+            profile=Path(args.profile) if args.profile else None,
         )
         if args.jobs is not None and args.jobs < 1:
             raise StructKVError(f"--jobs must be 1 or more, got {args.jobs}")

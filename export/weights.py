@@ -10,9 +10,12 @@ number of graphs.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 WEIGHTS_FILE = "weights.bin"
+#: Where a weight not yet streamed from the checkpoint points (export/checkpoint.py).
+PENDING = "structkv.pending"
 #: Small constants (shapes, scalars) stay inside their graph.
 INLINE_BYTES = 1024
 #: Offsets aligned for memory mapping.
@@ -47,6 +50,28 @@ class WeightStore:
             self.bytes += len(raw)
         return self._index[key]
 
+    def reserve(self, key: str, length: int) -> int:
+        """An aligned region of ``length`` bytes at the end of the file for ``key`` (filled by
+        :meth:`write_at`): streaming export writes a weight block by block, and knows it by its
+        checkpoint name, so it is never hashed."""
+        if key in self._index:
+            return self._index[key][0]
+        end = self._file.seek(0, os.SEEK_END)
+        offset = end + (-end % ALIGN)
+        self._file.truncate(offset + length)
+        self._file.seek(offset + length)
+        self._index[key] = (offset, length)
+        self.bytes += length
+        return offset
+
+    def write_at(self, offset: int, data) -> None:
+        """Write ``data`` (any buffer) at ``offset`` without moving the append position."""
+        self._file.flush()
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self._file.fileno(), view, offset)
+            view, offset = view[done:], offset + done
+
     def absorb(self, graph: Path, part: Path) -> None:
         """Re-point a graph saved by another process's store (its own weights file ``part``)
         at this store: each external tensor is copied over once (deduplicated by content, so
@@ -60,6 +85,8 @@ class WeightStore:
                 if init.data_location != onnx.TensorProto.EXTERNAL:
                     continue
                 info = {e.key: e.value for e in init.external_data}
+                if info.get("location") == PENDING:  # written later by bind_weights
+                    continue
                 source.seek(int(info["offset"]))
                 raw = source.read(int(info["length"]))
                 key = _key(raw, ir.DataType(init.data_type), tuple(init.dims))
@@ -80,6 +107,8 @@ class WeightStore:
             tensor = value.const_value
             if tensor is None or tensor.nbytes <= INLINE_BYTES:
                 continue
+            if isinstance(tensor, ir.ExternalTensor) and tensor.location == PENDING:
+                continue  # a checkpoint weight: written later by bind_weights
             raw = tensor.tobytes()
             offset, length = self._append(raw, _key(raw, tensor.dtype, tuple(tensor.shape)))
             del raw

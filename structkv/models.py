@@ -21,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -171,7 +172,9 @@ def _load_dir(path: Path, model_id: str, dtype: torch.dtype) -> LoadedModel:
         path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = None  # a weights-only directory: token ids in, token ids out
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(model, tokenizer, model_id)
 
 
@@ -221,6 +224,63 @@ def load(
     if dev.type != "cpu":
         lm.model.to(dev)
     return lm
+
+
+@dataclass
+class ModelSource:
+    """A model's config, tokenizer and where its weights are, without loading the weights:
+    what an export of a model larger than memory starts from. ``directory`` is a Hugging Face
+    directory with safetensors weights; in-memory models (tiny configs) have ``model``."""
+
+    model_id: str
+    config: Any
+    tokenizer: Any
+    directory: Path | None = None
+    model: Any = None
+
+
+def locate(name: str) -> ModelSource:
+    """Like :func:`load`, but reads only the config and tokenizer (a GGUF is converted to a
+    safetensors directory first, once, as :func:`load` does)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name in TINY_CONFIGS or re.fullmatch(r"tiny-[a-z0-9]+-L\d+-s\d+", name or ""):
+        lm = _load(name, torch.float32)
+        return ModelSource(lm.model_id, lm.model.config, lm.tokenizer, model=lm.model)
+    directory, model_id = _source_dir(name)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    check_architecture(config)
+    tokenizer = None  # a weights-only directory (engines then take token ids)
+    if any((directory / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return ModelSource(model_id, config, tokenizer, directory=directory)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _source_dir(name: str) -> tuple[Path, str]:
+    """The Hugging Face directory (GGUFs converted) and model id ``name`` resolves to."""
+    if not name:
+        raise StructKVError("empty model name; pass --model smollm2-135m or a model directory")
+    gguf = smollm2_gguf_path() if name == DEFAULT_MODEL else None
+    path = Path(name).expanduser()
+    if gguf is None and path.is_file() and path.suffix == ".gguf":
+        gguf = path
+    if gguf is not None:
+        out = _converted_dir(gguf)
+        if not (out / "model.safetensors").is_file():
+            _convert_gguf(gguf, out)
+        return out, name if name == DEFAULT_MODEL else resolve_model_id(name)
+    if name in HUB_ALIASES:
+        snap = _hub_cache_snapshot(HUB_ALIASES[name])
+        if snap is None:
+            _load(name, torch.float32)  # raises the missing-weights error
+        return snap, name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, resolve_model_id(name)
+    _load(name, torch.float32)  # raises the unknown-model error
+    raise AssertionError("unreachable")
 
 
 def _load(name: str, dtype: torch.dtype) -> LoadedModel:
