@@ -370,8 +370,14 @@ def export_engine(
     small, names = vectors(checkpoint), frozenset(checkpoint.names())
     model = placeholder_model(src.config, dtype, small, names)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise StructKVError(
+            f"cannot write the engine next to --out {out}: {e.strerror or e} in {out.parent}; "
+            "choose a writable directory"
+        ) from None
     try:
         store = WeightStore(tmp)
         io = _trace_graphs(

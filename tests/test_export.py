@@ -312,6 +312,17 @@ def test_export_cli_refusals_leave_nothing(tmp_path, capsys):
     assert main(["--model", "tiny-llama", "--out", str(out), "--attention", "flash"]) == 2
     assert "unsupported --attention 'flash'" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    # an unwritable parent (even root cannot create files in /proc), a file as the parent
+    assert main(["--model", "tiny-llama", "--out", "/proc/structkv-engine", "--pivot", "2"]) == 2
+    assert "cannot write the engine next to --out" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["--model", "tiny-llama", "--out", str(tmp_path / "a-file" / "e"), "--pivot",
+                 "2"]) == 2  # fmt: skip
+    assert "choose a writable directory" in capsys.readouterr().err
+    assert main(["--model", "tiny-llama", "--out", str(out), "--profile", "/no/such.json"]) == 2
+    assert "--profile /no/such.json: cannot read it" in capsys.readouterr().err
+    (tmp_path / "a-file").unlink()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert main(["--model", "tiny-llama", "--out", str(out), "--pivot", "2"]) == 2
