@@ -26,8 +26,16 @@ def _read_prompt(args) -> str:
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise StructKVError(f"prompt file {path} does not exist")
-        return path.read_text(encoding="utf-8")
+            raise StructKVError(f"prompt file {path} does not exist or is not a file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise StructKVError(
+                f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, "
+                "e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
+        except OSError as e:
+            raise StructKVError(f"cannot read prompt file {path}: {e.strerror or e}") from None
     return args.prompt
 
 

@@ -52,6 +52,16 @@ def test_bad_input_is_one_error_line_and_exit_2(argv, message, capsys, tmp_path,
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_a_prompt_file_that_is_not_utf8_is_one_error(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert main(["generate", "--prompt-file", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not UTF-8 text (byte 3" in err[0] and "iconv" in err[0]
+    assert main(["generate", "--prompt-file", str(tmp_path)]) == 2  # a directory
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_unsupported_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["generate", "--prompt", "hi", "--model", str(tmp_path)]) == 2
