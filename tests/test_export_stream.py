@@ -236,3 +236,14 @@ def test_an_alias_resolves_through_the_local_hf_cache(tmp_path, monkeypatch):
     out = export_engine("qwen2.5-7b", tmp_path / "engine", settings, progress=False, log=quiet)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model_id"] == "qwen2.5-7b" and manifest["config"]["num_hidden_layers"] == 2
+
+
+def test_a_directory_without_safetensors_is_refused_with_the_fix(tmp_path):
+    source = write_checkpoint(tmp_path / "hf", "ministral-8b", layers=2)
+    for f in source.glob("model*.safetensors*"):
+        f.unlink()
+    (source / "pytorch_model.bin").write_bytes(b"")
+    settings = ExportSettings(method=StructKV(pivot=0, lam=LAM), attention="contrib")
+    with pytest.raises(StructKVError, match=r"no model.safetensors.*safe_serialization=True"):
+        export_engine(str(source), tmp_path / "engine", settings, progress=False, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
