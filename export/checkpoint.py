@@ -305,13 +305,15 @@ def pending_tensors(graphs: list[Path]) -> dict[str, int]:
     """Every pending initializer of the saved ``graphs``: name -> bytes (each counted once)."""
     import onnx
 
+    from structkv.export.quant import ROWS
+
     out = {}
     for path in graphs:
         proto = onnx.load(str(path), load_external_data=False)
         for init in proto.graph.initializer:
             info = {e.key: e.value for e in init.external_data}
-            if info.get("location") == PENDING:
-                out[init.name] = int(info["length"])
+            if info.get("location") == PENDING and not init.name.endswith(ROWS):
+                out[init.name] = int(info["length"])  # a quantised table's rows view: no bytes
     return out
 
 
@@ -337,6 +339,8 @@ def bind_weights(graphs: list[Path], checkpoint, store, dtype: torch.dtype, bar=
     graphs at it."""
     import onnx
 
+    from structkv.export.quant import parse_name, stream_quantized
+
     written: dict[str, tuple[int, int]] = {}
     for path in graphs:
         proto = onnx.load(str(path), load_external_data=False)
@@ -347,10 +351,13 @@ def bind_weights(graphs: list[Path], checkpoint, store, dtype: torch.dtype, bar=
             if init.name not in written:
                 if bar is not None:
                     bar.set_postfix_str(init.name, refresh=False)
-                length = int(info["length"])
-                offset = store.reserve(f"checkpoint:{init.name}", length)
-                _stream_tensor(checkpoint, init.name, dtype, store, offset, length, bar)
-                written[init.name] = (offset, length)
+                if parse_name(init.name) is not None:  # --quant: packed + scales in one pass
+                    written.update(stream_quantized(checkpoint, init.name, dtype, store, bar))
+                else:
+                    length = int(info["length"])
+                    offset = store.reserve(f"checkpoint:{init.name}", length)
+                    _stream_tensor(checkpoint, init.name, dtype, store, offset, length, bar)
+                    written[init.name] = (offset, length)
             offset, length = written[init.name]
             del init.external_data[:]
             for k, v in (("location", store.name), ("offset", offset), ("length", length)):

@@ -47,6 +47,7 @@ from structkv.export.checkpoint import (
     vectors,
 )
 from structkv.export.fusion import fuse_causal_attention
+from structkv.export.quant import quantize_graph
 from structkv.export.weights import WeightStore
 from structkv.graphs import DTYPES, GRAPH_NAMES, stage_modules
 from structkv.kernels import ort_ops
@@ -55,6 +56,7 @@ from structkv.layers import head_dims
 from structkv.manifest import FORMAT_VERSION, describe_io, write_manifest
 from structkv.methods import StructKV, get_method
 from structkv.profile import find_profile
+from structkv.quant import QuantSpec
 
 OPSET = 23
 ATTENTION = ("auto", "structkv", "contrib", "onnx", "explicit")
@@ -80,6 +82,9 @@ class ExportSettings:
     #: "auto": structkv for fp32 when a C++ compiler can build it here, else contrib.
     attention: str = "auto"
     target: str = "onnxruntime"
+    #: Weight-only quantisation (``--quant int8|int4 --group-size G``): every weight matrix as
+    #: ONNX Runtime's MatMulNBits / GatherBlockQuantized (export/quant.py); None: the dtype.
+    quant: QuantSpec | None = None
     #: A calibration profile file made elsewhere (``structkv calibrate --out``, on a machine
     #: that holds the model); default: the one found for the model id, if any.
     profile: Path | None = None
@@ -114,6 +119,17 @@ class ExportSettings:
             raise StructKVError(
                 f"--attention structkv is an fp32 CPU kernel; with --dtype {self.dtype} use "
                 "--attention contrib (ONNX Runtime's GroupQueryAttention also runs on CUDA)"
+            )
+        if self.quant is not None and self.target == "tensorrt":
+            raise StructKVError(
+                "--quant makes ONNX Runtime MatMulNBits nodes, which TensorRT's ONNX parser does "
+                "not read; export --target tensorrt without --quant (TensorRT quantises itself)"
+            )
+        if self.quant is not None and self.dtype == "bf16":
+            raise StructKVError(
+                "--quant with --dtype bf16: ONNX Runtime's CPU MatMulNBits takes fp32 "
+                "activations (and its CPU provider has no bf16 kernels at all); use --dtype fp32 "
+                "(the default) or fp16 with --quant"
             )
         self.method.check_knobs()
         self.method.check_engine()  # the budgets; the pivot is checked once the model is known
@@ -198,7 +214,14 @@ def read_profile(path: Path, num_layers: int) -> dict:
     return profile
 
 
-def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str]], attention: str):
+def _export(
+    module,
+    args: tuple,
+    dynamic: dict,
+    names: tuple[list[str], list[str]],
+    attention: str,
+    quant: QuantSpec | None = None,
+):
     """Trace ``module`` (a stage of a placeholder model) to an ``onnx_ir`` model whose weights
     are pending (:func:`structkv.export.checkpoint.defer_weights`)."""
     from contextlib import nullcontext
@@ -231,6 +254,8 @@ def _export(module, args: tuple, dynamic: dict, names: tuple[list[str], list[str
             program.optimize()
     if attention in ("contrib", "structkv"):
         fuse_causal_attention(program.model, attention)
+    if quant is not None:
+        quantize_graph(program.model, quant)
     return program.model
 
 
@@ -357,11 +382,15 @@ def export_engine(
         ort_ops.library_path()  # build it now: a compiler problem fails before any tracing
     log(f"attention kernel: {attention}")
     src = locate(model_name)
+    if settings.quant is not None:
+        check_quant_widths(src.config, settings.quant)
     dtype = DTYPES[settings.dtype]
     method, source, profile = resolve_method(src, settings, log)
+    quant = "" if settings.quant is None else (
+        f", weights {settings.quant.name} in groups of {settings.quant.group}")  # fmt: skip
     log(
         f"{src.model_id}: pivot {method.pivot} ({source}), lambda {method.lam}, "
-        f"dtype {settings.dtype}"
+        f"dtype {settings.dtype}{quant}"
     )
     if src.directory is not None:
         checkpoint = SafetensorsCheckpoint(src.directory)
@@ -382,7 +411,7 @@ def export_engine(
         store = WeightStore(tmp)
         io = _trace_graphs(
             (src.config, small, names), model, method, settings.dtype, attention, store, tmp, log,
-            progress, jobs,
+            progress, jobs, settings.quant,
         )  # fmt: skip
         _stream_weights(tmp, checkpoint, store, dtype, log, progress)
         for name in io:
@@ -401,6 +430,19 @@ def export_engine(
         f"{store.bytes / 2**20:.0f} MiB)"
     )
     return out
+
+
+def check_quant_widths(config, spec: QuantSpec) -> None:
+    """Before any tracing: the group must divide the input width of every quantised matrix
+    (hidden size, attention output width, MLP width)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    for width, what in (
+        (config.hidden_size, "q/k/v, gate/up, the LM head and the embedding (hidden size)"),
+        (heads * head_dim, "o_proj (heads x head_dim)"),
+        (config.intermediate_size, "down_proj (MLP width)"),
+    ):
+        spec.check_width(width, what)
 
 
 def onnx_check(path: Path) -> None:
@@ -463,6 +505,7 @@ def _finish_engine(tmp, src, method, source, profile, settings, attention, io, s
         dtype=settings.dtype,
         attention=attention,
         target=settings.target,
+        quant=None if settings.quant is None else settings.quant.to_dict(),
         graphs=io,
         export_stats={
             "seconds": round(time.perf_counter() - start, 1),
@@ -483,7 +526,9 @@ def _onnx_version() -> str:
     return onnx.__version__
 
 
-def _trace(model, method, dtype, attention, store, directory: Path, names, log, bar) -> dict:
+def _trace(
+    model, method, dtype, attention, store, directory: Path, names, log, bar, quant=None
+) -> dict:
     """Trace the graphs ``names`` into ``directory``, weights externalised into ``store``."""
     import onnx
     import onnx_ir
@@ -496,7 +541,7 @@ def _trace(model, method, dtype, attention, store, directory: Path, names, log, 
             if bar is not None:
                 bar.set_postfix_str(f"tracing {name}")
             t = time.perf_counter()
-            ir_model = _export(module, args, dynamic, (in_names, out_names), attention)
+            ir_model = _export(module, args, dynamic, (in_names, out_names), attention, quant)
             store.externalize_ir(ir_model)
             path = directory / f"{name}.onnx"
             onnx_ir.save(ir_model, path)
@@ -515,7 +560,9 @@ def _trace(model, method, dtype, attention, store, directory: Path, names, log, 
     return io
 
 
-def _trace_worker(source, dtype: str, method: dict, attention: str, directory: str, verbose: bool):
+def _trace_worker(
+    source, dtype: str, method: dict, attention: str, directory: str, verbose: bool, quant=None
+):
     """A spawned process's share of an export: the decode graph (its small constants into its
     own weights file; its weights stay pending)."""
     from structkv.methods import method_from_dict
@@ -527,8 +574,9 @@ def _trace_worker(source, dtype: str, method: dict, attention: str, directory: s
     store = WeightStore(out, PART_WEIGHTS)
     log = _log if verbose else None
     io = _trace(
-        model, method_from_dict(method), DTYPES[dtype], attention, store, out, REMOTE, log, None
-    )
+        model, method_from_dict(method), DTYPES[dtype], attention, store, out, REMOTE, log, None,
+        quant,
+    )  # fmt: skip
     store.close()
     return io
 
@@ -543,7 +591,9 @@ def default_jobs() -> int:
     return min(2, len(os.sched_getaffinity(0)))
 
 
-def _trace_graphs(source, model, method, dtype_name, attention, store, tmp, log, progress, jobs):
+def _trace_graphs(
+    source, model, method, dtype_name, attention, store, tmp, log, progress, jobs, quant=None
+):
     """Trace every stage graph into ``tmp`` (constants in ``store``, weights pending; with
     ``jobs`` > 1 the decode graph in a spawned process at the same time), and return their I/O
     descriptions for the manifest."""
@@ -571,9 +621,11 @@ def _trace_graphs(source, model, method, dtype_name, attention, store, tmp, log,
             packed = io_module.BytesIO()
             torch.save(small, packed)
             args = ((config, packed.getvalue(), names), dtype_name, method.to_dict(), attention,
-                    str(part), verbose)  # fmt: skip
+                    str(part), verbose, quant)  # fmt: skip
             pending = pool.apply_async(_trace_worker, args)
-        io = _trace(model, method, DTYPES[dtype_name], attention, store, tmp, local, log, bar)
+        io = _trace(
+            model, method, DTYPES[dtype_name], attention, store, tmp, local, log, bar, quant
+        )
         if pending is not None:
             io.update(pending.get())
             bar.update(len(remote))
@@ -633,6 +685,19 @@ def build_parser():
     )
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | fp16 | bf16")
     p.add_argument(
+        "--quant",
+        default="none",
+        help="none (default) | int8 | int4: weight-only block quantisation of every weight "
+        "matrix (projections, MLP, LM head, embedding) as ONNX Runtime MatMulNBits / "
+        "GatherBlockQuantized, activations quantised to int8 per block inside the product",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="input features per quantisation scale with --quant: 16 | 32 (default) | 64 | 128 "
+        "| 256; must divide the model's hidden, attention and MLP widths",
+    )
+    p.add_argument(
         "--attention",
         default="auto",
         help="auto (default: structkv for fp32 when a C++ compiler is present, else contrib) | "
@@ -663,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             attention=args.attention,
             target=args.target,
             profile=Path(args.profile) if args.profile else None,
+            quant=QuantSpec.parse(args.quant, args.group_size),
         )
         if args.jobs is not None and args.jobs < 1:
             raise StructKVError(f"--jobs must be 1 or more, got {args.jobs}")

@@ -53,12 +53,18 @@ class Engine:
         verify: bool = True,
         threads: int | None = None,
         providers: list | None = None,
+        kv_device: str | None = "auto",
     ) -> Engine:
         """Verify the manifest (format version, every file's sha256) and open the graphs.
 
         ``providers``: ONNX Runtime execution providers, as ``InferenceSession`` takes them
         (names or ``(name, options)``); by default the fastest the installed build offers. A
-        server pins them (one GPU per Triton instance, or CPU only)."""
+        server pins them (one GPU per Triton instance, or CPU only).
+
+        ``kv_device``: where the paged KV pool lives. ``None``: host numpy (what ONNX Runtime's
+        CPU provider reads in place); ``"cuda:N"`` (or ``"cpu"``, the same code on the host):
+        allocated once on that device, decode bound to it with IOBinding, so a step moves
+        O(batch) bytes; ``"auto"``: the GPU when the session runs on CUDA / TensorRT."""
         directory = Path(directory)
         if backend not in BACKENDS:
             raise StructKVError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -70,6 +76,13 @@ class Engine:
             )
         cfg = manifest["config"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        if backend == "onnxruntime":
+            stages = OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
+        elif backend == "tensorrt":
+            stages = None  # built below, once the pool's size is known
+        else:
+            stages = TorchStages(manifest)
+        kv_device = _kv_device(kv_device, backend, stages)
         cache = PagedKVCache.from_megabytes(
             kv_cache_mb,
             cfg["num_hidden_layers"],
@@ -77,13 +90,10 @@ class Engine:
             head_dim,
             block_size,
             _NP_DTYPES[manifest["dtype"]],
+            device=kv_device,
         )
-        if backend == "onnxruntime":
-            stages = OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
-        elif backend == "tensorrt":
+        if backend == "tensorrt":
             stages = TrtStages(directory, manifest, cache.num_blocks, block_size)
-        else:
-            stages = TorchStages(manifest)
         tokenizer = None
         if manifest.get("tokenizer"):
             from transformers import AutoTokenizer
@@ -170,6 +180,8 @@ class Engine:
         """One decode step for admitted sequences ``seqs`` (one batch): each takes its token
         at its position; the new K/V go into the cache. Returns logits ``[len(seqs), V]``."""
         tables, lengths = self.cache.batch_tables(seqs)
+        if self.cache.device is not None:
+            return self._decode_resident(seqs, tokens, positions, tables, lengths)
         logits, new_k, new_v = self.stages.run(
             "decode",
             input_ids=np.asarray(tokens, dtype=np.int64),
@@ -180,9 +192,36 @@ class Engine:
             v_pool=self.cache.values,
             pos_pool=self.cache.positions,
         )
-        for i, (seq, position) in enumerate(zip(seqs, positions)):
-            self.cache.append(seq, new_k[:, i], new_v[:, i], position)
+        self.cache.append_batch(seqs, new_k, new_v, positions)
         return logits
+
+    def _decode_resident(self, seqs, tokens, positions, tables, lengths) -> np.ndarray:
+        """Decode on a device-resident pool: the pool is bound in place, the new K/V are
+        written to device buffers and scattered into the pool there; only token ids,
+        positions, block tables, lengths (up) and logits (down) cross, O(batch) bytes."""
+        import torch
+
+        from structkv.runtime.stages import run_bound
+
+        cache = self.cache
+        layers, _, heads, _, head_dim = cache.keys.shape
+        vocab = self.manifest["config"]["vocab_size"]
+        out = {
+            "logits": torch.empty((len(seqs), vocab), dtype=cache.keys.dtype, device=cache.device),
+            "new_keys": torch.empty((layers, len(seqs), heads, head_dim), dtype=cache.keys.dtype,
+                                    device=cache.device),
+        }  # fmt: skip
+        out["new_values"] = torch.empty_like(out["new_keys"])
+        host = {
+            "input_ids": np.asarray(tokens, dtype=np.int64),
+            "positions": np.asarray(positions, dtype=np.int64),
+            "block_tables": tables,
+            "context_lens": lengths,
+        }
+        pool = {"k_pool": cache.keys, "v_pool": cache.values, "pos_pool": cache.positions}
+        run_bound(self.stages.sessions["decode"], cache.device, cache.transfers, host, pool, out)
+        cache.append_batch(seqs, out["new_keys"], out["new_values"], positions)
+        return cache.transfers.download(out["logits"])
 
     def release(self, seq: int) -> None:
         """Free a sequence's blocks (finished or cancelled)."""
@@ -205,6 +244,25 @@ class Engine:
         from structkv.runtime.batch import Batch
 
         return Batch(self).generate_one(input_ids, max_new_tokens, self.eos_ids())
+
+
+def _kv_device(kv_device: str | None, backend: str, stages) -> str | None:
+    """Resolve ``Engine.load``'s ``kv_device``: "auto" is the GPU of a CUDA / TensorRT
+    session, else the host pool; an explicit device needs ONNX Runtime (IOBinding)."""
+    if kv_device == "auto":
+        if backend != "onnxruntime":
+            return None
+        options = stages.sessions["decode"].get_provider_options()
+        for name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+            if name in options:  # the GPU the session was pinned to
+                return f"cuda:{options[name].get('device_id', 0)}"
+        return None
+    if kv_device is not None and backend != "onnxruntime":
+        raise StructKVError(
+            f"a device-resident KV pool (kv_device={kv_device!r}) is bound with ONNX Runtime's "
+            f"IOBinding; the {backend} backend keeps its own, pass kv_device=None"
+        )
+    return kv_device
 
 
 def _tick(timings: dict, key: str, start: float) -> float:

@@ -412,10 +412,10 @@ def make_service(args) -> Service:
     from structkv.generate import as_method
     from structkv.knobs import method_knobs
     from structkv.methods import get_method
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     method = get_method(args.method, **method_knobs(args))  # bad knobs fail before loading
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     if lm.tokenizer is None:
         raise StructKVError(f"model {args.model} has no tokenizer; it cannot serve text")
     method = as_method(method, lm.model_id)

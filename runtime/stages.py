@@ -56,7 +56,7 @@ class OrtStages:
                 # a --target tensorrt engine: the StructKVCompact node by its reference op
                 self.sessions[name] = plugin_reference.session(path, options, providers)
             else:
-                self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers)
+                self.sessions[name] = _session(ort, path, options, providers)
 
     @staticmethod
     def _options(name: str, threads: int | None, attention: str):
@@ -81,6 +81,73 @@ class OrtStages:
         return self.sessions[name].run(None, inputs)
 
 
+def _ort_device(device: str) -> tuple[str, int]:
+    """A torch device string as IOBinding names it: ("cuda", 0) or ("cpu", 0)."""
+    kind, _, index = device.partition(":")
+    return kind, int(index or 0)
+
+
+_ELEMENT = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def run_bound(session, device: str, transfers, host: dict, resident: dict, outputs: dict) -> None:
+    """Run ``session`` with IOBinding: ``host`` numpy inputs are uploaded (counted in
+    ``transfers``: they are the O(batch) ones), ``resident`` and ``outputs`` are torch tensors
+    already on ``device``, read and written in place (no copy, whatever their size)."""
+    import torch
+
+    kind, index = _ort_device(device)
+    io = session.io_binding()
+    keep = []  # the uploaded tensors must outlive the run
+
+    def bind(name: str, t, output: bool = False) -> None:
+        t = t.contiguous()
+        keep.append(t)
+        element = _ELEMENT[str(t.dtype).removeprefix("torch.")]
+        fn = io.bind_output if output else io.bind_input
+        fn(name, kind, index, element, list(t.shape), t.data_ptr())
+
+    for name, array in host.items():
+        bind(name, transfers.upload(array, device))
+    for name, t in resident.items():
+        bind(name, t)
+    for name, t in outputs.items():
+        if not t.is_contiguous():
+            raise ValueError(f"output {name} must be contiguous to be written in place")
+        bind(name, t, output=True)
+    if kind == "cuda":
+        torch.cuda.synchronize(device)  # the pool's scatters (torch's stream) before ORT reads
+    session.run_with_iobinding(io)
+    io.synchronize_outputs()
+
+
+def _session(ort, path: Path, options, providers):
+    """An ONNX Runtime session, or one clear error when this build cannot run the graph (a
+    quantised engine's ``MatMulNBits`` on a runtime without it, a dtype without kernels)."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own (unexported) exception types
+        text = str(e)
+        if (
+            "NOT_IMPLEMENTED" not in text
+            and "implementation" not in text
+            and ("Unrecognized" not in text and "not a registered" not in text)
+        ):
+            raise
+        op = next((w for w in ("MatMulNBits", "GatherBlockQuantized") if w in text), None)
+        hint = (
+            f"this onnxruntime {ort.__version__} build has no {op} kernel for "
+            f"{', '.join(p if isinstance(p, str) else p[0] for p in providers)}: the engine was "
+            "exported with --quant; install onnxruntime >= 1.22 (CPU) or onnxruntime-gpu, or "
+            "re-export without --quant"
+            if op
+            else "this onnxruntime build cannot run one of its operators; re-export the engine "
+            "with the defaults (--dtype fp32, no --quant) or use a newer onnxruntime"
+        )
+        first = text.strip().splitlines()[0][:300]
+        raise StructKVError(f"{path.name}: {hint} ({first})") from None
+
+
 class TorchStages:
     """The same stage modules, run eagerly on the Hugging Face model (the parity oracle)."""
 
@@ -93,6 +160,11 @@ class TorchStages:
 
         self.torch = torch
         model = load(manifest["model_id"]).model.to(DTYPES[manifest["dtype"]]).eval()
+        if manifest.get("quant"):  # the same quantised weights the engine's graphs hold
+            from structkv.quant import QuantSpec, fake_quantize
+
+            q = manifest["quant"]
+            fake_quantize(model, QuantSpec(q["bits"], q["group_size"]))
         self.modules = stage_modules(model, method_from_manifest(manifest))
         self.providers = ["torch"]
 

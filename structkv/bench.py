@@ -227,7 +227,7 @@ def parse_ints(text: str) -> list[int]:
 
 
 def add_bench_parser(sub) -> None:
-    from structkv.models import DEFAULT_MODEL
+    from structkv.models import DEFAULT_MODEL, DTYPE_HELP
 
     b = sub.add_parser("bench", help="prefill / decode benchmarks (medians, ratios vs full)")
     which = b.add_subparsers(dest="what", required=True, parser_class=type(b))
@@ -235,6 +235,7 @@ def add_bench_parser(sub) -> None:
         p = which.add_parser(name, help=f"{name} time per method (or per --engine), medians")
         p.add_argument("--model", default=DEFAULT_MODEL, help="model (default: the embedded one)")
         p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda")
+        p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
         p.add_argument(
             "--methods",
             default="full,snapkv,fastkv,gemfilter,structkv",
@@ -264,7 +265,7 @@ def add_bench_parser(sub) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     if args.engine:
         prefill = args.what == "prefill"
@@ -286,7 +287,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     knobs = method_knobs(args)
     names = [n for n in args.methods.split(",") if n]
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     header = {
         "model": lm.model_id,
         "threads": torch.get_num_threads(),

@@ -42,13 +42,13 @@ def _read_prompt(args) -> str:
 def cmd_generate(args) -> int:
     from structkv.generate import generate_text
     from structkv.methods import get_method
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     prompt = _read_prompt(args)
     if not prompt or not prompt.strip():
         raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
     method = get_method(args.method, **method_knobs(args))  # validate names before loading
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     out = generate_text(
         lm,
         prompt,
@@ -61,7 +61,8 @@ def cmd_generate(args) -> int:
     )
     stats = out.stats_json()
     if args.json:
-        print(json.dumps({"text": out.text, "stats": stats, "method": out.method}))
+        doc = {"text": out.text, "tokens": out.tokens, "dtype": args.dtype, "stats": stats}
+        print(json.dumps({**doc, "method": out.method}))
     else:
         print(out.text)
         print(
@@ -102,7 +103,7 @@ def cmd_run(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from structkv.calibration import calibrate, format_budgets, format_table, log
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
     from structkv.profile import save_profile, user_profile_path
 
     target = args.target_fidelity
@@ -112,7 +113,7 @@ def cmd_calibrate(args) -> int:
         raise StructKVError(f"--compute-cap must be in (0, 1], got {args.compute_cap}")
     if args.prompts < 1 or args.steps < 1 or args.length < 128:
         raise StructKVError("--prompts and --steps must be >= 1 and --length >= 128")
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     profile = calibrate(
         lm,
         n_prompts=args.prompts,
@@ -165,7 +166,7 @@ def cmd_eval_ruler(args) -> int:
 
     from structkv.bench import parse_ints
     from structkv.eval.runner import PROFILES, RunConfig, run_ruler
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     preset = PROFILES[args.profile]
     methods, tasks = _suite_names(args, preset)
@@ -186,7 +187,7 @@ def cmd_eval_ruler(args) -> int:
 
         (out / "results.md").write_text(results_table(load_results(out), cfg))
     else:
-        lm = load(args.model, device=args.device)
+        lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
         run_ruler(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "results.md").read_text(), end="")
     return 0
@@ -208,7 +209,7 @@ def cmd_eval_frontier(args) -> int:
     from structkv.bench import bench_prefill, parse_ints
     from structkv.eval.frontier import PROFILES, run_frontier, settings
     from structkv.eval.runner import RunConfig
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     preset = PROFILES[args.profile]
     knobs = method_knobs(args)
@@ -239,7 +240,8 @@ def cmd_eval_frontier(args) -> int:
         raise StructKVError("--speed-repeats must be 0 (no timing) or >= 3 (medians)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = None if args.report_only else load(args.model, device=args.device)
+    dtype = torch_dtype(args.dtype)
+    lm = None if args.report_only else load(args.model, dtype=dtype, device=args.device)
     run_frontier(
         lm,
         cfg,
@@ -261,7 +263,7 @@ def cmd_eval_peer(args) -> int:
     from structkv.bench import parse_ints
     from structkv.eval.peer import PeerConfig, import_kvpress, run_peer
     from structkv.eval.ruler import TASKS
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     tasks = args.tasks.split(",")
     for task in tasks:
@@ -269,7 +271,7 @@ def cmd_eval_peer(args) -> int:
             raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     import_kvpress()  # fail before loading the model
     cfg = PeerConfig(tasks, parse_ints(args.lengths), args.samples, args.seed)
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     out = Path(args.out)
     run_peer(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "peer.md").read_text(), end="")
@@ -280,7 +282,7 @@ def cmd_eval_report(args) -> int:
     from structkv.bench import parse_ints
     from structkv.eval import reports
     from structkv.methods import METHODS
-    from structkv.models import load
+    from structkv.models import load, torch_dtype
 
     methods = args.methods.split(",")
     for name in methods:
@@ -292,7 +294,7 @@ def cmd_eval_report(args) -> int:
     lengths = parse_ints(args.lengths)
     if not lengths or min(lengths) < 64:
         raise StructKVError("--lengths must list token counts >= 64, e.g. 1024,2048")
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     out = Path(args.out)
     if args.kind == "pivot":
         data = reports.pivot_report(lm, out, lengths[0], args.samples, args.seed)
@@ -334,6 +336,11 @@ def cmd_serve(args) -> int:
         raise StructKVError(
             f"an engine's method is fixed at export ({given} given); drop them, or serve "
             "--model NAME with the method and knobs you want"
+        )
+    if args.engine is not None and args.dtype != "fp32":
+        raise StructKVError(
+            f"an engine's dtype is fixed at export (--dtype {args.dtype} given); drop it, or "
+            f"export with structkv-export --dtype {args.dtype}"
         )
     if args.engine is None and args.model is None:
         args.model = DEFAULT_MODEL
@@ -406,10 +413,11 @@ def _suite_args(p: argparse.ArgumentParser, profile_help: str) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from structkv.models import DEFAULT_MODEL
+    from structkv.models import DEFAULT_MODEL, DTYPE_HELP
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", help=DTYPE_HELP)
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -420,6 +428,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from structkv.calibration import DEFAULT_COMPUTE_CAP
+    from structkv.models import DTYPE_HELP
 
     parser = _Parser(prog="structkv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -560,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--method", default="structkv", help="method with --model (default structkv)")
     add_method_args(sv)
     sv.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    sv.add_argument("--dtype", default="fp32", help=DTYPE_HELP + " (with --model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--kv-cache-mb", type=float, default=512, help="KV pool size (default 512)")

@@ -55,6 +55,7 @@ def write_manifest(
     export_stats: dict,
     attention: str = "onnx",
     target: str = "onnxruntime",
+    quant: dict | None = None,
 ) -> dict:
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     manifest = {
@@ -64,6 +65,7 @@ def write_manifest(
         "dtype": dtype,
         "attention": attention,
         "target": target,
+        "quant": quant,
         "method": method.to_dict(),
         "pivot_source": pivot_source,
         "calibration": None

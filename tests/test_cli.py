@@ -41,6 +41,11 @@ BAD_INPUTS = [
     (["eval", "frontier", "--r-kv", "0.2", "--out", "x"], "--r-kvs"),
     (["eval", "frontier", "--r-structs", "0.2,x", "--out", "x"], "comma-separated fractions"),
     (["eval", "frontier", "--tasks", "nope", "--out", "x"], "unknown task"),
+    (["generate", "--prompt", "hi", "--dtype", "int8"], "unsupported --dtype 'int8'"),
+    (["bench", "prefill", "--dtype", "fp64"], "unsupported --dtype 'fp64'"),
+    (["eval", "ruler", "--dtype", "half", "--out", "x"], "unsupported --dtype 'half'"),
+    (["serve", "--dtype", "float"], "unsupported --dtype 'float'"),
+    (["serve", "--engine", "e", "--dtype", "bf16"], "an engine's dtype is fixed at export"),
 ]
 
 
@@ -145,3 +150,33 @@ def test_every_cli_option_has_a_help_string():
         export_parser(), "structkv-export"
     )
     assert not bare, f"options without help: {bare}"
+
+
+def test_generate_in_bf16_equals_transformers_greedy_in_bf16(smollm2, capsys):
+    """`--dtype bf16`: the torch path runs the model in bfloat16 (AMX / AVX-512 bf16 on CPU).
+    With the full method its greedy tokens are those of transformers' own generate() on a
+    bf16 copy of the model (the independent reference), and they are not all the fp32 ones
+    on a prompt where fp32 and bf16 part ways (else the flag might be ignored)."""
+    import copy
+
+    import torch
+
+    from structkv.generate import encode_prompt
+
+    text = "List the first ten prime numbers, then explain why 1 is not prime."
+    argv = ["generate", "--method", "full", "--chat", "--json", "--max-new-tokens", "40",
+            "--prompt", text]  # fmt: skip
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    got = out["tokens"]
+    assert out["dtype"] == "bf16"
+    model = copy.deepcopy(smollm2.model).to(torch.bfloat16)
+    ids = encode_prompt(smollm2.tokenizer, text, chat=True).unsqueeze(0)
+    with torch.no_grad():
+        ref = model.generate(
+            ids, max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+    want = ref[0, ids.shape[1] :].tolist()
+    assert got == want[: len(got)] and len(got) >= 10
+    assert main([*argv, "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][:10] != got[:10]  # here they part
