@@ -4,7 +4,7 @@ PY ?= python3
 PEER := .venv-peer
 TRITON := .venv-triton
 
-.PHONY: install demo test test-big lint
+.PHONY: install demo test test-big reliability lint
 
 install:
 	$(PY) -m pip install -q torch==2.13.0   # the CPU wheel; an unpinned torch pulls CUDA
@@ -25,6 +25,11 @@ test: install $(PEER)/bin/python $(TRITON)/bin/python
 # Qwen2.5-7B-shaped checkpoint, ~10 min on 2 cores and ~15 GB of disk; .ci/run runs it after `test`.
 test-big: install
 	$(PY) -m pytest -q -m big -p no:cacheprovider tests/test_export_big.py
+
+# The reliability suite (also part of `test`) rerun with its records, and docs/RELIABILITY.md
+# written from them.
+reliability: install
+	$(PY) scripts/reliability_report.py
 
 # kvpress (the peer cross-check) needs transformers < 5.3: its own environment, layered on the
 # interpreter that runs make (a virtualenv's torch included), so nothing CUDA is ever pulled.

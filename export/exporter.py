@@ -19,6 +19,7 @@ of placeholder parameters, then each weight is streamed from the checkpoint's sa
 
 from __future__ import annotations
 
+import errno
 import io as io_module
 import logging
 import os
@@ -401,7 +402,8 @@ def export_engine(
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise StructKVError(
             f"cannot write the engine next to --out {out}: {e.strerror or e} in {out.parent}; "
@@ -421,6 +423,15 @@ def export_engine(
         peak_mb = _finish_engine(tmp, src, method, source, profile, settings, attention, io,
                                  store, start, jobs)  # fmt: skip
         _move_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise StructKVError(
+                f"the disk under {out.parent} is full or a file size limit was reached while "
+                f"writing the engine ({e.strerror}); nothing was kept: free space (or raise the "
+                "limit, `ulimit -f`) and export again"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -645,6 +656,51 @@ def _trace_graphs(
     return {name: io[name] for name in GRAPH_NAMES}
 
 
+def remove_stale(out: Path) -> None:
+    """Temporary directories of exports to ``out`` whose process is gone (killed: no cleanup
+    ran) are removed; they never load (the manifest is written last), but they take space."""
+    for path in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = path.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in out.parent.glob(f".{out.name}.old-*"):  # --force without an atomic swap
+        if _alive_any(path):
+            continue
+        if not out.exists() and (path / "engine").is_dir():  # killed between its two renames
+            os.replace(path / "engine", out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _alive_any(path: Path) -> bool:
+    """An ``.old-PID-`` directory's owner is alive (older spelling without a pid: assume not)."""
+    pid = path.name.rsplit(".old-", 1)[-1].split("-", 1)[0]
+    return pid.isdigit() and _alive(int(pid))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Atomic when ``out`` does not exist; with --force the old engine goes only after the new
     one is complete. mkdtemp/mkstemp create owner-only modes: give the engine normal ones."""
@@ -653,7 +709,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     for path in (tmp, *tmp.rglob("*")):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        # --force: one atomic swap, so `out` is the old engine or the new one at every instant
+        # (a kill after it leaves the old one in tmp, removed by the next export)
+        if _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         os.replace(out, old / "engine")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -663,11 +724,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def build_parser():
     """``structkv-export``'s options (the method knobs are :mod:`structkv.knobs`'s table)."""
-    import argparse
 
-    p = argparse.ArgumentParser(
-        prog="structkv-export", description="Export a model to a two-phase StructKV engine."
-    )
+    from structkv.knobs import Parser
+
+    p = Parser(prog="structkv-export", description="Export a model to a two-phase StructKV engine.")
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory or .gguf")
     p.add_argument("--out", required=True, help="engine directory (refused if not empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -690,6 +750,13 @@ def build_parser():
         help="none (default) | int8 | int4: weight-only block quantisation of every weight "
         "matrix (projections, MLP, LM head, embedding) as ONNX Runtime MatMulNBits / "
         "GatherBlockQuantized, activations quantised to int8 per block inside the product",
+    )
+    p.add_argument(
+        "--quant-compute",
+        default="int8",
+        choices=("int8", "fp32"),
+        help="with --quant: int8 (default; activations quantised per block, int8 dot products: "
+        "MatMulNBits accuracy_level 4) | fp32 (weights dequantised, fp32 products: level 0)",
     )
     p.add_argument(
         "--group-size",
@@ -728,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             attention=args.attention,
             target=args.target,
             profile=Path(args.profile) if args.profile else None,
-            quant=QuantSpec.parse(args.quant, args.group_size),
+            quant=QuantSpec.parse(args.quant, args.group_size, args.quant_compute),
         )
         if args.jobs is not None and args.jobs < 1:
             raise StructKVError(f"--jobs must be 1 or more, got {args.jobs}")

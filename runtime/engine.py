@@ -71,8 +71,11 @@ class Engine:
         manifest = read_manifest(directory, verify=verify)
         if manifest["dtype"] not in _NP_DTYPES:
             raise StructKVError(
-                f"{directory} is a {manifest['dtype']} engine; this runtime keeps its paged KV "
-                "cache in numpy, which has no bfloat16: re-export with --dtype fp32 or fp16"
+                f"{directory} is a {manifest['dtype']} engine, which this runtime does not run: "
+                "ONNX Runtime's CPU provider has no bf16 kernel for MatMul, Gemm, Add, Mul, "
+                "RMSNormalization or attention (docs/BENCHMARKS.md) and its Python API returns "
+                "no bf16 arrays; re-export with --dtype fp32 (on CPU add --quant int8 for "
+                "smaller, faster weights) or --dtype fp16"
             )
         cfg = manifest["config"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -98,7 +101,19 @@ class Engine:
         if manifest.get("tokenizer"):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+            except (OSError, ValueError) as e:
+                raise StructKVError(
+                    f"{directory / 'tokenizer'} cannot be loaded ({str(e)[:200]}); re-export "
+                    "the engine"
+                ) from None
+            if len(tokenizer) > cfg["vocab_size"]:
+                raise StructKVError(
+                    f"the engine's tokenizer has {len(tokenizer)} tokens; the model's embedding "
+                    f"has {cfg['vocab_size']}: the tokenizer is from another model (ids past "
+                    "the embedding would fail inside the graphs); re-export the engine"
+                )
         return cls(directory, manifest, stages, tokenizer, cache)
 
     # -- prefill -----------------------------------------------------------------------------

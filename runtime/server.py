@@ -50,6 +50,11 @@ STATS_KEYS = (
 )
 
 
+#: Largest request body read (a 128K-token prompt is well under 1 MiB of text): a bigger one is
+#: answered 413 before it is buffered, so a client cannot make the server hold gigabytes.
+MAX_BODY_BYTES = 16 * 2**20
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code=None) -> None:
         super().__init__(message)
@@ -272,9 +277,11 @@ def build_app(service: Service):
 
     async def generate(request: Request, chat: bool):
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the body's JSON is nested too deeply") from None
         parsed = service.parse(body, chat)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -297,7 +304,7 @@ def build_app(service: Service):
                 _stream(service, rid, queue, head, chat, parsed.include_usage),
                 media_type="text/event-stream",
             )
-        return await _collect(service, rid, queue, head, chat)
+        return await _collect(service, rid, queue, head, chat, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -306,6 +313,16 @@ def build_app(service: Service):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generate(request, chat=False)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        """Whatever escapes a route: a JSON 500 for the client (no traceback), the traceback in
+        the server's log, and the server goes on serving."""
+        import traceback
+
+        print(f"structkv serve: internal error on {request.url.path}:\n"
+              + "".join(traceback.format_exception(exc)), file=sys.stderr, flush=True)  # fmt: skip
+        return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__})").body(), 500)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
@@ -318,12 +335,43 @@ def build_app(service: Service):
     return app
 
 
-async def _collect(service: Service, rid: int, queue, head: dict, chat: bool):
-    """A non-streaming response: wait for the request to finish."""
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past :data:`MAX_BODY_BYTES` (by its declared length, or while
+    it streams in when it declares none)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _next_event(queue, request: Request | None):
+    """The request's next event; a client that hung up (checked every 0.25 s) cancels it."""
+    getter = asyncio.ensure_future(queue.get())  # one getter: no event is lost to a timeout
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=0.25)
+            if done:
+                return getter.result()
+            if request is not None and await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not getter.done():
+            getter.cancel()
+
+
+async def _collect(service: Service, rid: int, queue, head: dict, chat: bool, request=None):
+    """A non-streaming response: wait for the request to finish (a client that disconnects
+    meanwhile cancels it, freeing its KV blocks)."""
     parts, finished = [], False
     try:
         while True:
-            event = await queue.get()
+            event = await _next_event(queue, request)
             if event.kind == "token":
                 parts.append(event.text)
             elif event.kind == "error":

@@ -25,16 +25,19 @@ from pathlib import Path
 import numpy as np
 
 
-def _engine_dir(workdir: Path, config: str, model: str) -> Path:
+def _engine_dir(workdir: Path, config: str, model: str, extra: list[str]) -> Path:
+    """``fp32`` or ``int8:32`` / ``int4:64`` (quant:group), ``...:a0`` for products in fp32
+    (MatMulNBits accuracy_level 0 instead of the default int8 compute)."""
     from structkv.export.exporter import main as export
 
-    out = workdir / config.replace(":", "-g")
+    out = workdir / config.replace(":", "-")
     if (out / "manifest.json").is_file():
         return out
-    argv = ["--model", model, "--out", str(out)]
+    argv = ["--model", model, "--out", str(out), *extra]
     if config != "fp32":
-        quant, _, group = config.partition(":")
-        argv += ["--quant", quant] + (["--group-size", group] if group else [])
+        quant, group, *level = config.split(":")
+        argv += ["--quant", quant, "--group-size", group]
+        argv += ["--quant-compute", "fp32"] if level == ["a0"] else []
     t = time.perf_counter()
     if export(argv) != 0:
         raise SystemExit(f"export of {config} failed")
@@ -78,6 +81,8 @@ def main() -> None:
     p.add_argument("--tasks", default="niah_single_1,vt", help="RULER tasks (quick profile)")
     p.add_argument("--task-lengths", default="512", help="RULER lengths (quick profile)")
     p.add_argument("--samples", type=int, default=2, help="RULER samples (quick profile: 2)")
+    p.add_argument("--export-args", default="", help="more structkv-export flags for every "
+                   "engine, e.g. '--r-struct 1 --r-kv 1' (full context)")  # fmt: skip
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 
@@ -90,7 +95,8 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configs = args.configs.split(",")
-    dirs = {c: _engine_dir(workdir, c, args.model) for c in configs}
+    extra = args.export_args.split()
+    dirs = {c: _engine_dir(workdir, c, args.model, extra) for c in configs}
     engines = {c: Engine.load(d, verify=False, kv_cache_mb=256) for c, d in dirs.items()}
     base = configs[0]
     tok = engines[base].tokenizer

@@ -21,6 +21,9 @@ Checks, each independent (a missing piece skips only what needs it):
                    (Engine backend "tensorrt"): the same greedy tokens as ONNX Runtime (CPU,
                    fp32, the plugin's reference op), logits within 1e-2; prefill and decode
                    timings
+  kv-resident      the paged KV pool on the GPU (CUDA provider, IOBinding; onnxruntime-gpu):
+                   batched greedy tokens equal to the CPU engine, bytes per decode step
+                   proportional to the batch, decode tok/s resident vs host pool
   torch-prefill    torch on cuda in bf16: prefill seconds at 4K and 32K, full vs structkv
                    (structkv.bench, medians, paired speedups) for the embedded model when
                    installed, else random weights of its shape, and random weights of
@@ -342,6 +345,55 @@ def trt_engine(build: Path, work: Path) -> str:
     )
 
 
+@check("kv-resident")
+def kv_resident(work: Path) -> str:
+    """The paged KV pool on the GPU (ONNX Runtime's CUDA provider, IOBinding): greedy tokens of
+    a batch of 4 equal to the CPU engine with the host pool, host<->device bytes per decode step
+    proportional to the batch (counted by the pool), decode tokens/s against the host pool on
+    the same CUDA sessions (whole pool copied per step)."""
+    torch = _cuda()
+    import numpy as np
+    import onnxruntime as ort
+
+    from structkv.runtime.batch import Batch
+    from structkv.runtime.engine import Engine
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (onnxruntime-gpu)")
+    path = _export(work / "smollm2-contrib", "--attention", "contrib")
+    cpu = Engine.load(path, providers=["CPUExecutionProvider"], kv_device=None, kv_cache_mb=256)
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    resident = Engine.load(path, providers=gpu, kv_device="cuda:0", kv_cache_mb=256)
+    hosted = Engine.load(path, providers=gpu, kv_device=None, kv_cache_mb=256)
+    if not isinstance(resident.cache.keys, torch.Tensor) or not resident.cache.keys.is_cuda:
+        raise AssertionError("kv_device cuda:0 did not put the pool on the GPU")
+    prompts = [np.random.default_rng(i).integers(0, 49152, 1024 + 256 * i) for i in range(4)]
+    want = cpu.generate_batch(prompts, 16)
+    got = resident.generate_batch(prompts, 16)
+    if got != want:
+        raise AssertionError(f"tokens differ from the CPU engine: {got[0][:6]} vs {want[0][:6]}")
+    rates, per_step = {}, {}
+    for label, engine in (("resident", resident), ("host", hosted)):
+        batch = Batch(engine)
+        for p in prompts:
+            batch.add(p, 66)
+        batch.step()
+        before, start = engine.cache.transfers.total, time.perf_counter()
+        for _ in range(64):
+            batch.step()
+        rates[label] = 64 * len(prompts) / (time.perf_counter() - start)
+        per_step[label] = (engine.cache.transfers.total - before) / 64
+    bound = len(prompts) * (4 * 49152 + 8 * 200)
+    if not 0 < per_step["resident"] <= bound:
+        raise AssertionError(f"{per_step['resident']:.0f} bytes per step > bound {bound}")
+    pool_mb = resident.cache.keys.numel() * resident.cache.keys.element_size() * 2 / 2**20
+    DATA["kv-resident"] = {"tokens_per_s": rates, "bytes_per_step": per_step["resident"],
+                           "pool_mib": pool_mb, "batch": len(prompts)}  # fmt: skip
+    return (f"batch 4: tokens equal to CPU; {per_step['resident'] / 1024:.0f} KiB per step with "
+            f"a {pool_mb:.0f} MiB pool; decode {rates['resident']:.0f} tok/s resident vs "
+            f"{rates['host']:.0f} tok/s host pool")  # fmt: skip
+
+
 #: Random-weight stand-ins of real shapes (prefill speed does not depend on weight values).
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -413,6 +465,7 @@ def main() -> int:
     plugin_enqueue(build)
     plugin_engine(build, work)
     trt_engine(build, work)
+    kv_resident(work)
     torch_prefill()
     failed = [r for r in RESULTS if r[1] == "FAIL"]
     if os.environ.get("STRUCTKV_GPU_OUT"):

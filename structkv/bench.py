@@ -15,7 +15,7 @@ import time
 import torch
 
 from structkv.errors import StructKVError
-from structkv.knobs import add_method_args, method_knobs
+from structkv.knobs import add_method_args, count, method_knobs
 
 
 def _prompt_ids(lm, length: int) -> torch.Tensor:
@@ -241,7 +241,7 @@ def add_bench_parser(sub) -> None:
             default="full,snapkv,fastkv,gemfilter,structkv",
             help="comma-separated methods (full is the baseline)",
         )
-        p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+        p.add_argument("--repeats", type=count(1), default=3, help="timed runs (median)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         add_method_args(p)
         p.add_argument(
@@ -257,10 +257,10 @@ def add_bench_parser(sub) -> None:
         )
         if name == "prefill":
             p.add_argument("--lengths", default="1024,4096", help="comma-separated prompt lengths")
-            p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+            p.add_argument("--warmup", type=count(0), default=1, help="untimed runs first")
         else:
-            p.add_argument("--length", type=int, default=4096, help="prompt length")
-            p.add_argument("--steps", type=int, default=32, help="decode steps timed")
+            p.add_argument("--length", type=count(1), default=4096, help="prompt length")
+            p.add_argument("--steps", type=count(1), default=32, help="decode steps timed")
         p.set_defaults(func=main_from_args)
 
 

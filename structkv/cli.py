@@ -12,21 +12,41 @@ import sys
 from pathlib import Path
 
 from structkv.errors import StructKVError
-from structkv.knobs import add_method_args, method_knobs
+from structkv.knobs import Parser, add_method_args, count, method_knobs
+
+_Parser = Parser
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse prints usage plus an error; we print one line and exit 2 like StructKVError."""
+def megabytes(text: str) -> float:
+    """``--kv-cache-mb``: a finite number of MiB > 0 (argparse type; refused before loading)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise StructKVError(f"--kv-cache-mb must be a finite number of MiB > 0, got {text!r}")
+    return value
 
-    def error(self, message: str):
-        raise StructKVError(f"{message} (see `{self.prog} --help`)")
+
+def _out_dir(path: str) -> Path:
+    """An evaluation's --out, created here: an uncreatable one is one error, not a traceback."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StructKVError(
+            f"cannot create --out {out} ({e.strerror}); choose a writable directory"
+        ) from None
+    return out
 
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise StructKVError(f"prompt file {path} is a directory; pass a text file")
         if not path.is_file():
-            raise StructKVError(f"prompt file {path} does not exist or is not a file")
+            raise StructKVError(f"prompt file {path} does not exist; check the path")
         try:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -40,7 +60,7 @@ def _read_prompt(args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from structkv.generate import generate_text
+    from structkv.generate import check_sampling, generate_text
     from structkv.methods import get_method
     from structkv.models import load, torch_dtype
 
@@ -48,6 +68,7 @@ def cmd_generate(args) -> int:
     if not prompt or not prompt.strip():
         raise StructKVError("empty prompt; pass a non-empty --prompt or --prompt-file")
     method = get_method(args.method, **method_knobs(args))  # validate names before loading
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     out = generate_text(
         lm,
@@ -181,7 +202,7 @@ def cmd_eval_ruler(args) -> int:
     )
     if args.haystack_file and not Path(args.haystack_file).is_file():
         raise StructKVError(f"haystack file {args.haystack_file} does not exist")
-    out = Path(args.out)
+    out = _out_dir(args.out)
     if args.report_only:  # rewrite results.md from what is scored, generate nothing
         from structkv.eval.runner import load_results, results_table
 
@@ -238,7 +259,7 @@ def cmd_eval_frontier(args) -> int:
         raise StructKVError("--samples must be >= 1 and --lengths token counts >= 64")
     if args.speed_repeats and args.speed_repeats < 3:
         raise StructKVError("--speed-repeats must be 0 (no timing) or >= 3 (medians)")
-    out = Path(args.out)
+    out = _out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch_dtype(args.dtype)
     lm = None if args.report_only else load(args.model, dtype=dtype, device=args.device)
@@ -271,8 +292,8 @@ def cmd_eval_peer(args) -> int:
             raise StructKVError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     import_kvpress()  # fail before loading the model
     cfg = PeerConfig(tasks, parse_ints(args.lengths), args.samples, args.seed)
+    out = _out_dir(args.out)
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
-    out = Path(args.out)
     run_peer(lm, cfg, out, progress=lambda total: tqdm(total=total, file=sys.stderr))
     print((out / "peer.md").read_text(), end="")
     return 0
@@ -294,8 +315,8 @@ def cmd_eval_report(args) -> int:
     lengths = parse_ints(args.lengths)
     if not lengths or min(lengths) < 64:
         raise StructKVError("--lengths must list token counts >= 64, e.g. 1024,2048")
+    out = _out_dir(args.out)
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
-    out = Path(args.out)
     if args.kind == "pivot":
         data = reports.pivot_report(lm, out, lengths[0], args.samples, args.seed)
         summary = {k: data[k] for k in ("profile_pivot", "profile_lambda", "search_range")}
@@ -402,7 +423,7 @@ def _suite_args(p: argparse.ArgumentParser, profile_help: str) -> None:
     p.add_argument("--methods", help="comma-separated (default: the profile's)")
     p.add_argument("--tasks", help="comma-separated (default: the profile's)")
     p.add_argument("--lengths", help="comma-separated token lengths (default: the profile's)")
-    p.add_argument("--samples", type=int, help="samples per task and length")
+    p.add_argument("--samples", type=count(1), help="samples per task and length")
     p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--out", required=True, help="results directory (re-runs resume here)")
     p.add_argument(
@@ -440,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_method_args(g)
     _prompt_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument(
+        "--max-new-tokens", type=count(1), default=64, help="tokens to generate (default 64)"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -452,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--engine", required=True, help="engine directory")
     _prompt_args(rn)
     rn.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)"
+        "--max-new-tokens", type=count(1), default=64, help="tokens to generate (default 64)"
     )
     rn.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     rn.add_argument(
@@ -461,17 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnxruntime",
         help=BACKEND_HELP,
     )
-    rn.add_argument("--kv-cache-mb", type=float, default=512, help="paged KV pool size")
+    rn.add_argument("--kv-cache-mb", type=megabytes, default=512, help="paged KV pool size")
     rn.add_argument("--json", action="store_true", help="print one JSON object")
     rn.set_defaults(func=cmd_run)
 
     c = sub.add_parser("calibrate", help="choose pivot and λ per model (method.md §6)")
     _model_args(c)
     c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
-    c.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
-    c.add_argument("--length", type=int, default=2048, help="tokens per prompt (default 2048)")
+    c.add_argument("--prompts", type=count(1), default=8, help="calibration prompts (default 8)")
+    c.add_argument("--length", type=count(1), default=2048, help="tokens per prompt (default 2048)")
     c.add_argument(
-        "--steps", type=int, default=16, help="teacher-forced tokens scored per prompt (default 16)"
+        "--steps",
+        type=count(1),
+        default=16,
+        help="teacher-forced tokens scored per prompt (default 16)",
     )
     c.add_argument(
         "--compute-cap",
@@ -520,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pe.add_argument("--lengths", default="2048,4096", help="comma-separated token lengths")
     pe.add_argument(
-        "--samples", type=int, default=5, help="samples per task and length (default 5)"
+        "--samples", type=count(1), default=5, help="samples per task and length (default 5)"
     )
     pe.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     pe.add_argument("--out", required=True, help="results directory")
@@ -542,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="comma-separated methods",
         )
         k.add_argument("--lengths", default="2048", help="comma-separated token lengths")
-        k.add_argument("--samples", type=int, default=4, help="prompts per cell (default 4)")
+        k.add_argument("--samples", type=count(1), default=4, help="prompts per cell (default 4)")
         k.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         k.add_argument("--out", required=True, help="results directory (JSON + PNG)")
         if kind == "niah":
@@ -552,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="needle depths as fractions of the context",
             )
         if kind == "latency":
-            k.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
+            k.add_argument(
+                "--repeats", type=count(1), default=3, help="timed runs per method (median)"
+            )
         if kind in ("survival", "niah"):
             default = "niah_single_1" if kind == "survival" else "niah_single_2"
             k.add_argument("--task", default=default, help=f"a needle task (default {default})")
@@ -572,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default="fp32", help=DTYPE_HELP + " (with --model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    sv.add_argument("--kv-cache-mb", type=float, default=512, help="KV pool size (default 512)")
+    sv.add_argument("--kv-cache-mb", type=megabytes, default=512, help="KV pool size (default 512)")
     sv.add_argument("--served-model-name", help="model id clients send (default: engine or model)")
     sv.set_defaults(func=cmd_serve)
 
@@ -584,9 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--engine", required=True, help="engine directory (structkv-export --out)")
     tr.add_argument("--out", required=True, help="model repository directory to write")
     tr.add_argument("--name", default="structkv", help="Triton model name (default structkv)")
-    tr.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    tr.add_argument("--instances", type=count(1), default=1, help="model instances (default 1)")
     tr.add_argument(
-        "--kv-cache-mb", type=float, default=512, help="KV pool per instance (default 512)"
+        "--kv-cache-mb", type=megabytes, default=512, help="KV pool per instance (default 512)"
     )
     tr.add_argument(
         "--backend", default="onnxruntime", choices=("onnxruntime",),

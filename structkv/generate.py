@@ -7,6 +7,7 @@ prompt's original positions and are appended to every layer unchanged (§5).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -112,6 +113,23 @@ def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
         )
 
 
+def check_sampling(max_new_tokens, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    """Generation settings, refused before any model work: ``max_new_tokens`` >= 1,
+    ``temperature`` a finite number >= 0 (0 = greedy), ``top_p`` in (0, 1]."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or (max_new_tokens < 1)
+    ):
+        raise StructKVError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise StructKVError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+        )
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise StructKVError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 @torch.inference_mode()
 def generate_ids(
     model,
@@ -124,8 +142,7 @@ def generate_ids(
     eos_ids: tuple[int, ...] = (),
 ) -> Generation:
     """Prefill ``input_ids`` (``[N]``) with ``method`` and decode up to ``max_new_tokens``."""
-    if max_new_tokens < 1:
-        raise StructKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens, temperature, top_p)
     check_context(model, int(input_ids.shape[0]), max_new_tokens)
     input_ids = input_ids.to(model_device(model))
     result = method.prefill(model, input_ids, extra_capacity=max_new_tokens)

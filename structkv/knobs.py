@@ -13,6 +13,31 @@ import argparse
 from structkv.errors import StructKVError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse prints usage plus an error; every StructKV command prints one `error:` line and
+    exits 2 instead (its ``main`` turns the StructKVError into that line)."""
+
+    def error(self, message: str):
+        raise StructKVError(f"{message} (see `{self.prog} --help`)")
+
+
+def count(minimum: int = 1):
+    """An argparse type: an integer >= ``minimum`` (samples, repeats, steps, prompts...), so
+    ``--samples 0`` is an error instead of silently the default."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:  # argparse names the flag in its message
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def parse_pivot(text: str) -> int | str:
     """``auto`` | ``online`` | a layer index (what ``--pivot`` accepts)."""
     if text in ("auto", "online"):
@@ -20,8 +45,8 @@ def parse_pivot(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise StructKVError(
-            f"--pivot must be auto, online or a layer index, got {text!r}"
+        raise argparse.ArgumentTypeError(
+            f"must be auto, online or a layer index, got {text!r}"
         ) from None
 
 

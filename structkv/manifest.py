@@ -1,7 +1,9 @@
 """``manifest.json``: what an engine is, how it was made, and the hashes that prove it intact.
 
-The runtime refuses an engine whose manifest is from a newer format, or whose files are missing
-or differ from the recorded sha256, with a message that names the file and the fix.
+The runtime refuses an engine whose manifest is from a newer format, was edited after export
+(``manifest_sha256``: the manifest's own content, so a hand-edited dtype, pivot, shape or hash is
+caught even though the files it describes are intact), or whose files are missing or differ
+from the recorded sha256, with a message that names the file and the fix.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: The manifest's checksum of its own content (every other field), written last.
+SELF_HASH = "manifest_sha256"
+
+
+def content_hash(manifest: dict) -> str:
+    """sha256 of the manifest without :data:`SELF_HASH`, in a canonical JSON spelling."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def write_manifest(
@@ -90,11 +103,14 @@ def write_manifest(
         "graphs": graphs,
         "tokenizer": sorted(f for f in files if f.startswith("tokenizer/")),
         "files": {f: sha256(directory / f) for f in files},
+        "sizes": {f: (directory / f).stat().st_size for f in files},
         "export": export_stats,
     }
+    manifest = json.loads(json.dumps(manifest, default=str))  # as it will be read back
+    manifest[SELF_HASH] = content_hash(manifest)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1, default=str)
+        json.dump(manifest, f, indent=1)
     os.replace(tmp, directory / MANIFEST)
     return manifest
 
@@ -109,21 +125,46 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
             f"structkv-export --model M --out {directory}"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StructKVError(f"{path} is not valid JSON ({e}); re-export the engine") from None
+    except OSError as e:
+        raise StructKVError(
+            f"cannot read {path} ({e.strerror or e}); check its permissions"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise StructKVError(f"{path} is not an engine manifest (a JSON object); re-export it")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StructKVError(
+            f"{path} has no valid format_version ({version!r}); it is not a StructKV engine "
+            "manifest or it was damaged: re-export the engine"
+        )
+    if version > FORMAT_VERSION:
         raise StructKVError(
             f"engine format {version!r} is newer than this structkv reads ({FORMAT_VERSION}); "
             "upgrade structkv (pip install -U structkv) or re-export with this version"
         )
+    if SELF_HASH in manifest and manifest[SELF_HASH] != content_hash(manifest):
+        raise StructKVError(
+            f"{path} was edited after export (its content does not match its {SELF_HASH}); "
+            "a hand-edited dtype, pivot, shape or hash would run graphs that do not match it: "
+            "re-export the engine"
+        )
     if version == 1:
         manifest = _upgrade_v1(manifest)
+    sizes = manifest.get("sizes", {})
     for name, digest in manifest.get("files", {}).items():
         file = directory / name
         if not file.is_file():
             raise StructKVError(f"engine file {name} is missing from {directory}; re-export it")
+        size = file.stat().st_size
+        if name in sizes and size != sizes[name]:  # cheap, so checked even without hashing
+            raise StructKVError(
+                f"engine file {name} is {size} bytes, the manifest says {sizes[name]} "
+                "(truncated or extended, e.g. an interrupted copy); re-export the engine or "
+                "copy it again"
+            )
         if verify and sha256(file) != digest:
             raise StructKVError(
                 f"engine file {name} does not match its sha256 in {MANIFEST} (modified or "

@@ -27,6 +27,8 @@ from structkv.errors import StructKVError
 QUANTS = ("none", "int8", "int4")
 GROUP_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_GROUP = 32
+#: ``--quant-compute`` -> MatMulNBits ``accuracy_level``.
+COMPUTE = {"int8": 4, "fp32": 0}
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,15 @@ class QuantSpec:
     accuracy_level: int = 4
 
     @classmethod
-    def parse(cls, quant: str | None, group: int | None = None) -> QuantSpec | None:
-        """``--quant`` / ``--group-size`` as given on a command line (``none`` -> None)."""
+    def parse(
+        cls, quant: str | None, group: int | None = None, compute: str = "int8"
+    ) -> QuantSpec | None:
+        """``--quant`` / ``--group-size`` / ``--quant-compute`` as given on a command line
+        (``none`` -> None)."""
         if quant in (None, "none", "fp"):
-            if group is not None:
-                raise StructKVError("--group-size needs --quant int8 or int4")
+            if group is not None or compute != "int8":
+                flag = "--group-size" if group is not None else "--quant-compute"
+                raise StructKVError(f"{flag} needs --quant int8 or int4")
             return None
         if quant not in QUANTS:
             raise StructKVError(f"unsupported --quant {quant!r}; choose one of {', '.join(QUANTS)}")
@@ -55,7 +61,11 @@ class QuantSpec:
                 f"--group-size {group} is not supported; ONNX Runtime's block-quantised "
                 f"operators take a power of two >= 16: {', '.join(map(str, GROUP_SIZES))}"
             )
-        return cls(bits=int(quant[3:]), group=group)
+        if compute not in COMPUTE:
+            raise StructKVError(
+                f"unsupported --quant-compute {compute!r}; choose one of {', '.join(COMPUTE)}"
+            )
+        return cls(bits=int(quant[3:]), group=group, accuracy_level=COMPUTE[compute])
 
     @property
     def name(self) -> str:

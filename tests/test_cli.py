@@ -35,7 +35,7 @@ BAD_INPUTS = [
     (["calibrate", "--target-fidelity", "1.5"], "--target-fidelity must be in (0, 1]"),
     (["calibrate", "--target-fidelity", "nan"], "--target-fidelity must be in (0, 1]"),
     (["calibrate", "--compute-cap", "0"], "--compute-cap must be in (0, 1]"),
-    (["calibrate", "--prompts", "0"], "--prompts and --steps must be >= 1"),
+    (["calibrate", "--prompts", "0"], "argument --prompts: expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--kv-evidence", "-1"], "kv_evidence must be"),
     (["generate", "--prompt", "hi", "--method", "snapkv", "--kv-evidence", "1"], "no parameter"),
     (["eval", "frontier", "--r-kv", "0.2", "--out", "x"], "--r-kvs"),

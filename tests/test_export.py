@@ -21,7 +21,7 @@ from structkv.export.exporter import ExportSettings, export_engine
 from structkv.export.weights import ALIGN, INLINE_BYTES
 from structkv.generate import generate_ids
 from structkv.kernels import ort_ops
-from structkv.manifest import FORMAT_VERSION, MANIFEST
+from structkv.manifest import FORMAT_VERSION, MANIFEST, content_hash
 from structkv.methods import StructKV
 from structkv.models import tiny_model
 from structkv.runtime.batch import Batch
@@ -283,7 +283,11 @@ def test_engine_refuses_tampered_missing_and_newer(engine_dir, tmp_path):
         Engine.load(copy)
     manifest["format_version"], manifest["dtype"] = FORMAT_VERSION, "bf16"
     (copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(StructKVError, match="re-export with --dtype fp32 or fp16"):
+    with pytest.raises(StructKVError, match="was edited after export"):
+        Engine.load(copy)
+    manifest["manifest_sha256"] = content_hash(manifest)  # as a bf16 export writes it
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StructKVError, match=r"no bf16 kernel for MatMul.* --dtype fp32"):
         Engine.load(copy)
     with pytest.raises(StructKVError, match="not a StructKV engine"):
         Engine.load(tmp_path)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -20,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serving import NAME, Server
 
 from structkv.generate import encode_prompt
 from structkv.prompts.needle import make_needle_prompt
@@ -27,59 +25,6 @@ from structkv.runtime.batch import Batch
 from structkv.runtime.engine import Engine
 
 pytestmark = pytest.mark.real_model
-NAME = "smollm2-structkv"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, engine_dir, kv_cache_mb: int = 256, source=None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        source = source or ["--engine", str(engine_dir)]
-        cmd = [sys.executable, "-m", "structkv.cli", "serve", *source,
-               "--port", str(self.port), "--kv-cache-mb", str(kv_cache_mb),
-               "--served-model-name", NAME]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if "StructKV serving" in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120):
-            self.proc.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.log))
-
-    def post(self, path: str, body, raw: bool = False) -> tuple[int, dict]:
-        data = body if raw else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data, {"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return r.read().decode()
-
-    def gauge(self, name: str) -> float:
-        line = next(x for x in self.get("/metrics").splitlines() if x.startswith(name + " "))
-        return float(line.split()[1])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
 
 
 @pytest.fixture(scope="module")

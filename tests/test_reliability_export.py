@@ -1,0 +1,131 @@
+"""Reliability, export under faults: `structkv-export` killed with SIGKILL at several points never
+leaves a directory that loads (and the next export cleans up after it); an engine at --out
+survives a killed `--force` re-export (the replacement is one atomic swap); a file-size limit
+(RLIMIT_FSIZE, as a full disk behaves) is one clear error with no temporary files left; an
+unwritable --out parent is one clear error. Real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from reliability import assert_one_error, case, run_cli
+
+from structkv.export.exporter import main as export_main
+from structkv.manifest import MANIFEST
+from structkv.runtime.engine import Engine
+
+CLS = "Export under faults"
+MODEL = ["--model", "tiny-llama", "--pivot", "2", "--jobs", "1"]
+
+
+def _export_cmd(out, *extra) -> list[str]:
+    return [sys.executable, "-m", "structkv.export.exporter", *MODEL, "--out", str(out), *extra]
+
+
+def _kill_after(cmd: list[str], seconds: float, marker: str | None = None) -> int:
+    """Start ``cmd``, SIGKILL it ``seconds`` after start (or after ``marker`` appears on its
+    stderr, then ``seconds``); returns its exit status (negative: the signal)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    start = time.monotonic()
+    if marker is not None:
+        for line in proc.stderr:
+            if marker in line:
+                break
+    time.sleep(max(0.0, seconds - (0 if marker else time.monotonic() - start)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    return proc.returncode
+
+
+def _loads(path) -> bool:
+    try:
+        Engine.load(path)
+        return True
+    except Exception:
+        return False
+
+
+#: (label, seconds after start or after the marker line, marker on stderr)
+KILL_POINTS = [
+    ("while importing", 0.5, None),
+    ("while tracing pre_pivot", 0.2, "attention kernel"),
+    ("after pre_pivot", 0.1, "pre_pivot.onnx traced"),
+    ("while tracing decode", 2.0, "kv_select.onnx traced"),
+    ("while streaming weights and checking", 0.05, "decode.onnx traced"),
+]
+
+
+def test_sigkill_at_any_point_never_leaves_an_engine_that_loads(tmp_path):
+    out = tmp_path / "engine"
+    for label, seconds, marker in KILL_POINTS:
+        with case(CLS, f"SIGKILL {label}"):
+            status = _kill_after(_export_cmd(out), seconds, marker)
+            assert status == -signal.SIGKILL, f"export ended by itself ({status}) first"
+            assert not out.exists(), "a half-written engine at --out"
+            for left in tmp_path.iterdir():  # leftovers of the killed process never load
+                assert not _loads(left), f"{left.name} loads"
+    with case(CLS, "export after killed ones: succeeds and removes their leftovers"):
+        assert subprocess.run(_export_cmd(out), capture_output=True).returncode == 0
+        assert _loads(out)
+        assert [p.name for p in tmp_path.iterdir()] == ["engine"], list(tmp_path.iterdir())
+
+
+def test_killed_force_reexport_keeps_the_old_engine(tmp_path):
+    out = tmp_path / "engine"
+    assert subprocess.run(_export_cmd(out), capture_output=True).returncode == 0
+    original = json.loads((out / MANIFEST).read_text())["manifest_sha256"]
+    for label, seconds, marker in KILL_POINTS[1:]:
+        with case(CLS, f"--force re-export SIGKILLed {label}: old engine intact"):
+            _kill_after(_export_cmd(out, "--force", "--lambda", "0.3"), seconds, marker)
+            assert _loads(out), "the engine at --out no longer loads"
+            kept = json.loads((out / MANIFEST).read_text())["manifest_sha256"]
+            assert kept == original, "--out changed although the re-export was killed"
+    with case(CLS, "--force re-export completes: new engine in place, nothing else left"):
+        done = subprocess.run(_export_cmd(out, "--force", "--lambda", "0.3"), capture_output=True)
+        assert done.returncode == 0, done.stderr[-500:]
+        assert json.loads((out / MANIFEST).read_text())["method"]["lam"] == 0.3
+        assert [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+
+    return apply
+
+
+@pytest.mark.parametrize("limit", [64 * 1024, 400 * 1024])
+def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, limit):
+    """RLIMIT_FSIZE makes every write past ``limit`` bytes fail as a full disk does (EFBIG;
+    ENOSPC takes the same path): at 64 KiB a graph file fails, at 400 KiB weights.bin."""
+    out = tmp_path / "engine"
+    with case(CLS, f"disk full (file size limit {limit // 1024} KiB)"):
+        proc = subprocess.run(_export_cmd(out), capture_output=True, text=True,
+                              preexec_fn=_limit_file_size(limit))  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-800:]
+        assert_one_error(2, proc.stderr, "full or a file size limit was reached")
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_unwritable_parents_are_one_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for label, out in (("/proc (not writable)", "/proc/structkv-engine"),
+                       ("a file as the parent", str(blocker / "engine"))):  # fmt: skip
+        with case(CLS, f"--out under {label}"):
+            rc, _, err = run_cli(export_main, [*MODEL, "--out", out])
+            assert_one_error(rc, err, "writable directory")
+    if os.geteuid() != 0:  # root writes anywhere; a read-only directory binds only others
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with case(CLS, "--out under a read-only directory"):
+            rc, _, err = run_cli(export_main, [*MODEL, "--out", str(ro / "engine")])
+            assert_one_error(rc, err, "writable directory")
