@@ -648,7 +648,7 @@ def _trace_graphs(
     finally:
         if pool is not None:
             pool.join()
-    bar.close()
+        bar.close()  # also on an error: its line ends, so `error:` starts its own
     for name in remote:
         os.replace(part / f"{name}.onnx", tmp / f"{name}.onnx")
         store.absorb(tmp / f"{name}.onnx", part / PART_WEIGHTS)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 # module's globals, so these imports cannot be local to build_app.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from structkv.errors import StructKVError
 from structkv.runtime.scheduler import Event, SamplingParams, Scheduler
@@ -53,6 +54,10 @@ STATS_KEYS = (
 #: Largest request body read (a 128K-token prompt is well under 1 MiB of text): a bigger one is
 #: answered 413 before it is buffered, so a client cannot make the server hold gigabytes.
 MAX_BODY_BYTES = 16 * 2**20
+
+
+#: Chat roles OpenAI's API accepts with text content (tool calls are not supported).
+ROLES = ("system", "developer", "user", "assistant")
 
 
 class ApiError(Exception):
@@ -202,6 +207,11 @@ class Service:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ApiError(400, "each message needs a string role and content", "messages")
+            if m["role"] not in ROLES:
+                raise ApiError(
+                    400, f"unknown message role {m['role']!r}; use one of {', '.join(ROLES)}",
+                    "messages",
+                )  # fmt: skip
             content = m.get("content")
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 parts = [p.get("text") for p in content if isinstance(p, dict)]
@@ -214,11 +224,15 @@ class Service:
         tokenizer = self.backend.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions")
-        return list(
-            tokenizer.apply_chat_template(
+        try:
+            ids = tokenizer.apply_chat_template(
                 clean, add_generation_prompt=True, tokenize=True, return_dict=False
             )
-        )
+        except Exception as e:  # the template's own checks (jinja raise_exception)
+            raise ApiError(
+                400, f"the chat template refused the messages ({e})", "messages"
+            ) from None
+        return list(ids)
 
     def _completion_ids(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -278,6 +292,8 @@ def build_app(service: Service):
     async def generate(request: Request, chat: bool):
         try:
             body = json.loads(await _read_body(request))
+        except ClientDisconnect:  # gone before its body arrived: nothing to run, no one to tell
+            return Response(status_code=499)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON ({e})") from None
         except RecursionError:
@@ -350,16 +366,21 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(parts)
 
 
-async def _next_event(queue, request: Request | None):
-    """The request's next event; a client that hung up (checked every 0.25 s) cancels it."""
-    getter = asyncio.ensure_future(queue.get())  # one getter: no event is lost to a timeout
+async def _hung_up(request: Request) -> None:
+    """Returns when the client disconnects. The body is read already, so the next ASGI message
+    is ``http.disconnect`` (the way Starlette's StreamingResponse listens for it); polling
+    ``request.is_disconnected()`` does not see a hang-up while the server is not reading."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(queue, hung_up: asyncio.Future | None):
+    """The request's next event; None when ``hung_up`` completes first (client gone)."""
+    getter = asyncio.ensure_future(queue.get())  # one getter: no event is lost
     try:
-        while True:
-            done, _ = await asyncio.wait({getter}, timeout=0.25)
-            if done:
-                return getter.result()
-            if request is not None and await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
+        waiting = {getter} if hung_up is None else {getter, hung_up}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        return getter.result() if getter in done else None
     finally:
         if not getter.done():
             getter.cancel()
@@ -369,9 +390,12 @@ async def _collect(service: Service, rid: int, queue, head: dict, chat: bool, re
     """A non-streaming response: wait for the request to finish (a client that disconnects
     meanwhile cancels it, freeing its KV blocks)."""
     parts, finished = [], False
+    hung_up = asyncio.ensure_future(_hung_up(request)) if request is not None else None
     try:
         while True:
-            event = await _next_event(queue, request)
+            event = await _next_event(queue, hung_up)
+            if event is None:  # the client hung up: cancel (finally), answer no one
+                return Response(status_code=499)
             if event.kind == "token":
                 parts.append(event.text)
             elif event.kind == "error":
@@ -381,6 +405,8 @@ async def _collect(service: Service, rid: int, queue, head: dict, chat: bool, re
                 finished = True
                 break
     finally:
+        if hung_up is not None:
+            hung_up.cancel()
         if not finished:
             service.scheduler.cancel(rid)
     text = "".join(parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +69,11 @@ def test_sigkill_at_any_point_never_leaves_an_engine_that_loads(tmp_path):
         with case(CLS, f"SIGKILL {label}"):
             status = _kill_after(_export_cmd(out), seconds, marker)
             assert status == -signal.SIGKILL, f"export ended by itself ({status}) first"
-            assert not out.exists(), "a half-written engine at --out"
+            # --out is absent, or (killed after its final rename) the complete engine
+            assert not out.exists() or _loads(out), "a half-written engine at --out"
             for left in tmp_path.iterdir():  # leftovers of the killed process never load
-                assert not _loads(left), f"{left.name} loads"
+                assert left == out or not _loads(left), f"{left.name} loads"
+            shutil.rmtree(out, ignore_errors=True)
     with case(CLS, "export after killed ones: succeeds and removes their leftovers"):
         assert subprocess.run(_export_cmd(out), capture_output=True).returncode == 0
         assert _loads(out)
@@ -80,13 +83,17 @@ def test_sigkill_at_any_point_never_leaves_an_engine_that_loads(tmp_path):
 def test_killed_force_reexport_keeps_the_old_engine(tmp_path):
     out = tmp_path / "engine"
     assert subprocess.run(_export_cmd(out), capture_output=True).returncode == 0
-    original = json.loads((out / MANIFEST).read_text())["manifest_sha256"]
+    kept_old = 0
     for label, seconds, marker in KILL_POINTS[1:]:
-        with case(CLS, f"--force re-export SIGKILLed {label}: old engine intact"):
+        before = json.loads((out / MANIFEST).read_text())
+        with case(CLS, f"--force re-export SIGKILLed {label}: old or new engine, whole"):
             _kill_after(_export_cmd(out, "--force", "--lambda", "0.3"), seconds, marker)
             assert _loads(out), "the engine at --out no longer loads"
-            kept = json.loads((out / MANIFEST).read_text())["manifest_sha256"]
-            assert kept == original, "--out changed although the re-export was killed"
+            after = json.loads((out / MANIFEST).read_text())
+            # the old engine, or (killed after the swap) the complete new one — never a mix
+            assert after == before or after["method"]["lam"] == 0.3, "--out is neither"
+            kept_old += after == before
+    assert kept_old >= 3, "most kill points are before the swap: the old engine must survive"
     with case(CLS, "--force re-export completes: new engine in place, nothing else left"):
         done = subprocess.run(_export_cmd(out, "--force", "--lambda", "0.3"), capture_output=True)
         assert done.returncode == 0, done.stderr[-500:]

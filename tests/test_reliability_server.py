@@ -48,6 +48,7 @@ def _healthy(server) -> None:
             break
         time.sleep(0.2)
     assert server.gauge("structkv_kv_blocks_used") == 0, "KV blocks leaked"
+    assert "Traceback" not in "".join(server.log), "".join(server.log)[-2000:]
     assert server.gauge("structkv_requests_running") == 0, "a request is still running"
     code, reply = server.post("/v1/completions", {"model": NAME, "prompt": _prompt(30),
                                                   "max_tokens": 2, "temperature": 0})  # fmt: skip
@@ -67,10 +68,19 @@ def test_an_exhausted_pool_queues_requests_and_a_too_large_one_is_refused(server
         assert [code for code, _ in results] == [200] * 6, results
         _healthy(server)
     with case(CLS, "a request larger than the whole pool"):
-        code, reply = _completion(server, 6000, 400)
+        code, reply = _completion(server, 1700, 400)  # ~6.6K tokens: 70 blocks > 22
         assert code == 400, reply
-        assert "KV blocks" in reply["error"]["message"] and "free" in reply["error"]["message"]
+        message = reply["error"]["message"]
+        assert "KV blocks" in message and "the whole pool has 22" in message, message
+        assert "--kv-cache-mb" in message, message
         _healthy(server)
+
+
+def _aborts(server) -> float:
+    for line in server.get("/metrics").splitlines():
+        if line.startswith('structkv_requests_finished_total{reason="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _raw(server, payload: bytes, read: bool = False, delay: float = 0.0) -> bytes:
@@ -90,25 +100,32 @@ def _request(body: dict, path: str = "/v1/completions") -> bytes:
 
 
 def test_clients_that_disconnect_at_every_stage(server):
-    long = {"model": NAME, "prompt": _prompt(700), "max_tokens": 300, "temperature": 0}
+    # ~1.2K prompt tokens, 128 kept + 200 new: 21 of the pool's 22 blocks (admitted, long enough)
+    long = {"model": NAME, "prompt": _prompt(300), "max_tokens": 200, "temperature": 0}
     stages = [
         ("connects and hangs up", b"", 0.0),
         ("half a request line", b"POST /v1/comp", 0.1),
         ("headers, no body", _request(long)[: _request(long).index(b"\r\n\r\n") + 4], 0.1),
         ("half the body", _request(long)[:-40], 0.1),
         ("whole request, gone during prefill", _request(long), 0.3),
-        ("whole request, gone during decode", _request(long), 3.0),
+        ("whole request, gone during decode", _request(long), 1.5),
         ("streaming request, gone before the first chunk", _request({**long, "stream": True}),
          0.2),
         ("streaming request, gone after the first chunk",
          _request({**long, "stream": True}), 2.5),
-        ("chat stream, gone mid-stream", _request({"model": NAME, "max_tokens": 300, "stream": True,
-         "messages": [{"role": "user", "content": _prompt(600)}]}, "/v1/chat/completions"), 3.0),
+        ("chat stream, gone mid-stream", _request({"model": NAME, "max_tokens": 200, "stream": True,
+         "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}]},
+         "/v1/chat/completions"), 2.0),
     ]  # fmt: skip
     for label, payload, delay in stages:
         with case(CLS, f"client disconnect: {label}"):
-            _raw(server, payload, read=delay >= 2.0, delay=delay)
+            admitted = payload.endswith(b"}")  # a whole request: it must end as an abort
+            before = _aborts(server)
+            streaming = b'"stream": true' in payload  # read its first chunk, then hang up
+            _raw(server, payload, read=streaming and delay >= 2.0, delay=delay)
             _healthy(server)
+            if admitted:
+                assert _aborts(server) == before + 1, f"{label}: the request was not cancelled"
 
 
 BAD_BODIES = [
@@ -141,16 +158,23 @@ def test_malformed_bodies_get_a_json_4xx(server, label, body, status, message):
 
 
 def test_oversized_bodies_are_refused_before_they_are_read(server):
-    with case(CLS, "body of 20 MB (declared length)"):
-        data = b'{"prompt": "' + b"a" * (20 * 2**20) + b'"}'
-        code, reply = server.post("/v1/completions", data, raw=True)
-        assert code == 413 and "limit" in reply["error"]["message"], (code, reply)
-    with case(CLS, "body of 20 MB, chunked (no declared length)"):
-        import http.client
+    import http.client
 
+    with case(CLS, "body declared as 20 MB: 413 before it is read"):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        chunks = (b"a" * 2**20 for _ in range(20))
-        conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("content-type", "application/json")
+        conn.putheader("content-length", str(20 * 2**20))
+        conn.endheaders()
+        conn.send(b'{"prompt": "' + b"a" * 1000)  # the rest never comes
+        response = conn.getresponse()
+        assert response.status == 413, response.status
+        assert "limit" in json.loads(response.read())["error"]["message"]
+        conn.close()
+    with case(CLS, "body of 16 MiB + 1 byte, chunked (no declared length): 413"):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        chunks = [b"a" * 2**20 for _ in range(16)] + [b"a"]
+        conn.request("POST", "/v1/completions", body=iter(chunks), encode_chunked=True,
                      headers={"content-type": "application/json"})  # fmt: skip
         response = conn.getresponse()
         assert response.status == 413, response.status
@@ -214,7 +238,8 @@ def test_sigterm_with_requests_in_flight(smollm2_engine):
     outcome: dict = {}
 
     def stream() -> None:
-        body = json.dumps({"model": NAME, "prompt": _prompt(600), "max_tokens": 400,
+        # two requests of ~800 prompt tokens, 88 kept + 80 new: 11 blocks each, both admitted
+        body = json.dumps({"model": NAME, "prompt": _prompt(200), "max_tokens": 80,
                            "stream": True, "temperature": 0}).encode()  # fmt: skip
         req = urllib.request.Request(own.url + "/v1/completions", body,
                                      {"content-type": "application/json"})  # fmt: skip
@@ -222,8 +247,8 @@ def test_sigterm_with_requests_in_flight(smollm2_engine):
             outcome["stream"] = [x.decode().strip() for x in r if x.strip()]
 
     def plain() -> None:
-        outcome["plain"] = own.post("/v1/completions", {"model": NAME, "prompt": _prompt(600, 3),
-                                                        "max_tokens": 400})  # fmt: skip
+        outcome["plain"] = own.post("/v1/completions", {"model": NAME, "prompt": _prompt(200, 3),
+                                                        "max_tokens": 80})  # fmt: skip
 
     threads = [threading.Thread(target=stream), threading.Thread(target=plain)]
     with case(CLS, "SIGTERM with a stream and a plain request in flight"):
