@@ -51,7 +51,11 @@ def run_suite(log: Path) -> tuple[int, float, str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODULES]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    lines = proc.stdout.strip().splitlines() or [""]
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    if failed:  # a test that failed outside a recorded case is shown on the page too
+        log.with_suffix(".pytest.txt").write_text(proc.stdout[-20000:] + proc.stderr[-5000:])
+    summary = lines[-1] + "".join(f"; {line}" for line in failed)
     return proc.returncode, time.perf_counter() - start, summary
 
 

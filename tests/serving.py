@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -61,6 +62,14 @@ class Server:
     def gauge(self, name: str) -> float:
         line = next(x for x in self.get("/metrics").splitlines() if x.startswith(name + " "))
         return float(line.split()[1])
+
+    def sigterm_when_running(self, requests: int) -> int:
+        """SIGTERM once ``requests`` are running (or after 60 s); the exit status (30 s)."""
+        deadline = time.time() + 60
+        while self.gauge("structkv_requests_running") < requests and time.time() < deadline:
+            time.sleep(0.1)
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -8,8 +8,6 @@ success — never a 5xx for bad input, never a hang — and the pool is empty af
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import threading
 import time
@@ -254,11 +252,7 @@ def test_sigterm_with_requests_in_flight(smollm2_engine):
     with case(CLS, "SIGTERM with a stream and a plain request in flight"):
         for t in threads:
             t.start()
-        deadline = time.time() + 60
-        while own.gauge("structkv_requests_running") < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        os.kill(own.proc.pid, signal.SIGTERM)
-        assert own.proc.wait(30) == 0, "".join(own.log)
+        assert own.sigterm_when_running(2) == 0, "".join(own.log)
         for t in threads:
             t.join(30)
         lines = outcome["stream"]

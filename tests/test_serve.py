@@ -8,8 +8,6 @@ process (`structkv run`'s path: Batch.generate_one), so batching must not change
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 import urllib.error
@@ -228,11 +226,7 @@ def test_sigterm_ends_streams_and_exits_cleanly(server, engine):
 
     thread = threading.Thread(target=client)
     thread.start()
-    deadline = time.time() + 60
-    while server.gauge("structkv_requests_running") < 1 and time.time() < deadline:
-        time.sleep(0.1)
-    os.kill(server.proc.pid, signal.SIGTERM)
-    assert server.proc.wait(30) == 0, "".join(server.log)
+    assert server.sigterm_when_running(1) == 0, "".join(server.log)
     thread.join(30)
     lines = outcome["lines"]
     assert lines[-1] == "data: [DONE]"
