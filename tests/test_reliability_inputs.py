@@ -182,3 +182,40 @@ def test_python_api_refuses_bad_knobs_with_structkv_error(name, knob, value):
         except StructKVError:
             return
         raise AssertionError(f"{name}: {knob}={value!r} accepted")
+
+
+def test_prompts_at_the_limit_and_one_over(tmp_path_factory):
+    """Exactly the engine's limit (prompt + new tokens = max_position_embeddings) runs; one
+    token more is one clear error; so are the shortest prompt the window allows and one less.
+    The torch path (`generate_ids`) holds the same limit."""
+    import numpy as np
+    import torch
+    from conftest import exported_engine
+
+    from structkv.generate import generate_ids
+    from structkv.methods import StructKV
+    from structkv.models import tiny_model
+    from structkv.runtime.engine import Engine
+
+    engine = Engine.load(exported_engine("tiny-llama", "contrib", tmp_path_factory))
+    limit, window = engine.manifest["max_prompt_tokens"], engine.method.window
+    ids = np.random.default_rng(0).integers(0, 256, limit)
+    with case("CLI prompts", f"engine: prompt + new tokens = the limit ({limit})"):
+        tokens, _ = engine.generate(ids[: limit - 2], 2)
+        assert len(tokens) == 2
+    with case("CLI prompts", "engine: one token over the limit"):
+        with pytest.raises(StructKVError, match=f"exceeds the engine's maximum of {limit}"):
+            engine.generate(ids[: limit - 1], 2)
+    with case("CLI prompts", f"engine: the shortest prompt the window allows ({window + 2})"):
+        assert len(engine.generate(ids[: window + 2], 2)[0]) == 2
+    with case("CLI prompts", "engine: one token under it"):
+        with pytest.raises(StructKVError, match="too short for the observation window"):
+            engine.generate(ids[: window + 1], 2)
+    model = tiny_model("tiny-llama").model
+    top = model.config.max_position_embeddings
+    big = torch.randint(0, 256, (top,), generator=torch.Generator().manual_seed(0))
+    with case("CLI prompts", f"torch path: prompt + new tokens = the context ({top})"):
+        assert len(generate_ids(model, big[: top - 2], StructKV(pivot=2), 2).tokens) == 2
+    with case("CLI prompts", "torch path: one token over the context"):
+        with pytest.raises(StructKVError, match=f"exceeds the model's context of {top}"):
+            generate_ids(model, big[: top - 1], StructKV(pivot=2), 2)
