@@ -28,6 +28,8 @@ from structkv.export.weights import PENDING
 
 #: Suffix of an initializer that is its checkpoint tensor transposed (2-D weights).
 TRANSPOSED = "::T"
+#: Suffix of an initializer that views the bytes of another (a quantised table's rows).
+VIEW = ".rows"
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -305,15 +307,13 @@ def pending_tensors(graphs: list[Path]) -> dict[str, int]:
     """Every pending initializer of the saved ``graphs``: name -> bytes (each counted once)."""
     import onnx
 
-    from structkv.export.quant import ROWS
-
     out = {}
     for path in graphs:
         proto = onnx.load(str(path), load_external_data=False)
         for init in proto.graph.initializer:
             info = {e.key: e.value for e in init.external_data}
-            if info.get("location") == PENDING and not init.name.endswith(ROWS):
-                out[init.name] = int(info["length"])  # a quantised table's rows view: no bytes
+            if info.get("location") == PENDING and not init.name.endswith(VIEW):
+                out[init.name] = int(info["length"])  # another view of stored bytes: none
     return out
 
 
@@ -333,13 +333,13 @@ def check_disk_space(directory: Path, needed: int) -> None:
 BLOCK_BYTES = 64 * 2**20
 
 
-def bind_weights(graphs: list[Path], checkpoint, store, dtype: torch.dtype, bar=None) -> None:
+def bind_weights(
+    graphs: list[Path], checkpoint, store, dtype: torch.dtype, bar=None, derived=None
+) -> None:
     """Write every pending weight of ``graphs`` into ``store`` (each checkpoint tensor read
     once, in blocks of rows, converted to ``dtype``, transposed where named so) and point the
     graphs at it."""
     import onnx
-
-    from structkv.export.quant import parse_name, stream_quantized
 
     written: dict[str, tuple[int, int]] = {}
     for path in graphs:
@@ -351,8 +351,11 @@ def bind_weights(graphs: list[Path], checkpoint, store, dtype: torch.dtype, bar=
             if init.name not in written:
                 if bar is not None:
                     bar.set_postfix_str(init.name, refresh=False)
-                if parse_name(init.name) is not None:  # --quant: packed + scales in one pass
-                    written.update(stream_quantized(checkpoint, init.name, dtype, store, bar))
+                # a tensor derived from a checkpoint tensor (--quant: packed + scales in one
+                # pass): ``derived`` writes it and returns (offset, length) per name it wrote
+                made = derived(checkpoint, init.name, dtype, store, bar) if derived else None
+                if made is not None:
+                    written.update(made)
                 else:
                     length = int(info["length"])
                     offset = store.reserve(f"checkpoint:{init.name}", length)

@@ -48,7 +48,7 @@ from structkv.export.checkpoint import (
     vectors,
 )
 from structkv.export.fusion import fuse_causal_attention
-from structkv.export.quant import quantize_graph
+from structkv.export.quant import quantize_graph, stream_if_quantized
 from structkv.export.weights import WeightStore
 from structkv.graphs import DTYPES, GRAPH_NAMES, stage_modules
 from structkv.kernels import ort_ops
@@ -475,7 +475,7 @@ def _stream_weights(tmp: Path, checkpoint, store, dtype, log, progress) -> None:
     bar = tqdm(total=total, desc="weights", unit="B", unit_scale=True, file=sys.stderr,
                disable=not progress)  # fmt: skip
     try:
-        bind_weights(graphs, checkpoint, store, dtype, bar)
+        bind_weights(graphs, checkpoint, store, dtype, bar, derived=stream_if_quantized)
     finally:
         bar.close()
         store.close()

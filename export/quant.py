@@ -18,13 +18,13 @@ fp32 one). 1-D weights (norms, biases) and the rotary tables stay in the engine'
 from __future__ import annotations
 
 from structkv.errors import StructKVError
-from structkv.export.checkpoint import TRANSPOSED, _is_pending, _pending
+from structkv.export.checkpoint import TRANSPOSED, VIEW, _is_pending, _pending
 from structkv.quant import QuantSpec
 
 MS_DOMAIN = "com.microsoft"
 SCALES = ".scales"
 #: The packed bytes viewed as ``[N, K · bits / 8]`` rows (GatherBlockQuantized's ``data``).
-ROWS = ".rows"
+ROWS = VIEW
 
 
 def quantize_graph(model, spec: QuantSpec) -> int:
@@ -163,6 +163,13 @@ def parse_name(name: str) -> tuple[str, QuantSpec, str] | None:
     if not (g and bits.isdigit() and group.isdigit()):
         return None
     return base, QuantSpec(int(bits), int(group)), part
+
+
+def stream_if_quantized(checkpoint, name: str, scale_dtype, store, bar=None):
+    """``bind_weights``' hook: quantise ``name`` if it is a quantised weight, else None."""
+    if parse_name(name) is None:
+        return None
+    return stream_quantized(checkpoint, name, scale_dtype, store, bar)
 
 
 def stream_quantized(checkpoint, name: str, scale_dtype, store, bar=None) -> dict[str, tuple]:

@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--engine", required=True, help="engine directory (structkv-export --out)")
     tr.add_argument("--out", required=True, help="model repository directory to write")
     tr.add_argument("--name", default="structkv", help="Triton model name (default structkv)")
-    tr.add_argument("--instances", type=count(1), default=1, help="model instances (default 1)")
+    tr.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
     tr.add_argument(
         "--kv-cache-mb", type=megabytes, default=512, help="KV pool per instance (default 512)"
     )

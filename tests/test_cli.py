@@ -64,7 +64,7 @@ def test_a_prompt_file_that_is_not_utf8_is_one_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not UTF-8 text (byte 3" in err[0] and "iconv" in err[0]
     assert main(["generate", "--prompt-file", str(tmp_path)]) == 2  # a directory
-    assert "does not exist" in capsys.readouterr().err
+    assert "is a directory; pass a text file" in capsys.readouterr().err
 
 
 def test_unsupported_architecture(tmp_path, capsys):

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from structkv.errors import StructKVError
 from structkv.export.exporter import ExportSettings, export_engine
 from structkv.export.weights import ALIGN, INLINE_BYTES
+from structkv.manifest import content_hash
 from structkv.methods import StructKV
 from structkv.models import tiny_model
 from structkv.quant import QuantSpec, dequantize_rows, fake_quantize, quantize_rows
@@ -192,6 +193,10 @@ def test_a_runtime_without_the_quantised_kernel_is_refused_by_name(int4_engine, 
         if node.op_type == "MatMulNBits":
             node.op_type = "MatMulNBitsV99"
     onnx.save(proto, str(copy / "decode.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())  # as if exported so
+    manifest["sizes"]["decode.onnx"] = (copy / "decode.onnx").stat().st_size
+    manifest["manifest_sha256"] = content_hash(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     pattern = r"decode.onnx: this onnxruntime .* has no MatMulNBits kernel .* without --quant"
     with pytest.raises(StructKVError, match=pattern):
         Engine.load(copy, verify=False)

@@ -20,6 +20,14 @@ from hypothesis import strategies as st
 from reliability import case
 from serving import NAME, Server
 
+
+def floats(**kw):
+    """Hypothesis floats without subnormals: the engine's kernel library is built with
+    -ffast-math, which flushes them process-wide (FTZ/DAZ), and hypothesis refuses to draw
+    them then."""
+    return st.floats(allow_subnormal=False, **kw)
+
+
 pytestmark = pytest.mark.real_model
 CLS = "Server"
 POOL_MB = 16  # 22 blocks: two compressed 1K prompts fit, a third waits
@@ -110,17 +118,16 @@ def test_clients_that_disconnect_at_every_stage(server):
         ("streaming request, gone before the first chunk", _request({**long, "stream": True}),
          0.2),
         ("streaming request, gone after the first chunk",
-         _request({**long, "stream": True}), 2.5),
-        ("chat stream, gone mid-stream", _request({"model": NAME, "max_tokens": 200, "stream": True,
-         "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}]},
-         "/v1/chat/completions"), 2.0),
+         _request({**long, "stream": True}), 0.2, True),
+        ("chat stream, gone after its first chunk", _request({"model": NAME, "max_tokens": 200,
+         "stream": True, "messages": [{"role": "user", "content": _prompt(300)}]},
+         "/v1/chat/completions"), 0.2, True),
     ]  # fmt: skip
-    for label, payload, delay in stages:
+    for label, payload, delay, *read in stages:
         with case(CLS, f"client disconnect: {label}"):
             admitted = payload.endswith(b"}")  # a whole request: it must end as an abort
             before = _aborts(server)
-            streaming = b'"stream": true' in payload  # read its first chunk, then hang up
-            _raw(server, payload, read=streaming and delay >= 2.0, delay=delay)
+            _raw(server, payload, read=bool(read), delay=delay)  # read: its first chunk
             _healthy(server)
             if admitted:
                 assert _aborts(server) == before + 1, f"{label}: the request was not cancelled"
@@ -182,7 +189,7 @@ def test_oversized_bodies_are_refused_before_they_are_read(server):
 
 
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), floats(allow_nan=True),
     st.text(max_size=20), st.lists(st.integers(-5, 70000), max_size=5),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )  # fmt: skip
