@@ -27,7 +27,9 @@ MODULES = ["tests/test_reliability_inputs.py", "tests/test_reliability_engine.py
 WHAT = {
     "CLI knobs": "every numeric knob at and beyond its bounds (NaN, ±inf, 0, negative, huge, "
     "fractional, not a number), hypothesis-generated; one `error:` line naming the knob, exit 2",
-    "CLI prompts": "empty / whitespace / non-UTF-8 / binary / directory / missing prompt files",
+    "CLI prompts": "empty / whitespace / non-UTF-8 / binary / directory / missing prompt files; "
+    "prompts at exactly the engine's and the model's limit and one over, the window's minimum "
+    "and one under",
     "CLI names": "unknown method, model, task, device, dtype, pool mode, command",
     "CLI contradictions": "contradictory or out-of-model export knobs; nothing left on disk",
     "Python API knobs": "`get_method(name, **knobs)` with bad values: StructKVError, never a "
