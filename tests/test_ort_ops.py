@@ -106,3 +106,22 @@ def test_library_is_cached_and_rebuilt_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUCTKV_ORT_OPS_LIB", str(tmp_path / "missing.so"))
     with pytest.raises(ort_ops.StructKVError, match="is not a file"):
         ort_ops.library_path()
+
+
+def test_loading_the_library_keeps_the_process_float_environment():
+    """Loading the operator library (what Engine.load does) must not switch the process to
+    flush-to-zero / denormals-are-zero: -ffast-math on the link line did (crtfastmath.o), and
+    every subnormal in the user's process became 0. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    library = ort_ops.library_path()
+    code = (
+        "import ctypes, numpy as np\n"
+        "tiny = lambda: bool(np.float32(1e-40) * np.float32(1.0) != 0)\n"
+        "before = tiny()\n"
+        f"ctypes.CDLL({str(library)!r})\n"
+        "print(before, tiny())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout

@@ -22,9 +22,9 @@ from serving import NAME, Server
 
 
 def floats(**kw):
-    """Hypothesis floats without subnormals: the engine's kernel library is built with
-    -ffast-math, which flushes them process-wide (FTZ/DAZ), and hypothesis refuses to draw
-    them then."""
+    """Hypothesis floats without subnormals: a library loaded into the test process may switch
+    on flush-to-zero (the kernel library did, until test_ort_ops caught it), and hypothesis
+    refuses to draw subnormals then; they are not what these tests are about."""
     return st.floats(allow_subnormal=False, **kw)
 
 

@@ -27,9 +27,17 @@ OP = "CausalAttention"
 SOURCES = ("causal_attention.cc", "ort_op.cc")
 HEADERS = ("causal_attention.h",)
 # -march=native: built where it runs (the cache key includes the CPU's feature flags).
-# -ffast-math only licenses reassociation and vector exp; parity tests bound the difference.
+# -ffast-math's parts, spelled out: they only license reassociation and vector exp (parity tests
+# bound the difference). Not the flag itself: with it GCC (12 and older, even with -shared)
+# links crtfastmath.o, which sets flush-to-zero / denormals-are-zero for the whole process that
+# loads the library — the user's numerics changed by loading an engine.
+FAST_MATH = (
+    "-fno-math-errno", "-fassociative-math", "-freciprocal-math", "-fno-signed-zeros",
+    "-fno-trapping-math", "-ffinite-math-only", "-fno-rounding-math", "-fno-signaling-nans",
+    "-fcx-limited-range", "-fexcess-precision=fast",
+)  # fmt: skip
 FLAGS = (
-    "-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17",
+    "-O3", "-march=native", *FAST_MATH, "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17",
     "-pthread", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-Wno-psabi",
 )  # fmt: skip
 _CSRC = Path(__file__).parent / "csrc"
