@@ -60,7 +60,7 @@ from structkv.profile import find_profile
 from structkv.quant import QuantSpec
 
 OPSET = 23
-ATTENTION = ("auto", "structkv", "contrib", "onnx", "explicit")
+ATTENTION = ("auto", "structkv", "structkv-bf16", "contrib", "onnx", "explicit")
 #: onnxruntime: every stage as ONNX graphs ONNX Runtime runs. tensorrt: the selection graphs as
 #: StructKVCompact plugin nodes, attention in a form TensorRT builds (export/tensorrt.py).
 TARGETS = ("onnxruntime", "tensorrt")
@@ -76,7 +76,9 @@ class ExportSettings:
     dtype: str = "fp32"
     #: Causal attention in the prefill graphs. "structkv": StructKV's CPU kernel, an ONNX
     #: Runtime custom op built on first use (``structkv.kernels.ort_ops``; fp32; fastest on
-    #: CPU); "contrib": ONNX Runtime's GroupQueryAttention (CPU and CUDA, no extra library);
+    #: CPU); "structkv-bf16": the same kernel with both products in bf16 (fp32 accumulation and
+    #: softmax; 2x faster where the CPU has AVX512-BF16); "contrib": ONNX Runtime's
+    #: GroupQueryAttention (CPU and CUDA, no extra library);
     #: "onnx": the standard opset-23 Attention operator, for other runtimes (TensorRT's parser).
     #: "explicit": MatMul / Softmax, plain operators every TensorRT builds in any dtype and with
     #: the decode step's mask (where TensorRT has no dedicated Attention kernel).
@@ -111,20 +113,26 @@ class ExportSettings:
             raise StructKVError(
                 f"unsupported --target {self.target!r}; choose one of {', '.join(TARGETS)}"
             )
-        if self.target == "tensorrt" and self.attention in ("structkv", "contrib"):
+        if self.target == "tensorrt" and self.attention in (*ort_ops.KERNELS, "contrib"):
             raise StructKVError(
                 f"--attention {self.attention} is an ONNX Runtime operator TensorRT cannot parse; "
                 "with --target tensorrt use --attention explicit (the default) or onnx"
             )
-        if self.attention == "structkv" and self.dtype != "fp32":
+        if self.attention in ort_ops.KERNELS and self.dtype != "fp32":
             raise StructKVError(
-                f"--attention structkv is an fp32 CPU kernel; with --dtype {self.dtype} use "
+                f"--attention {self.attention} is a CPU kernel on fp32 tensors; with --dtype "
+                f"{self.dtype} use "
                 "--attention contrib (ONNX Runtime's GroupQueryAttention also runs on CUDA)"
             )
         if self.quant is not None and self.target == "tensorrt":
             raise StructKVError(
                 "--quant makes ONNX Runtime MatMulNBits nodes, which TensorRT's ONNX parser does "
                 "not read; export --target tensorrt without --quant (TensorRT quantises itself)"
+            )
+        if self.quant is not None and self.quant.per_token and self.dtype != "fp32":
+            raise StructKVError(
+                f"--quant w8a8 with --dtype {self.dtype}: ONNX Runtime's MatMulIntegerToFloat "
+                "produces fp32 here; use --dtype fp32 (the default) with --quant w8a8"
             )
         if self.quant is not None and self.dtype == "bf16":
             raise StructKVError(
@@ -253,7 +261,7 @@ def _export(
         pending = defer_weights(program.model, checkpoint_names(module))
         with unvalued(pending):
             program.optimize()
-    if attention in ("contrib", "structkv"):
+    if attention in ("contrib", *ort_ops.KERNELS):
         fuse_causal_attention(program.model, attention)
     if quant is not None:
         quantize_graph(program.model, quant)
@@ -379,8 +387,10 @@ def export_engine(
     check_out_dir(out, force)
     start = time.perf_counter()
     attention = settings.resolved_attention()
-    if attention == "structkv":
+    if attention in ort_ops.KERNELS:
         ort_ops.library_path()  # build it now: a compiler problem fails before any tracing
+    if attention == "structkv-bf16" and not ort_ops.has_bf16():
+        log("attention kernel: structkv-bf16 computes in fp32 on this CPU (no AVX512-BF16)")
     log(f"attention kernel: {attention}")
     src = locate(model_name)
     if settings.quant is not None:
@@ -388,6 +398,8 @@ def export_engine(
     dtype = DTYPES[settings.dtype]
     method, source, profile = resolve_method(src, settings, log)
     quant = "" if settings.quant is None else (
+        ", weights int8 per channel, activations int8 per token (w8a8)"
+        if settings.quant.per_token else
         f", weights {settings.quant.name} in groups of {settings.quant.group}")  # fmt: skip
     log(
         f"{src.model_id}: pivot {method.pivot} ({source}), lambda {method.lam}, "
@@ -749,7 +761,9 @@ def build_parser():
         default="none",
         help="none (default) | int8 | int4: weight-only block quantisation of every weight "
         "matrix (projections, MLP, LM head, embedding) as ONNX Runtime MatMulNBits / "
-        "GatherBlockQuantized, activations quantised to int8 per block inside the product",
+        "GatherBlockQuantized, activations quantised to int8 per block inside the product | "
+        "w8a8: int8 weights per output channel and int8 activations per token, integer GEMMs "
+        "(MatMulIntegerToFloat; the fastest prefill on CPUs with VNNI/AMX)",
     )
     p.add_argument(
         "--quant-compute",
@@ -769,6 +783,7 @@ def build_parser():
         default="auto",
         help="auto (default: structkv for fp32 when a C++ compiler is present, else contrib) | "
         "structkv (StructKV's CPU kernel, an ONNX Runtime custom op built on first use) | "
+        "structkv-bf16 (the same, products in bf16: 2x faster on CPUs with AVX512-BF16) | "
         "contrib (ONNX Runtime's GroupQueryAttention; CPU and CUDA) | onnx (standard opset-23 "
         "Attention, for other runtimes) | explicit (MatMul/Softmax: what TensorRT builds in any "
         "dtype, masks included; the default with --target tensorrt)",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 MS_DOMAIN = "com.microsoft"
-KERNELS = ("contrib", "structkv")
+KERNELS = ("contrib", "structkv", "structkv-bf16")
 
 
 def _const(ints: list[int]):
@@ -73,7 +73,8 @@ def _is_plain_causal(node) -> bool:
 
 def fuse_causal_attention(model, kernel: str = "contrib") -> int:
     """Replace every plain causal ``Attention`` node of an ``onnx_ir`` model by the fused
-    ``kernel`` ("contrib": ``GroupQueryAttention``; "structkv": ``structkv::CausalAttention``);
+    ``kernel`` ("contrib": ``GroupQueryAttention``; "structkv": ``structkv::CausalAttention``;
+    "structkv-bf16": the same with its products in bf16);
     returns how many were replaced."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
@@ -83,7 +84,7 @@ def fuse_causal_attention(model, kernel: str = "contrib") -> int:
         if kernel == "contrib":
             _rewrite(graph, node)
         else:
-            _rewrite_structkv(graph, node)
+            _rewrite_structkv(graph, node, bf16=kernel == "structkv-bf16")
     if targets:
         if kernel == "contrib":
             model.opset_imports[MS_DOMAIN] = 1
@@ -95,7 +96,7 @@ def fuse_causal_attention(model, kernel: str = "contrib") -> int:
     return len(targets)
 
 
-def _rewrite_structkv(graph, node) -> None:
+def _rewrite_structkv(graph, node, bf16: bool = False) -> None:
     """``Attention(q, k, v)`` -> ``structkv::CausalAttention(q, k, v)`` on the same 4-D
     ``[B, heads, n, D]`` layout (no transposes), reading K/V before ``repeat_kv``."""
     import onnx_ir as ir
@@ -110,6 +111,8 @@ def _rewrite_structkv(graph, node) -> None:
     scale = node.attributes.get("scale")
     if scale is not None:
         attrs["scale"] = scale.as_float()
+    if bf16:
+        attrs["bf16"] = 1
     fused = ir.node(OP, [q, k, v], attrs, domain=DOMAIN, name=f"{node.name}_structkv")
     out = fused.outputs[0]
     out.shape, out.type = node.outputs[0].shape, node.outputs[0].type

@@ -67,9 +67,9 @@ class OrtStages:
         # ONNX Runtime sizes its pool from the machine's cores; a process pinned to fewer CPUs
         # (taskset, container cpusets) would oversubscribe them. Use the CPUs we may run on.
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        if attention == "structkv" and name in ("pre_pivot", "post_pivot"):
-            from structkv.kernels import ort_ops
+        from structkv.kernels import ort_ops
 
+        if attention in ort_ops.KERNELS and name in ("pre_pivot", "post_pivot"):
             ort_ops.register(opts)  # the prefill graphs' attention is StructKV's CPU kernel
             # Its own worker threads share the cores with ONNX Runtime's pool, whose threads
             # otherwise spin after each operator and steal them: 25 % of the attention time
@@ -134,7 +134,8 @@ def _session(ort, path: Path, options, providers):
             and ("Unrecognized" not in text and "not a registered" not in text)
         ):
             raise
-        op = next((w for w in ("MatMulNBits", "GatherBlockQuantized") if w in text), None)
+        ops = ("MatMulNBits", "GatherBlockQuantized", "MatMulIntegerToFloat")
+        op = next((w for w in ops if w in text), None)
         hint = (
             f"this onnxruntime {ort.__version__} build has no {op} kernel for "
             f"{', '.join(p if isinstance(p, str) else p[0] for p in providers)}: the engine was "
@@ -163,8 +164,7 @@ class TorchStages:
         if manifest.get("quant"):  # the same quantised weights the engine's graphs hold
             from structkv.quant import QuantSpec, fake_quantize
 
-            q = manifest["quant"]
-            fake_quantize(model, QuantSpec(q["bits"], q["group_size"]))
+            fake_quantize(model, QuantSpec.from_dict(manifest["quant"]))
         self.modules = stage_modules(model, method_from_manifest(manifest))
         self.providers = ["torch"]
 

@@ -26,15 +26,21 @@ import numpy as np
 
 
 def _engine_dir(workdir: Path, config: str, model: str, extra: list[str]) -> Path:
-    """``fp32`` or ``int8:32`` / ``int4:64`` (quant:group), ``...:a0`` for products in fp32
-    (MatMulNBits accuracy_level 0 instead of the default int8 compute)."""
+    """``fp32``, ``w8a8`` or ``int8:32`` / ``int4:64`` (quant:group), ``...:a0`` for products
+    in fp32 (MatMulNBits accuracy_level 0 instead of the default int8 compute); a suffix
+    ``@bf16`` exports with ``--attention structkv-bf16``."""
     from structkv.export.exporter import main as export
 
-    out = workdir / config.replace(":", "-")
+    out = workdir / config.replace(":", "-").replace("@", "-")
     if (out / "manifest.json").is_file():
         return out
     argv = ["--model", model, "--out", str(out), *extra]
-    if config != "fp32":
+    config, _, attention = config.partition("@")
+    if attention:
+        argv += ["--attention", f"structkv-{attention}"]
+    if config == "w8a8":
+        argv += ["--quant", "w8a8"]
+    elif config != "fp32":
         quant, group, *level = config.split(":")
         argv += ["--quant", quant, "--group-size", group]
         argv += ["--quant-compute", "fp32"] if level == ["a0"] else []
@@ -68,6 +74,30 @@ def _forced(engine, ids: np.ndarray, tokens: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (None: equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                None if len(a) == len(b) else min(len(a), len(b)))  # fmt: skip
+
+
+def _torch_greedy(model: str, dtype: str, engine, prompts, steps: int) -> list[list[int]]:
+    """Greedy tokens of the torch path (``structkv generate --dtype``) with the engine's own
+    method configuration."""
+    import torch
+
+    from structkv.generate import generate_ids
+    from structkv.manifest import method_from_manifest
+    from structkv.models import load, torch_dtype
+
+    lm = load(model, torch_dtype(dtype))
+    method = method_from_manifest(engine.manifest)
+    eos = engine.eos_ids()
+    return [
+        generate_ids(lm.model, torch.from_numpy(ids), method, steps, eos_ids=eos).tokens
+        for ids in prompts
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -83,6 +113,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2, help="RULER samples (quick profile: 2)")
     p.add_argument("--export-args", default="", help="more structkv-export flags for every "
                    "engine, e.g. '--r-struct 1 --r-kv 1' (full context)")  # fmt: skip
+    p.add_argument("--torch-dtypes", default="", help="also greedy-decode the fidelity prompts "
+                   "with the torch path in these dtypes (e.g. fp32,bf16) and count, per engine, "
+                   "the prompts whose greedy tokens equal torch's")  # fmt: skip
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
 
@@ -139,10 +172,15 @@ def main() -> None:
     # fidelity: teacher-forced on the fp32 engine's greedy continuation of needle prompts
     kl = {c: [] for c in configs}
     agree = {c: [] for c in configs}
+    greedy = {c: [] for c in configs}
+    prompts = []
     for seed in range(args.fidelity_prompts):
         text = make_needle_prompt(tok, 2048, depth=0.3 + 0.2 * seed, seed=100 + seed).prompt
         f_ids = encode_prompt(tok, text, chat=True).numpy()
-        tokens, _ = engines[base].generate(f_ids, args.fidelity_steps)
+        prompts.append(f_ids)
+        for c in configs:
+            greedy[c].append(engines[c].generate(f_ids, args.fidelity_steps)[0])
+        tokens = greedy[base][-1]
         ref = _softmax(_forced(engines[base], f_ids, tokens))
         for c in configs:
             got = _forced(engines[c], f_ids, tokens)
@@ -153,6 +191,13 @@ def main() -> None:
     for c in configs:
         rows[c]["kl_vs_" + base] = round(statistics.mean(kl[c]), 5)
         rows[c]["top1_vs_" + base] = round(statistics.mean(agree[c]), 4)
+    for name in filter(None, args.torch_dtypes.split(",")):
+        ref = _torch_greedy(args.model, name, engines[base], prompts, args.fidelity_steps)
+        for c in configs:
+            same = [a == b for a, b in zip(greedy[c], ref, strict=True)]
+            first = [_first_difference(a, b) for a, b in zip(greedy[c], ref, strict=True)]
+            rows[c][f"greedy_equal_torch_{name}"] = f"{sum(same)}/{len(same)}"
+            rows[c][f"greedy_first_difference_torch_{name}"] = first
 
     # RULER tasks through each engine (greedy, chat template, 32 new tokens)
     tasks = args.tasks.split(",")

@@ -14,6 +14,14 @@ operators' default zero point is ``2^(bits-1)``). Packed along K, low nibble fir
 ``[N, K / group, group · bits / 8]`` bytes, which read as ``[N, K · bits / 8]`` is exactly the
 embedding table ``GatherBlockQuantized`` gathers rows from — one copy serves a tied embedding
 and LM head.
+
+``w8a8`` is the prefill format: weights int8 with one scale per output channel (``[N, K]`` int8,
+scales ``[N]``, ``w ≈ q · s``) and activations quantised to int8 per token at run time
+(``s_x = max|x| / 127``), so the whole product is an integer GEMM (ONNX Runtime
+``MatMulIntegerToFloat``: VNNI / AMX dot products) and only its int32 result is scaled. Weight
+-only int8 (``MatMulNBits``) must dequantise or re-quantise per block inside the product, which
+at thousands of prompt rows costs nearly what fp32 does; w8a8 trades a per-token activation
+error (KL to fp32 ~1e-2 on SmolLM2, docs/BENCHMARKS.md) for a product 2-3x faster.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 
 from structkv.errors import StructKVError
 
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "int8", "int4", "w8a8")
 GROUP_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_GROUP = 32
 #: ``--quant-compute`` -> MatMulNBits ``accuracy_level``.
@@ -34,13 +42,15 @@ COMPUTE = {"int8": 4, "fp32": 0}
 @dataclass(frozen=True)
 class QuantSpec:
     """``bits`` 4 or 8, ``group`` input features per scale (a power of two >= 16, as the ONNX
-    Runtime operators require)."""
+    Runtime operators require; 0 = one scale per output channel, w8a8 only)."""
 
     bits: int
     group: int = DEFAULT_GROUP
     #: MatMulNBits ``accuracy_level``: 4 = activations quantised to int8 per block, so the
     #: product runs on int8 dot-product units (AVX-512 VNNI here); 0 = dequantise to fp32.
     accuracy_level: int = 4
+    #: w8a8: activations quantised to int8 per token in the graph (MatMulIntegerToFloat).
+    per_token: bool = False
 
     @classmethod
     def parse(
@@ -53,6 +63,15 @@ class QuantSpec:
                 flag = "--group-size" if group is not None else "--quant-compute"
                 raise StructKVError(f"{flag} needs --quant int8 or int4")
             return None
+        if quant == "w8a8":
+            if group is not None:
+                raise StructKVError(
+                    "--group-size applies to --quant int8/int4; w8a8 has one scale per output "
+                    "channel (and per token for activations)"
+                )
+            if compute != "int8":
+                raise StructKVError("--quant w8a8 computes in int8; drop --quant-compute")
+            return cls(bits=8, group=0, accuracy_level=0, per_token=True)
         if quant not in QUANTS:
             raise StructKVError(f"unsupported --quant {quant!r}; choose one of {', '.join(QUANTS)}")
         group = DEFAULT_GROUP if group is None else group
@@ -69,23 +88,42 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return "w8a8" if self.per_token else f"int{self.bits}"
 
     @property
     def suffix(self) -> str:
         """Initializer name suffix of a weight stored in this format."""
         return f"::q{self.bits}g{self.group}"
 
+    def blocks(self, k: int) -> int:
+        """Scales per row of a ``[N, k]`` weight."""
+        return 1 if self.group == 0 else k // self.group
+
     def check_width(self, k: int, what: str) -> None:
         """A group must divide the input width K of every quantised matrix."""
-        if k % self.group:
+        if self.group and k % self.group:
             fits = [g for g in GROUP_SIZES if k % g == 0]
             raise StructKVError(
                 f"--group-size {self.group} does not divide the input width {k} of {what}; "
                 f"choose {' or '.join(map(str, fits)) if fits else 'another model'}"
             )
 
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantSpec:
+        """The spec a manifest's ``quant`` entry (:meth:`to_dict`) describes."""
+        if d.get("group_size") == 0:
+            return cls(bits=8, group=0, accuracy_level=0, per_token=True)
+        return cls(d["bits"], d["group_size"], d.get("accuracy_level", 4))
+
     def to_dict(self) -> dict:
+        if self.per_token:
+            return {
+                "bits": 8,
+                "group_size": 0,
+                "activations": "int8 per token, dynamic",
+                "format": "MatMulIntegerToFloat: int8 weights [N, K], one scale per output "
+                "channel; activations quantised per token in the graph",
+            }
         return {
             "bits": self.bits,
             "group_size": self.group,
@@ -96,11 +134,17 @@ class QuantSpec:
 
 def quantize_rows(w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype):
     """Rows of a ``[N, K]`` weight -> (packed ``uint8 [N, K/group, group·bits/8]``, scales
-    ``[N, K/group]`` in ``scale_dtype``). Computed in fp32 whatever the checkpoint's dtype."""
+    ``[N, K/group]`` in ``scale_dtype``); w8a8: (``int8 [N, K]``, scales ``[N]``). Computed in
+    fp32 whatever the checkpoint's dtype."""
     n, k = w.shape
     spec.check_width(k, "a weight")
-    blocks = w.float().reshape(n, k // spec.group, spec.group)
     top = (1 << (spec.bits - 1)) - 1
+    if spec.group == 0:  # per output channel, signed: MatMulIntegerToFloat's int8 B
+        scales = (w.float().abs().amax(-1) / top).to(scale_dtype)
+        s = scales.float().unsqueeze(-1)
+        q = torch.where(s > 0, torch.round(w.float() / torch.where(s > 0, s, 1)), 0)
+        return q.clamp(-top, top).to(torch.int8).contiguous(), scales.contiguous()
+    blocks = w.float().reshape(n, k // spec.group, spec.group)
     # the scale is rounded to its stored dtype *before* quantising, so q fits what is stored
     scales = (blocks.abs().amax(-1) / top).to(scale_dtype)
     s = scales.float().unsqueeze(-1)
@@ -113,6 +157,8 @@ def quantize_rows(w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype):
 
 def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Inverse of :func:`quantize_rows` (fp32 ``[N, K]``)."""
+    if spec.group == 0:
+        return packed.float() * scales.float().unsqueeze(-1)
     q = packed
     if spec.bits == 4:
         q = torch.stack([q & 0xF, q >> 4], dim=-1).flatten(-2)
@@ -120,9 +166,17 @@ def dequantize_rows(packed: torch.Tensor, scales: torch.Tensor, spec: QuantSpec)
     return w.reshape(q.shape[0], -1)
 
 
+def quantize_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each row (token) through int8 and back, as a w8a8 engine quantises the input
+    of every product: scale ``max|x| / 127`` (a row of zeros stays zero), round half to even."""
+    s = (x.float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30)
+    return (torch.round(x.float() / s) * s).to(x.dtype)
+
+
 def fake_quantize(model: torch.nn.Module, spec: QuantSpec) -> torch.nn.Module:
     """Replace, in place, each weight an engine of ``spec`` quantises (every ``nn.Linear`` and
-    the input embedding) by its dequantised value: the torch oracle of a quantised engine."""
+    the input embedding) by its dequantised value: the torch oracle of a quantised engine.
+    w8a8 also quantises each ``nn.Linear``'s input per token (a forward pre-hook)."""
     scale_dtype = next(model.parameters()).dtype
     seen: set[int] = set()
     with torch.no_grad():
@@ -134,4 +188,8 @@ def fake_quantize(model: torch.nn.Module, spec: QuantSpec) -> torch.nn.Module:
                 seen.add(id(w))
                 packed, scales = quantize_rows(w.data, spec, scale_dtype)
                 w.data.copy_(dequantize_rows(packed, scales, spec).to(w.dtype))
+        if spec.per_token:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.register_forward_pre_hook(lambda _, args: (quantize_tokens(args[0]),))
     return model

@@ -13,8 +13,10 @@ from onnx import TensorProto, helper
 from structkv.kernels import ort_ops
 
 
-def _session(scale: float | None = None):
+def _session(scale: float | None = None, bf16: bool = False):
     attrs = {} if scale is None else {"scale": scale}
+    if bf16:
+        attrs["bf16"] = 1
     node = helper.make_node(ort_ops.OP, ["q", "k", "v"], ["o"], domain=ort_ops.DOMAIN, **attrs)
     f = TensorProto.FLOAT
     graph = helper.make_graph(
@@ -60,6 +62,32 @@ def test_causal_attention_matches_sdpa(batch, heads, kv_heads, n, dim):
     v = rng.standard_normal((batch, kv_heads, n, dim), dtype=np.float32)
     (got,) = _session().run(None, {"q": q, "k": k, "v": v})
     np.testing.assert_allclose(got, _reference(q, k, v), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "n", "dim"),
+    [(1, 9, 3, 1, 64), (1, 9, 3, 65, 64), (2, 4, 2, 130, 64), (1, 4, 4, 100, 128),
+     (1, 6, 2, 97, 32), (1, 2, 1, 70, 256), (1, 4, 1, 77, 48), (1, 3, 3, 1000, 64)],
+)  # fmt: skip
+def test_bf16_products_are_as_close_as_torch_bf16(batch, heads, kv_heads, n, dim):
+    """``bf16=1`` (``--attention structkv-bf16``): at most 1.5x the error of torch's own bf16
+    SDPA against float64 (both round Q, K, V and the probabilities to bf16), and really in bf16
+    where the CPU has AVX512-BF16 (it differs from the fp32 result); head dimensions the bf16
+    path does not serve (48), and CPUs without AVX512-BF16, compute in fp32."""
+    rng = np.random.default_rng(n + dim + 1)
+    q = rng.standard_normal((batch, heads, n, dim), dtype=np.float32)
+    k = rng.standard_normal((batch, kv_heads, n, dim), dtype=np.float32)
+    v = rng.standard_normal((batch, kv_heads, n, dim), dtype=np.float32)
+    feed = {"q": q, "k": k, "v": v}
+    (got,) = _session(bf16=True).run(None, feed)
+    (fp32,) = _session().run(None, feed)
+    exact = _reference(q, k, v)
+    if not ort_ops.has_bf16() or dim not in (32, 64, 128, 256):
+        np.testing.assert_array_equal(got, fp32)
+        return
+    torch_bf16 = np.abs(_reference(q, k, v, dtype=torch.bfloat16) - exact).max()
+    assert np.abs(got - exact).max() <= 1.5 * torch_bf16
+    assert np.abs(got - fp32).max() > 1e-4
 
 
 def test_scale_attribute_and_large_scores():

@@ -24,6 +24,10 @@ from structkv.errors import StructKVError
 
 DOMAIN = "structkv"
 OP = "CausalAttention"
+#: ``--attention`` names served by this library: fp32 products, or bf16 products with fp32
+#: accumulation (the op's ``bf16`` attribute; 2x the multiply-adds per instruction where the
+#: CPU has AVX512-BF16, fp32 where it has not).
+KERNELS = ("structkv", "structkv-bf16")
 SOURCES = ("causal_attention.cc", "ort_op.cc")
 HEADERS = ("causal_attention.h",)
 # -march=native: built where it runs (the cache key includes the CPU's feature flags).
@@ -120,6 +124,14 @@ def available() -> bool:
     except StructKVError:
         return False
     return True
+
+
+def has_bf16() -> bool:
+    """Whether ``structkv-bf16`` computes in bf16 on this machine (the library was built for a
+    CPU with AVX512-BF16); elsewhere it computes in fp32."""
+    import ctypes
+
+    return bool(ctypes.CDLL(str(library_path())).structkv_attention_has_bf16())
 
 
 def register(session_options) -> Path:

@@ -194,13 +194,183 @@ void values(const float* p, int64_t ldp, const float* v, int64_t n, int64_t D, i
   }
 }
 
+#ifdef __AVX512BF16__
+// ---- bf16 products (attribute bf16=1): the same tasks, with both matrix products as
+// AVX512-BF16 dot products (vdpbf16ps: two bf16 products per fp32 lane, accumulated in fp32),
+// so each instruction does twice the multiply-adds of an fp32 FMA. Scores, the softmax and the
+// output stay fp32; Q, K, V and the softmax numerators are rounded to bf16 (8 significant
+// bits), as in torch's bf16 SDPA. Layouts put the pair a dot product consumes side by side:
+// K as [D/2, Np, 2] (two head dimensions of one key), V as [Np/2, D, 2] (one head dimension of
+// two keys), a query row and a numerator row as plain bf16 rows read as 32-bit pairs.
+typedef uint16_t bf16;
+
+inline bf16 to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16 does
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<bf16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline __m512 pair(const bf16* p) {  // two adjacent bf16 broadcast to 16 lanes
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(u)));
+}
+
+inline __m512 dot(__m512 acc, __m512 a, __m512 b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// s[r][0..32) = scale * q[r] . k[0..32) for kRows rows from bf16 q rows (stride D) and
+// K in [D/2, ldk, 2] layout starting at this tile's first key.
+inline void score_tile_bf16(const bf16* q, const bf16* kp, int64_t D, int64_t ldk, float* s,
+                            int64_t lds, float scale) {
+  __m512 acc[kRows][2];
+  for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    const bf16* krow = kp + d * ldk;  // (d/2) * ldk * 2
+    const __m512 k0 = _mm512_loadu_ps(krow), k1 = _mm512_loadu_ps(krow + 2 * kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m512 a = pair(q + r * D + d);
+      acc[r][0] = dot(acc[r][0], a, k0);
+      acc[r][1] = dot(acc[r][1], a, k1);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < kRows; ++r) {
+    _mm512_storeu_ps(s + r * lds, _mm512_mul_ps(acc[r][0], sc));
+    _mm512_storeu_ps(s + r * lds + kLanes, _mm512_mul_ps(acc[r][1], sc));
+  }
+}
+
+// row[0..n) (fp32, n a multiple of 32) -> bf16.
+inline void row_to_bf16(const float* row, int64_t n, bf16* out) {
+  for (int64_t j = 0; j < n; j += 2 * kLanes) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + kLanes), _mm512_loadu_ps(row + j));
+    _mm512_storeu_si512(out + j, (__m512i)h);
+  }
+}
+
+// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n) (n even); p bf16 rows of
+// stride ldp, v in [n/2, ND*16, 2] layout.
+template <int R, int ND>
+inline void value_tile_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, float* o,
+                            int64_t ldo) {
+  __m512 acc[R][ND];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + c * kLanes);
+  for (int64_t j = 0; j < n; j += 2) {
+    __m512 vr[ND];
+    for (int c = 0; c < ND; ++c) vr[c] = _mm512_loadu_ps(v + j * ND * kLanes + c * 2 * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = pair(p + r * ldp + j);
+      for (int c = 0; c < ND; ++c) acc[r][c] = dot(acc[r][c], a, vr[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o + r * ldo + c * kLanes, acc[r][c]);
+}
+
+template <int R, int ND>
+void values_blocked_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, int64_t rows,
+                         float* o) {
+  constexpr int64_t D = ND * kLanes;
+  const int64_t tiles = round_up(rows, R);
+  std::fill(o, o + tiles * D, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
+    const int64_t nj = std::min(kKeys, n - j0);
+    for (int64_t r = 0; r < tiles; r += R)
+      value_tile_bf16<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
+  }
+}
+
+// Whether the bf16 path serves head dimension D (the others compute in fp32).
+bool bf16_serves(int64_t D) { return D == 32 || D == 64 || D == 128 || D == 256; }
+
+void values_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, int64_t D, int64_t rows,
+                 float* o) {
+  switch (D) {
+    case 32: values_blocked_bf16<4, 2>(p, ldp, v, n, rows, o); return;
+    case 64: values_blocked_bf16<4, 4>(p, ldp, v, n, rows, o); return;
+    case 128: values_blocked_bf16<2, 8>(p, ldp, v, n, rows, o); return;
+    default: values_blocked_bf16<1, 16>(p, ldp, v, n, rows, o); return;
+  }
+}
+
+void causal_attention_bf16(const float* q, const float* k, const float* v, float* out,
+                           int64_t B, int64_t H, int64_t G, int64_t N, int64_t D, float scale,
+                           int threads) {
+  const int64_t group = H / G;
+  const int64_t Np = round_up(N, kCols);
+  // K as [D/2, Np, 2] and V as [Np/2, D, 2] per (batch, KV head), zero beyond N.
+  std::vector<bf16> kp(static_cast<size_t>(B * G * D * Np), 0), vp(kp.size(), 0);
+  parallel_for(B * G, threads, [&](int64_t bg, int) {
+    const float* ks = k + bg * N * D;
+    const float* vs = v + bg * N * D;
+    bf16* kd = kp.data() + bg * D * Np;
+    bf16* vd = vp.data() + bg * D * Np;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d) {
+        kd[(d / 2) * Np * 2 + n * 2 + (d & 1)] = to_bf16(ks[n * D + d]);
+        vd[(n / 2) * D * 2 + d * 2 + (n & 1)] = to_bf16(vs[n * D + d]);
+      }
+  });
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  std::vector<std::vector<float>> scores(threads), obuf(threads);
+  std::vector<std::vector<bf16>> qbuf(threads), pbuf(threads);
+  for (int t = 0; t < threads; ++t) {
+    scores[t].resize(static_cast<size_t>(kBlock * Np));
+    pbuf[t].resize(static_cast<size_t>(kBlock * Np));
+    qbuf[t].resize(static_cast<size_t>(kBlock * D));
+    obuf[t].resize(static_cast<size_t>(kBlock * D));
+  }
+  parallel_for(B * H * blocks, threads, [&](int64_t task, int tid) {
+    const int64_t blk = blocks - 1 - task / (B * H);
+    const int64_t bh = task % (B * H);
+    const int64_t b = bh / H, h = bh % H, g = h / group;
+    const int64_t r0 = blk * kBlock, rows = std::min(kBlock, N - r0);
+    const int64_t end = r0 + rows;
+    const int64_t cols = round_up(end, kCols);
+    float* s = scores[tid].data();
+    bf16* pb = pbuf[tid].data();
+    bf16* qb = qbuf[tid].data();
+    const float* qh = q + (bh * N + r0) * D;
+    for (int64_t i = 0; i < rows * D; ++i) qb[i] = to_bf16(qh[i]);
+    std::fill(qb + rows * D, qb + kBlock * D, bf16{0});
+    const bf16* kg = kp.data() + (b * G + g) * D * Np;
+    for (int64_t c = 0; c < cols; c += kCols)
+      for (int64_t r = 0; r < round_up(rows, kRows); r += kRows)
+        score_tile_bf16(qb + r * D, kg + c * 2, D, Np, s + r * Np + c, Np, scale);
+
+    float inv[kBlock];
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * Np;
+      const int64_t len = r0 + r + 1;
+      inv[r] = 1.0f / softmax_numerator(row, len);
+      std::fill(row + len, row + cols, 0.0f);
+      row_to_bf16(row, cols, pb + r * Np);
+    }
+    float* ob = obuf[tid].data();
+    values_bf16(pb, Np, vp.data() + (b * G + g) * D * Np, cols, D, rows, ob);
+    float* o = out + (bh * N + r0) * D;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] = ob[r * D + c] * inv[r];
+  });
+}
+#endif  // __AVX512BF16__
+
 }  // namespace
 
 void causal_attention(const float* q, const float* k, const float* v, float* out, int64_t B,
-                      int64_t H, int64_t G, int64_t N, int64_t D, float scale, int threads) {
+                      int64_t H, int64_t G, int64_t N, int64_t D, float scale, int threads,
+                      bool bf16) {
   if (B <= 0 || H <= 0 || N <= 0 || D <= 0) return;
   if (scale == 0.0f) scale = 1.0f / std::sqrt(static_cast<float>(D));
   if (threads <= 0) threads = default_threads();
+#ifdef __AVX512BF16__
+  if (bf16 && bf16_serves(D))
+    return causal_attention_bf16(q, k, v, out, B, H, G, N, D, scale, threads);
+#endif
+  (void)bf16;
   const int64_t group = H / G;
   const int64_t Np = round_up(N, kCols);
 
@@ -258,6 +428,16 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
 
 extern "C" void structkv_causal_attention(const float* q, const float* k, const float* v,
                                           float* out, int64_t B, int64_t H, int64_t G,
-                                          int64_t N, int64_t D, float scale, int threads) {
-  structkv::causal_attention(q, k, v, out, B, H, G, N, D, scale, threads);
+                                          int64_t N, int64_t D, float scale, int threads,
+                                          int bf16) {
+  structkv::causal_attention(q, k, v, out, B, H, G, N, D, scale, threads, bf16 != 0);
+}
+
+// Whether bf16=1 computes in bf16 here (the library was built for a CPU with AVX512-BF16).
+extern "C" __attribute__((visibility("default"))) int structkv_attention_has_bf16() {
+#ifdef __AVX512BF16__
+  return 1;
+#else
+  return 0;
+#endif
 }

@@ -3,6 +3,8 @@
 //
 //   CausalAttention(q [B, H, N, D], k [B, G, N, D], v [B, G, N, D]) -> out [B, H, N, D]
 //   attribute scale (float, optional; 0 or absent = 1/sqrt(D)); fp32; H a multiple of G.
+//   attribute bf16 (int, optional; 1 = both products in bf16 with fp32 accumulation where the
+//   CPU has AVX512-BF16, fp32 elsewhere; absent or 0 = fp32).
 //
 // Why no onnxruntime headers: the onnxruntime pip wheel ships none and this package builds the
 // library on the user's machine on first use. The C API is a stable, append-only ABI, so the
@@ -39,6 +41,7 @@ enum ApiIndex : size_t {
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
   kKernelInfoGetAttributeFloat = 85,
+  kKernelInfoGetAttributeInt64 = 86,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
   kReleaseStatus = 93,
@@ -90,6 +93,7 @@ OrtStatus* data_of(const OrtValue* value, void** data) {
 
 struct Kernel {
   float scale = 0.0f;
+  int64_t bf16 = 0;
 };
 
 // OrtCustomOp, version 16 layout.
@@ -128,6 +132,8 @@ OrtStatus* create_kernel(const CustomOp*, const OrtApiTable*, const OrtKernelInf
   // An absent attribute is an error status from the API: keep the default then.
   release(api<OrtStatus* (*)(const OrtKernelInfo*, const char*, float*)>(
       kKernelInfoGetAttributeFloat)(info, "scale", &kernel->scale));
+  release(api<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(
+      kKernelInfoGetAttributeInt64)(info, "bf16", &kernel->bf16));
   *out = kernel;
   return nullptr;
 }
@@ -169,7 +175,7 @@ OrtStatus* compute(void* state, OrtKernelContext* context) {
     structkv::causal_attention(static_cast<const float*>(data[0]),
                                static_cast<const float*>(data[1]),
                                static_cast<const float*>(data[2]), static_cast<float*>(out_data),
-                               B, H, G, N, D, kernel->scale, 0);
+                               B, H, G, N, D, kernel->scale, 0, kernel->bf16 != 0);
   } catch (const std::exception& e) {
     return make_status(kOrtFail, std::string("structkv::CausalAttention: ") + e.what());
   }
