@@ -120,8 +120,8 @@ class ExportSettings:
             )
         if self.attention in ort_ops.KERNELS and self.dtype != "fp32":
             raise StructKVError(
-                f"--attention {self.attention} is a CPU kernel on fp32 tensors; with --dtype "
-                f"{self.dtype} use "
+                f"--attention {self.attention} is an fp32 CPU kernel (fp32 tensors in and out); "
+                f"with --dtype {self.dtype} use "
                 "--attention contrib (ONNX Runtime's GroupQueryAttention also runs on CUDA)"
             )
         if self.quant is not None and self.target == "tensorrt":

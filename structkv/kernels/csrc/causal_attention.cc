@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace structkv {
@@ -141,60 +142,6 @@ inline float softmax_numerator(float* row, int64_t len) {
 #endif
 }
 
-// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp.
-template <int R, int ND>
-inline void value_tile(const float* p, int64_t ldp, const float* v, int64_t n, float* o,
-                       int64_t ldo) {
-  v16 acc[R][ND];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) acc[r][c] = load(o + r * ldo + c * kLanes);
-  for (int64_t j = 0; j < n; ++j) {
-    v16 vr[ND];
-    for (int c = 0; c < ND; ++c) vr[c] = load(v + j * ND * kLanes + c * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const v16 a = splat(p[r * ldp + j]);
-      for (int c = 0; c < ND; ++c) acc[r][c] += a * vr[c];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
-}
-
-// o[0..kBlock) = p[:, 0..n) @ v (o: kBlock x D scratch; rows past the block's are garbage).
-// Keys go in chunks of kKeys so each chunk of V stays in L1 while every row tile reads it.
-template <int R, int ND>
-void values_blocked(const float* p, int64_t ldp, const float* v, int64_t n, int64_t rows,
-                    float* o) {
-  constexpr int64_t D = ND * kLanes;
-  const int64_t tiles = round_up(rows, R);
-  std::fill(o, o + tiles * D, 0.0f);
-  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
-    const int64_t nj = std::min(kKeys, n - j0);
-    for (int64_t r = 0; r < tiles; r += R) value_tile<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
-  }
-}
-
-// o[0..rows) = p[:, 0..n) @ v, dispatching on the head dimension; o has kBlock x D floats.
-void values(const float* p, int64_t ldp, const float* v, int64_t n, int64_t D, int64_t rows,
-            float* o) {
-  switch (D) {
-    case 32: values_blocked<4, 2>(p, ldp, v, n, rows, o); return;
-    case 64: values_blocked<4, 4>(p, ldp, v, n, rows, o); return;
-    case 128: values_blocked<2, 8>(p, ldp, v, n, rows, o); return;
-    case 256: values_blocked<1, 16>(p, ldp, v, n, rows, o); return;
-    default:
-      for (int64_t r = 0; r < rows; ++r) {
-        float* orow = o + r * D;
-        std::fill(orow, orow + D, 0.0f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float a = p[r * ldp + j];
-          for (int64_t c = 0; c < D; ++c) orow[c] += a * v[j * D + c];
-        }
-      }
-  }
-}
-
-#ifdef __AVX512BF16__
 // ---- bf16 products (attribute bf16=1): the same tasks, with both matrix products as
 // AVX512-BF16 dot products (vdpbf16ps: two bf16 products per fp32 lane, accumulated in fp32),
 // so each instruction does twice the multiply-adds of an fp32 FMA. Scores, the softmax and the
@@ -210,6 +157,17 @@ inline bf16 to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16 does
   return static_cast<bf16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Whether the bf16 path serves head dimension D here (elsewhere the kernel computes in fp32).
+bool bf16_serves(int64_t D) {
+#ifdef __AVX512BF16__
+  return D == 32 || D == 64 || D == 128 || D == 256;
+#else
+  (void)D;
+  return false;
+#endif
+}
+
+#ifdef __AVX512BF16__
 inline __m512 pair(const bf16* p) {  // two adjacent bf16 broadcast to 16 lanes
   uint32_t u;
   std::memcpy(&u, p, 4);
@@ -222,8 +180,8 @@ inline __m512 dot(__m512 acc, __m512 a, __m512 b) {
 
 // s[r][0..32) = scale * q[r] . k[0..32) for kRows rows from bf16 q rows (stride D) and
 // K in [D/2, ldk, 2] layout starting at this tile's first key.
-inline void score_tile_bf16(const bf16* q, const bf16* kp, int64_t D, int64_t ldk, float* s,
-                            int64_t lds, float scale) {
+inline void score_tile(const bf16* q, const bf16* kp, int64_t D, int64_t ldk, float* s,
+                       int64_t lds, float scale) {
   __m512 acc[kRows][2];
   for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 2) {
@@ -250,146 +208,132 @@ inline void row_to_bf16(const float* row, int64_t n, bf16* out) {
   }
 }
 
-// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n) (n even); p bf16 rows of
-// stride ldp, v in [n/2, ND*16, 2] layout.
-template <int R, int ND>
-inline void value_tile_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, float* o,
-                            int64_t ldo) {
-  __m512 acc[R][ND];
+#else
+inline void row_to_bf16(const float*, int64_t, bf16*) {}
+#endif  // __AVX512BF16__
+
+// One multiply-add step of a value tile: fp32 FMA, or (bf16) a pair of keys per lane.
+template <typename T>
+inline v16 madd(v16 acc, v16 a, v16 b) {
+  if constexpr (std::is_same_v<T, float>) {
+    return acc + a * b;
+  } else {
+#ifdef __AVX512BF16__
+    return dot(acc, a, b);
+#else
+    return acc;  // unreachable: bf16_serves() is false without AVX512-BF16
+#endif
+  }
+}
+
+inline v16 lanes(const float* p) { return splat(*p); }
+#ifdef __AVX512BF16__
+inline v16 lanes(const bf16* p) { return pair(p); }  // an integer broadcast: bits unchanged
+#else
+inline v16 lanes(const bf16*) { return v16{}; }  // unreachable without AVX512-BF16
+#endif
+
+// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp. fp32: V
+// rows of D floats; bf16: n even, V in [n/2, D, 2] layout (each vector holds 16 dims x 2 keys).
+template <int R, int ND, typename T>
+inline void value_tile(const T* p, int64_t ldp, const T* v, int64_t n, float* o, int64_t ldo) {
+  constexpr int64_t step = std::is_same_v<T, float> ? 1 : 2;
+  v16 acc[R][ND];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) acc[r][c] = _mm512_loadu_ps(o + r * ldo + c * kLanes);
-  for (int64_t j = 0; j < n; j += 2) {
-    __m512 vr[ND];
-    for (int c = 0; c < ND; ++c) vr[c] = _mm512_loadu_ps(v + j * ND * kLanes + c * 2 * kLanes);
+    for (int c = 0; c < ND; ++c) acc[r][c] = load(o + r * ldo + c * kLanes);
+  for (int64_t j = 0; j < n; j += step) {
+    v16 vr[ND];
+    for (int c = 0; c < ND; ++c)
+      vr[c] = load(reinterpret_cast<const float*>(v + (j * ND + c * step) * kLanes));
     for (int r = 0; r < R; ++r) {
-      const __m512 a = pair(p + r * ldp + j);
-      for (int c = 0; c < ND; ++c) acc[r][c] = dot(acc[r][c], a, vr[c]);
+      const v16 a = lanes(p + r * ldp + j);
+      for (int c = 0; c < ND; ++c) acc[r][c] = madd<T>(acc[r][c], a, vr[c]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(o + r * ldo + c * kLanes, acc[r][c]);
+    for (int c = 0; c < ND; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
 }
 
-template <int R, int ND>
-void values_blocked_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, int64_t rows,
-                         float* o) {
+// o[0..kBlock) = p[:, 0..n) @ v (o: kBlock x D scratch; rows past the block's are garbage).
+// Keys go in chunks of kKeys so each chunk of V stays in L1 while every row tile reads it.
+// T: float, or bf16 (n even, V in pair layout; one V offset per key either way: j0 * D).
+template <int R, int ND, typename T>
+void values_blocked(const T* p, int64_t ldp, const T* v, int64_t n, int64_t rows, float* o) {
   constexpr int64_t D = ND * kLanes;
   const int64_t tiles = round_up(rows, R);
   std::fill(o, o + tiles * D, 0.0f);
   for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
     const int64_t nj = std::min(kKeys, n - j0);
     for (int64_t r = 0; r < tiles; r += R)
-      value_tile_bf16<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
+      value_tile<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
   }
 }
 
-// Whether the bf16 path serves head dimension D (the others compute in fp32).
-bool bf16_serves(int64_t D) { return D == 32 || D == 64 || D == 128 || D == 256; }
-
-void values_bf16(const bf16* p, int64_t ldp, const bf16* v, int64_t n, int64_t D, int64_t rows,
-                 float* o) {
+// o[0..rows) = p[:, 0..n) @ v, dispatching on the head dimension; o has kBlock x D floats.
+template <typename T>
+void values(const T* p, int64_t ldp, const T* v, int64_t n, int64_t D, int64_t rows, float* o) {
   switch (D) {
-    case 32: values_blocked_bf16<4, 2>(p, ldp, v, n, rows, o); return;
-    case 64: values_blocked_bf16<4, 4>(p, ldp, v, n, rows, o); return;
-    case 128: values_blocked_bf16<2, 8>(p, ldp, v, n, rows, o); return;
-    default: values_blocked_bf16<1, 16>(p, ldp, v, n, rows, o); return;
-  }
-}
-
-void causal_attention_bf16(const float* q, const float* k, const float* v, float* out,
-                           int64_t B, int64_t H, int64_t G, int64_t N, int64_t D, float scale,
-                           int threads) {
-  const int64_t group = H / G;
-  const int64_t Np = round_up(N, kCols);
-  // K as [D/2, Np, 2] and V as [Np/2, D, 2] per (batch, KV head), zero beyond N.
-  std::vector<bf16> kp(static_cast<size_t>(B * G * D * Np), 0), vp(kp.size(), 0);
-  parallel_for(B * G, threads, [&](int64_t bg, int) {
-    const float* ks = k + bg * N * D;
-    const float* vs = v + bg * N * D;
-    bf16* kd = kp.data() + bg * D * Np;
-    bf16* vd = vp.data() + bg * D * Np;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t d = 0; d < D; ++d) {
-        kd[(d / 2) * Np * 2 + n * 2 + (d & 1)] = to_bf16(ks[n * D + d]);
-        vd[(n / 2) * D * 2 + d * 2 + (n & 1)] = to_bf16(vs[n * D + d]);
+    case 32: values_blocked<4, 2>(p, ldp, v, n, rows, o); return;
+    case 64: values_blocked<4, 4>(p, ldp, v, n, rows, o); return;
+    case 128: values_blocked<2, 8>(p, ldp, v, n, rows, o); return;
+    case 256: values_blocked<1, 16>(p, ldp, v, n, rows, o); return;
+    default:  // fp32 only: bf16_serves() keeps other head dimensions in fp32
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float* orow = o + r * D;
+          std::fill(orow, orow + D, 0.0f);
+          for (int64_t j = 0; j < n; ++j) {
+            const float a = p[r * ldp + j];
+            for (int64_t c = 0; c < D; ++c) orow[c] += a * v[j * D + c];
+          }
+        }
       }
-  });
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  std::vector<std::vector<float>> scores(threads), obuf(threads);
-  std::vector<std::vector<bf16>> qbuf(threads), pbuf(threads);
-  for (int t = 0; t < threads; ++t) {
-    scores[t].resize(static_cast<size_t>(kBlock * Np));
-    pbuf[t].resize(static_cast<size_t>(kBlock * Np));
-    qbuf[t].resize(static_cast<size_t>(kBlock * D));
-    obuf[t].resize(static_cast<size_t>(kBlock * D));
   }
-  parallel_for(B * H * blocks, threads, [&](int64_t task, int tid) {
-    const int64_t blk = blocks - 1 - task / (B * H);
-    const int64_t bh = task % (B * H);
-    const int64_t b = bh / H, h = bh % H, g = h / group;
-    const int64_t r0 = blk * kBlock, rows = std::min(kBlock, N - r0);
-    const int64_t end = r0 + rows;
-    const int64_t cols = round_up(end, kCols);
-    float* s = scores[tid].data();
-    bf16* pb = pbuf[tid].data();
-    bf16* qb = qbuf[tid].data();
-    const float* qh = q + (bh * N + r0) * D;
-    for (int64_t i = 0; i < rows * D; ++i) qb[i] = to_bf16(qh[i]);
-    std::fill(qb + rows * D, qb + kBlock * D, bf16{0});
-    const bf16* kg = kp.data() + (b * G + g) * D * Np;
-    for (int64_t c = 0; c < cols; c += kCols)
-      for (int64_t r = 0; r < round_up(rows, kRows); r += kRows)
-        score_tile_bf16(qb + r * D, kg + c * 2, D, Np, s + r * Np + c, Np, scale);
-
-    float inv[kBlock];
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = s + r * Np;
-      const int64_t len = r0 + r + 1;
-      inv[r] = 1.0f / softmax_numerator(row, len);
-      std::fill(row + len, row + cols, 0.0f);
-      row_to_bf16(row, cols, pb + r * Np);
-    }
-    float* ob = obuf[tid].data();
-    values_bf16(pb, Np, vp.data() + (b * G + g) * D * Np, cols, D, rows, ob);
-    float* o = out + (bh * N + r0) * D;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < D; ++c) o[r * D + c] = ob[r * D + c] * inv[r];
-  });
 }
-#endif  // __AVX512BF16__
 
 }  // namespace
 
 void causal_attention(const float* q, const float* k, const float* v, float* out, int64_t B,
                       int64_t H, int64_t G, int64_t N, int64_t D, float scale, int threads,
-                      bool bf16) {
+                      bool bf16_products) {
   if (B <= 0 || H <= 0 || N <= 0 || D <= 0) return;
   if (scale == 0.0f) scale = 1.0f / std::sqrt(static_cast<float>(D));
   if (threads <= 0) threads = default_threads();
-#ifdef __AVX512BF16__
-  if (bf16 && bf16_serves(D))
-    return causal_attention_bf16(q, k, v, out, B, H, G, N, D, scale, threads);
-#endif
-  (void)bf16;
+  const bool half = bf16_products && bf16_serves(D);
   const int64_t group = H / G;
   const int64_t Np = round_up(N, kCols);
 
-  // K transposed per (batch, KV head): [D, Np], zero beyond N, so score tiles read whole
-  // 32-key vectors along a row.
-  std::vector<float> kt(static_cast<size_t>(B * G * D * Np), 0.0f);
+  // fp32: K transposed per (batch, KV head), [D, Np], zero beyond N, so score tiles read whole
+  // 32-key vectors along a row; V read in place. bf16: K as [D/2, Np, 2], V as [Np/2, D, 2].
+  const size_t kv = static_cast<size_t>(B * G * D * Np);
+  std::vector<float> kt(half ? 0 : kv, 0.0f);
+  std::vector<bf16> kp(half ? kv : 0, 0), vp(half ? kv : 0, 0);
   parallel_for(B * G, threads, [&](int64_t bg, int) {
-    const float* src = k + bg * N * D;
-    float* dst = kt.data() + bg * D * Np;
+    const float* ks = k + bg * N * D;
+    const float* vs = v + bg * N * D;
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t d = 0; d < D; ++d) dst[d * Np + n] = src[n * D + d];
+      for (int64_t d = 0; d < D; ++d) {
+        if (!half) {
+          kt[bg * D * Np + d * Np + n] = ks[n * D + d];
+          continue;
+        }
+        kp[bg * D * Np + (d / 2) * Np * 2 + n * 2 + (d & 1)] = to_bf16(ks[n * D + d]);
+        vp[bg * D * Np + (n / 2) * D * 2 + d * 2 + (n & 1)] = to_bf16(vs[n * D + d]);
+      }
   });
 
   const int64_t blocks = (N + kBlock - 1) / kBlock;
   std::vector<std::vector<float>> scores(threads), qbuf(threads), obuf(threads);
+  std::vector<std::vector<bf16>> qhalf(threads), phalf(threads);
   for (int t = 0; t < threads; ++t) {
     scores[t].resize(static_cast<size_t>(kBlock * Np));
-    qbuf[t].resize(static_cast<size_t>(kBlock * D));
     obuf[t].resize(static_cast<size_t>(kBlock * D));
+    if (half) {
+      qhalf[t].resize(static_cast<size_t>(kBlock * D));
+      phalf[t].resize(static_cast<size_t>(kBlock * Np));
+    } else {
+      qbuf[t].resize(static_cast<size_t>(kBlock * D));
+    }
   }
   // Longest tasks (last query blocks) first, so the tail of the schedule is short tasks.
   parallel_for(B * H * blocks, threads, [&](int64_t task, int tid) {
@@ -399,25 +343,47 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
     const int64_t r0 = blk * kBlock, rows = std::min(kBlock, N - r0);
     const int64_t end = r0 + rows;  // keys [0, end) are visible to some row of the block
     const int64_t cols = round_up(end, kCols);
+    const int64_t tiles = round_up(rows, kRows);
     float* s = scores[tid].data();
-    float* qb = qbuf[tid].data();
     const float* qh = q + (bh * N + r0) * D;
-    std::memcpy(qb, qh, sizeof(float) * rows * D);
-    std::fill(qb + rows * D, qb + kBlock * D, 0.0f);
-    const float* ktg = kt.data() + (b * G + g) * D * Np;
-    for (int64_t c = 0; c < cols; c += kCols)
-      for (int64_t r = 0; r < round_up(rows, kRows); r += kRows)
-        score_tile(qb + r * D, ktg + c, D, Np, s + r * Np + c, Np, scale);
+    if (half) {
+#ifdef __AVX512BF16__
+      bf16* qb = qhalf[tid].data();
+      for (int64_t i = 0; i < rows * D; ++i) qb[i] = to_bf16(qh[i]);
+      std::fill(qb + rows * D, qb + kBlock * D, bf16{0});
+      const bf16* kg = kp.data() + (b * G + g) * D * Np;
+      for (int64_t c = 0; c < cols; c += kCols)
+        for (int64_t r = 0; r < tiles; r += kRows)
+          score_tile(qb + r * D, kg + c * 2, D, Np, s + r * Np + c, Np, scale);
+#endif
+    } else {
+      float* qb = qbuf[tid].data();
+      std::memcpy(qb, qh, sizeof(float) * rows * D);
+      std::fill(qb + rows * D, qb + kBlock * D, 0.0f);
+      const float* ktg = kt.data() + (b * G + g) * D * Np;
+      for (int64_t c = 0; c < cols; c += kCols)
+        for (int64_t r = 0; r < tiles; r += kRows)
+          score_tile(qb + r * D, ktg + c, D, Np, s + r * Np + c, Np, scale);
+    }
 
+    // bf16 pairs keys, so its products run to the tile edge (zeros past each row's length)
+    const int64_t n = half ? cols : end;
     float inv[kBlock];
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * Np;
       const int64_t len = r0 + r + 1;  // query r0 + r sees keys 0..r0 + r
       inv[r] = 1.0f / softmax_numerator(row, len);
-      std::fill(row + len, row + end, 0.0f);
+      std::fill(row + len, row + n, 0.0f);
+      if (half) row_to_bf16(row, cols, phalf[tid].data() + r * Np);
     }
     float* ob = obuf[tid].data();
-    values(s, Np, v + (b * G + g) * N * D, end, D, rows, ob);
+    if (half) {
+#ifdef __AVX512BF16__
+      values(phalf[tid].data(), Np, vp.data() + (b * G + g) * D * Np, n, D, rows, ob);
+#endif
+    } else {
+      values(s, Np, v + (b * G + g) * N * D, n, D, rows, ob);
+    }
     float* o = out + (bh * N + r0) * D;
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < D; ++c) o[r * D + c] = ob[r * D + c] * inv[r];
