@@ -1,12 +1,12 @@
-"""Which calibration objective tracks needle retrieval? (docs/RESULTS.md, "Probe v3").
+"""Which calibration objective tracks needle retrieval? (docs/RESULTS.md, "Probe v3", "Probe v4").
 
-Scores six StructKV settings whose 2K needle results are known, on calibration prompts (never
-the evaluation's), with both objectives: teacher-forced top-1 agreement on the question-form
-recall probes of v2 (``prompt_set="probes"``), and the free-running answer agreement on the copy
-probes of v3 (``prompt_set="copy"``, keeping only probes the full model continues). An objective
-that tracks retrieval ranks the settings as the needles do.
+Scores StructKV settings whose 2K needle results are known, on calibration prompts (never the
+evaluation's), with each objective asked for: teacher-forced top-1 agreement on the
+question-form recall probes of v2 (``probes``), and the free-running answer agreement on the copy
+probes of v3 (``copy``) and the cued copy probes of v4 (``cued``), keeping only probes the full
+model continues. An objective that tracks retrieval ranks the settings as the needles do.
 
-    python scripts/probe_objectives.py [--prompts 8] [--steps 12]
+    python scripts/probe_objectives.py [--prompts 8] [--steps 12] [--sets probes,copy,cued]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SETTINGS = {
     "chunk 8 (1/10 prose, 9/10 noise)": (14, 0.1, 8, 8, 0.2, 0.1),
     "0.5 / 0.5 (frontier 89 %)": (14, 0.1, 8, 0, 0.5, 0.5),
     "pivot 22, R_KV 0.5 (held-out 9/10)": (22, 0.1, 8, 0, 0.2, 0.5),
+    "chunk 16 window 64, 0.5 / 0.5 (9/10, 9/10)": (14, 0.1, 64, 16, 0.5, 0.5),
 }
 
 
@@ -46,25 +47,42 @@ def score(lm, prompts, steps: int) -> dict[str, tuple[float, float]]:
     return {k: tuple(sum(x[i] for x in v) / len(v) for i in range(2)) for k, v in out.items()}
 
 
+def probe_set(lm, name: str, n: int, steps: int) -> list:
+    """``n`` prompts of set ``name``; for copy and cued probes, those the full model continues
+    first (twice as many drawn), as calibration keeps them."""
+    if name == "probes":
+        return calibration_prompts(lm.tokenizer, n, 2048, prompt_set=name)
+    drawn = calibration_prompts(lm.tokenizer, 2 * n, 2048, prompt_set=name)
+    recorded = []
+    for i, prompt in enumerate(drawn):
+        run = _record(lm.model, prompt.encode(lm.tokenizer, True), 0.1, 8, 7, steps)
+        answer = lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True)
+        recorded.append((i, run, prompt.copied(answer)))
+    kept = keep_prompts(recorded, n, prefer_copied=True)
+    print(f"{name}: {sum(c for *_, c in kept)} of {n} kept probes continued by the full model")
+    return [drawn[i] for i, _, _ in kept]
+
+
+#: the column each prompt set is scored by: index 0 teacher-forced top-1, 1 free-running answer
+COLUMNS = {"probes": ("v2: top-1", 0), "copy": ("v3: answer", 1), "cued": ("v4: answer", 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--sets", default="probes,copy,cued", help="prompt sets, comma-separated")
     args = p.parse_args()
+    sets = args.sets.split(",")
+    if any(s not in COLUMNS for s in sets):
+        p.error(f"--sets: choose among {','.join(COLUMNS)}")
     torch.set_grad_enabled(False)
     lm = load("smollm2-135m")
-    v2 = calibration_prompts(lm.tokenizer, args.prompts, 2048, prompt_set="probes")
-    drawn = calibration_prompts(lm.tokenizer, 2 * args.prompts, 2048, prompt_set="copy")
-    recorded = []
-    for i, prompt in enumerate(drawn):
-        run = _record(lm.model, prompt.encode(lm.tokenizer, True), 0.1, 8, 7, args.steps)
-        answer = lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True)
-        recorded.append((i, run, prompt.copied(answer)))
-    v3 = [drawn[i] for i, _, _ in keep_prompts(recorded, args.prompts, prefer_copied=True)]
-    old, new = score(lm, v2, args.steps), score(lm, v3, args.steps)
-    print(f"{'setting':<44} {'v2: top-1':>10} {'v3: answer':>11}")
+    scores = {s: score(lm, probe_set(lm, s, args.prompts, args.steps), args.steps) for s in sets}
+    print(f"{'setting':<44}" + "".join(f" {COLUMNS[s][0]:>11}" for s in sets))
     for name in SETTINGS:
-        print(f"{name:<44} {old[name][0]:>10.3f} {new[name][1]:>11.3f}")
+        cells = "".join(f" {scores[s][name][COLUMNS[s][1]]:>11.3f}" for s in sets)
+        print(f"{name:<44}{cells}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from structkv.errors import StructKVError
-from structkv.knobs import Parser, add_method_args, count, method_knobs
+from structkv.knobs import Parser, add_method_args, count, lambdas, method_knobs
 
 _Parser = Parser
 
@@ -143,6 +143,8 @@ def cmd_calibrate(args) -> int:
         steps=args.steps,
         progress=log,
         target_fidelity=target,
+        prompt_set=args.probes,
+        lambdas=args.lambdas,
     )
     out = Path(args.out) if args.out else user_profile_path(lm.model_id)
     save_profile(profile, out)
@@ -448,7 +450,7 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from structkv.calibration import DEFAULT_COMPUTE_CAP
+    from structkv.calibration import DEFAULT_COMPUTE_CAP, DEFAULT_PROMPT_SET, LAMBDAS, PROMPT_SETS
     from structkv.models import DTYPE_HELP
 
     parser = _Parser(prog="structkv", description=__doc__.splitlines()[0])
@@ -509,7 +511,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-fidelity",
         type=float,
         help="also choose window, chunk, R_struct and R_KV: the cheapest setting whose "
-        "teacher-forced top-1 agreement with full context reaches this (e.g. 0.9)",
+        "agreement with full context's own answers reaches this (e.g. 0.9)",
+    )
+    c.add_argument(
+        "--lambdas",
+        type=lambdas,
+        default=LAMBDAS,
+        help="λ values searched, comma-separated, each in [0, 1] (default "
+        f"{','.join(map(str, LAMBDAS))})",
+    )
+    c.add_argument(
+        "--probes",
+        choices=PROMPT_SETS,
+        default=DEFAULT_PROMPT_SET,
+        help="calibration prompts: cued (v4: a quoted sentence opening in the question), copy "
+        "(v3: the answer pre-filled with it), probes/generic (older profiles) "
+        f"(default {DEFAULT_PROMPT_SET})",
     )
     c.set_defaults(func=cmd_calibrate)
 

@@ -38,6 +38,17 @@ def count(minimum: int = 1):
     return parse
 
 
+def lambdas(text: str) -> tuple[float, ...]:
+    """A comma-separated list of λ values, each in [0, 1] (what ``calibrate --lambdas`` takes)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected values in [0, 1] like 0.1,0.3, got {text!r}")
+    return values
+
+
 def parse_pivot(text: str) -> int | str:
     """``auto`` | ``online`` | a layer index (what ``--pivot`` accepts)."""
     if text in ("auto", "online"):

@@ -179,6 +179,40 @@ def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
         cheapest["pivot"], cheapest["r_struct"], cheapest["r_kv"])  # fmt: skip
 
 
+def _direct_scores(lm, profile, knobs) -> tuple[float, float, float, float]:
+    """Means over the profile's prompts of (KL, teacher-forced top-1, answer-step KL, answer
+    agreement) from plain prefill + decode of StructKV with ``knobs``: no calibration shortcut."""
+    direct = []
+    for prompt in _used_prompts(lm, profile):
+        ids = prompt.encode(lm.tokenizer, chat=False)
+        full = Full().prefill(lm.model, ids, extra_capacity=4)
+        out = StructKV(**knobs).prefill(lm.model, ids, extra_capacity=4)
+        p = torch.log_softmax(full.logits, -1)
+        q = torch.log_softmax(out.logits, -1)
+        tokens, agree, answer_kl = [int(full.logits.argmax())], [], []
+        agree.append(int(out.logits.argmax()) == tokens[0])
+        for _ in range(1, 4):
+            f = torch.log_softmax(decode_step(lm.model, full.cache, tokens[-1]), -1)
+            c = torch.log_softmax(decode_step(lm.model, out.cache, tokens[-1]), -1)
+            tokens.append(int(f.argmax()))
+            agree.append(int(c.argmax()) == tokens[-1])
+            answer_kl.append(float((f.exp() * (f - c)).sum()))
+        own = generate_ids(lm.model, ids, StructKV(**knobs), 4).tokens
+        answer = matched_prefix(own, tokens)
+        kl = float((p.exp() * (p - q)).sum())
+        direct.append((kl, sum(agree) / 4, sum(answer_kl) / 3, answer))
+    return tuple(sum(d[i] for d in direct) / len(direct) for i in range(4))
+
+
+def _assert_row_is(row, scores):
+    kl, top1, answer_kl, answer = scores
+    assert row["kl"] == pytest.approx(kl, abs=1e-4)
+    assert row["top1"] == pytest.approx(top1)
+    assert row["answer"] == pytest.approx(answer)
+    # the answer's KL reads the decode caches: it fails if a row used another setting's caches
+    assert row["answer_kl"] == pytest.approx(answer_kl, rel=1e-3, abs=1e-5)
+
+
 def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
     """A row of the budget table (the shortcut: recorded pre-pivot caches per chunk and R_KV)
     equals plain prefill + decode of StructKV with that setting."""
@@ -188,30 +222,39 @@ def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
     knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=chosen["window"],
                  chunk=chosen["chunk"], pivot=row["pivot"],
                  lam=budget_profile["lambda"])  # fmt: skip
-    direct = []
-    for prompt in _used_prompts(tiny_lm, budget_profile):
-        ids = prompt.encode(tiny_lm.tokenizer, chat=False)
-        full = Full().prefill(tiny_lm.model, ids, extra_capacity=4)
-        out = StructKV(**knobs).prefill(tiny_lm.model, ids, extra_capacity=4)
-        p = torch.log_softmax(full.logits, -1)
-        q = torch.log_softmax(out.logits, -1)
-        tokens, agree, answer_kl = [int(full.logits.argmax())], [], []
-        agree.append(int(out.logits.argmax()) == tokens[0])
-        for _ in range(1, 4):
-            f = torch.log_softmax(decode_step(tiny_lm.model, full.cache, tokens[-1]), -1)
-            c = torch.log_softmax(decode_step(tiny_lm.model, out.cache, tokens[-1]), -1)
-            tokens.append(int(f.argmax()))
-            agree.append(int(c.argmax()) == tokens[-1])
-            answer_kl.append(float((f.exp() * (f - c)).sum()))
-        own = generate_ids(tiny_lm.model, ids, StructKV(**knobs), 4).tokens
-        answer = matched_prefix(own, tokens)
-        kl = float((p.exp() * (p - q)).sum())
-        direct.append((kl, sum(agree) / 4, sum(answer_kl) / 3, answer))
-    assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
-    assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
-    assert row["answer"] == pytest.approx(sum(d[3] for d in direct) / 2)
-    # the answer's KL reads the decode caches: it fails if a row used another setting's caches
-    assert row["answer_kl"] == pytest.approx(sum(d[2] for d in direct) / 2, rel=1e-3, abs=1e-5)
+    _assert_row_is(row, _direct_scores(tiny_lm, budget_profile, knobs))
+
+
+@pytest.fixture(scope="module")
+def faithful_profile(tiny_lm):
+    """Target 1.0: the first pass's choice is its most faithful row, not the cheapest."""
+    return calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                     compute_cap=0.9, target_fidelity=1.0, budget_grid=GRID)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["budget_profile", "faithful_profile"])
+def test_window_and_chunk_are_searched_at_the_first_pass_choice(tiny_lm, which, request):
+    """Coordinate descent: pivot x budgets at the first window and chunk, then window x chunk at
+    that pass's choice (not at the base budgets), then the budgets again at the best window and
+    chunk. Every window row equals a direct run at the first pass's choice."""
+    profile = request.getfixturevalue(which)
+    search, lam = profile["budget_search"], profile["lambda"]
+    first = search["first_budget_table"]
+    assert (first["window"], first["chunk"]) == (GRID["windows"][0], GRID["chunks"][0])
+    at, _ = choose_budget(first["rows"], search["target_fidelity"])
+    assert search["window_budget"] == {k: at[k] for k in ("pivot", "r_struct", "r_kv")}
+    for row in search["window_table"]:
+        knobs = dict(r_struct=at["r_struct"], r_kv=at["r_kv"], window=row["window"],
+                     chunk=row["chunk"], pivot=at["pivot"], lam=lam)  # fmt: skip
+        _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
+    best = max(search["window_table"], key=lambda r: r["score"])
+    if (best["window"], best["chunk"]) == (first["window"], first["chunk"]):
+        assert search["budget_table"] == first["rows"]
+    row = search["chosen_row"]
+    assert row in search["budget_table"]
+    knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=best["window"],
+                 chunk=best["chunk"], pivot=row["pivot"], lam=lam)  # fmt: skip
+    _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
 
 
 def test_choose_budget_takes_the_cheapest_that_meets_the_target_else_the_most_faithful():
@@ -237,6 +280,13 @@ def test_probes_the_full_model_does_not_continue_are_set_aside():
     probe = CalibrationPrompt("doc", "the opening words", "of the sentence as written")
     assert probe.copied("of the sentence but then otherwise")
     assert not probe.copied("of a sentence")
+    # a cued probe (3 words pre-filled): the continuation may come after the answer's echo of
+    # the cue, as a run of 3 words from the sentence's next 12
+    cued = CalibrationPrompt("doc", "the opening", "of the sentence as written in the document")
+    assert cued.copied("words, as quoted, of the sentence but then otherwise")
+    assert cued.copied("words: sentence as written")
+    assert not cued.copied("the opening words of a sentence")
+    assert not cued.copied("of the")
     recorded = [(0, "a", False), (1, "b", True), (2, "c", False), (3, "d", True), (4, "e", True)]
     assert [i for i, *_ in keep_prompts(recorded, 3, prefer_copied=True)] == [1, 3, 4]
     # too few continued: the others fill up, in drawing order
@@ -280,7 +330,17 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
         paras = context.split("\n")
         at = next(i for i, para in enumerate(paras) if probe.prefill in para)
         assert at < max(1, int(0.6 * len(paras)))
+    cued = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="cued")
+    for probe in cued:
+        # v4: the sentence's first 8 words are quoted in the question (before the template's
+        # closing tokens), the answer is pre-filled with only its first 3
+        context, request = probe.text.rsplit("\n\n", 1)
+        quote = request.removeprefix(
+            'Repeat the sentence of the text above that opens with "'
+        ).removesuffix('".')
+        assert len(quote.split()) == 8 and probe.prefill == " ".join(quote.split()[:3])
+        assert quote + " " + probe.continuation in context
     older = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="probes")
     assert sum("are followed by more words" in p.text for p in older) == 6  # three in four
-    for p in [*probes, *older]:
+    for p in [*probes, *cued, *older]:
         assert "magic" not in p.text.lower() and "needle" not in p.text.lower()
