@@ -58,6 +58,7 @@ from structkv.manifest import FORMAT_VERSION, describe_io, write_manifest
 from structkv.methods import StructKV, get_method
 from structkv.profile import find_profile
 from structkv.quant import QuantSpec
+from structkv.selection import min_engine_tokens
 
 OPSET = 23
 ATTENTION = ("auto", "structkv", "structkv-bf16", "contrib", "onnx", "explicit")
@@ -197,8 +198,14 @@ def resolve_method(src, settings: ExportSettings, log=_log) -> tuple[StructKV, s
         source = "fixed by --pivot"
     given = settings.method
     method, _ = method.with_profile(profile)
-    if method.chunk > 1 and "chunk" in given.from_profile:
-        log(f"the profile's chunk {method.chunk} is not used: engines select single tokens")
+    if method.chunk > 1 and settings.target == "tensorrt":
+        if "chunk" not in given.from_profile:
+            raise StructKVError(
+                f"--chunk {method.chunk} with --target tensorrt: the StructKVCompact plugin "
+                "selects single tokens; drop --chunk, or export --target onnxruntime"
+            )
+        log(f"the profile's chunk {method.chunk} is not used: the TensorRT plugin selects "
+            "single tokens")  # fmt: skip
         method = replace(method, chunk=0)
     method.check_engine(num_layers)
     return method, source, profile
@@ -277,11 +284,15 @@ def build_graphs(model, method, dtype: torch.dtype):
     _, g, d = head_dims(model)
     modules = stage_modules(model, method)
     e = cfg.hidden_size
-    n_dim = torch.export.Dim("n", min=method.window + 2)
-    k_dim = torch.export.Dim("kept", min=method.window + 1)
-    big_n = torch.export.Dim("prompt", min=method.window + 2)
+    # the shortest prompt, and the fewest tokens a selection keeps: with chunks, the window
+    # and one whole chunk (the chunk selection needs one to choose; select_tokens)
+    least = min_engine_tokens(method.window, method.chunk)
+    fewest = method.window + (method.chunk if method.chunk > 1 else 1)
+    n_dim = torch.export.Dim("n", min=least)
+    k_dim = torch.export.Dim("kept", min=fewest)
+    big_n = torch.export.Dim("prompt", min=least)
     l_dim = torch.export.Dim("layers", min=1)
-    n, kept = 64, 29  # example sizes: distinct, > window
+    n, kept = max(64, 4 * least), max(29, 2 * least + 1)  # example sizes: distinct, > least
     ids = torch.randint(0, cfg.vocab_size, (1, n))
     hidden = torch.randn(1, n, e, dtype=dtype)
     b_dim, m_dim = torch.export.Dim("batch", min=1), torch.export.Dim("max_blocks", min=1)

@@ -42,10 +42,10 @@ class EngineBackend:
 
     def kv_tokens(self, n: int) -> int:
         """Tokens each layer keeps of an ``n``-token prompt (the engine's kv_select count)."""
-        from structkv.selection import budget
+        from structkv.selection import budget, selected_count
 
         m = self.engine.method
-        return min(budget(m.r_kv, n), n - m.window) + m.window
+        return selected_count(n, budget(m.r_kv, n), m.window, m.chunk)
 
     def prefill(self, seq: int, ids: list[int], max_tokens: int) -> Prefilled:
         out = self.engine.prefill(ids)

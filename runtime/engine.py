@@ -22,6 +22,7 @@ from structkv.manifest import method_from_manifest, read_manifest
 from structkv.prefill import PrefillStats
 from structkv.runtime.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from structkv.runtime.stages import BACKENDS, OrtStages, TorchStages, TrtStages
+from structkv.selection import min_engine_tokens
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -118,12 +119,14 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------
     def check_prompt(self, n: int, max_new_tokens: int) -> None:
-        window = self.method.window
+        window, chunk = self.method.window, self.method.chunk
+        least = min_engine_tokens(window, chunk)
         limit = self.manifest.get("max_prompt_tokens")
-        if n < window + 2:
+        if n < least:
             raise StructKVError(
-                f"prompt of {n} tokens is too short for the observation window ({window}): the "
-                f"engine needs at least {window + 2} tokens; use a longer prompt"
+                f"prompt of {n} tokens is too short for the observation window ({window})"
+                + (f" and chunk ({chunk})" if chunk > 1 else "")
+                + f": the engine needs at least {least} tokens; use a longer prompt"
             )
         if limit is not None and n + max_new_tokens > limit:
             raise StructKVError(

@@ -16,6 +16,7 @@ import numpy as np
 
 from structkv.errors import StructKVError
 from structkv.graphs import GRAPH_NAMES
+from structkv.selection import min_engine_tokens
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 GRAPHS = GRAPH_NAMES
@@ -181,12 +182,13 @@ class TorchStages:
 #: TensorRT's optimisation profile, as functions of the engine's limits.
 def _axis_ranges(manifest: dict, num_blocks: int, block: int, max_batch: int) -> dict:
     window = manifest["method"]["window"]
+    least = min_engine_tokens(window, manifest["method"].get("chunk", 0))
     tokens = manifest.get("max_prompt_tokens") or 4096
     layers = manifest["config"]["num_hidden_layers"]
     per_seq = -(-tokens // block) + 1
     return {
-        "n": (window + 2, 512, tokens),
-        "prompt": (window + 2, 512, tokens),
+        "n": (least, 512, tokens),
+        "prompt": (least, 512, tokens),
         "kept": (window + 1, 256, tokens),
         "layers": (1, layers, layers),
         "batch": (1, min(8, max_batch), max_batch),

@@ -84,7 +84,9 @@ class Compact(torch.nn.Module):
     """hidden ``[1, N, E]``, centrality ``[N]`` -> hidden ``[1, n', E]``, positions ``[n']``
     with n' = ceil(R_struct · N) + w: §4's top-k of pooled C plus the window, ascending."""
 
-    def __init__(self, r_struct: float, window: int, pooling: int, pool_mode: str) -> None:
+    def __init__(
+        self, r_struct: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
+    ) -> None:
         super().__init__()
         self.r_struct, self.window, self.pooling, self.pool_mode = (
             r_struct,
@@ -92,11 +94,12 @@ class Compact(torch.nn.Module):
             pooling,
             pool_mode,
         )
+        self.chunk = chunk
 
     def forward(self, hidden: torch.Tensor, centrality: torch.Tensor):
         n = centrality.shape[0]
         k = budget(self.r_struct, n)
-        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode)
+        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode, self.chunk)
         return compact(hidden, torch.arange(n, device=hidden.device), keep)
 
 
@@ -128,13 +131,18 @@ class KVSelect(torch.nn.Module):
     length ``prompt_len`` (a ``[N]`` dummy whose length is N: budgets are fractions of N) ->
     kept keys/values ``[l, G, k + w, D]`` and their positions ``[l, G, k + w]``."""
 
-    def __init__(self, r_kv: float, window: int, pooling: int, pool_mode: str) -> None:
+    def __init__(
+        self, r_kv: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
+    ) -> None:
         super().__init__()
         self.r_kv, self.window, self.pooling, self.pool_mode = r_kv, window, pooling, pool_mode
+        self.chunk = chunk
 
     def forward(self, keys, values, saliency, positions, prompt_len):
         k = budget(self.r_kv, prompt_len.shape[0])
-        keep = select_tokens(saliency, k, self.window, self.pooling, self.pool_mode)  # [l, G, K]
+        keep = select_tokens(  # [l, G, K]
+            saliency, k, self.window, self.pooling, self.pool_mode, self.chunk
+        )
         return gather_tokens(keys, keep), gather_tokens(values, keep), positions[keep]
 
 
@@ -205,8 +213,8 @@ def stage_modules(model, method) -> dict[str, torch.nn.Module]:
     w, pooling, mode = method.window, method.pooling, method.pool_mode
     return {
         "pre_pivot": PrePivot(model, method.pivot, w, method.lam),
-        "compact": Compact(method.r_struct, w, pooling, mode),
+        "compact": Compact(method.r_struct, w, pooling, mode, method.chunk),
         "post_pivot": PostPivot(model, method.pivot, w),
-        "kv_select": KVSelect(method.r_kv, w, pooling, mode),
+        "kv_select": KVSelect(method.r_kv, w, pooling, mode, method.chunk),
         "decode": DecodeStep(model),
     }

@@ -65,19 +65,58 @@ def topk_chunks_with_window(scores: torch.Tensor, k: int, window: int, chunk: in
     chunks, i.e. at most ``max(k, chunk + r)`` non-window tokens.
 
     Why: token-level top-k cuts a 7-digit number or a name apart (typically 5 of 7 digits
-    survive); a chunk keeps a span together (kvpress's ChunkKVPress does this for the cache)."""
+    survive); a chunk keeps a span together (kvpress's ChunkKVPress does this for the cache).
+
+    Written for the exported graphs too (``torch.export`` with a symbolic n >= w + c): chunk
+    means from a prefix sum (no reshape of a symbolic length), one extra never-chosen chunk so
+    the chunk axis is never of size 1 (the shape solver would specialise on it), the kept
+    chunks marked in a mask and the kept positions read off in ascending order by a TopK of
+    ``position + n·dropped``. The budget is clamped at 0 before its floor division: the solver
+    rewrites ``(k - r) // c`` into a floor division of a negative number, which ONNX's integer
+    Div truncates instead (one chunk too many)."""
     n = scores.shape[-1]
     candidates = n - window
     whole = candidates // chunk
-    if whole == 0:  # nothing to choose between: keep everything
+    if not torch.compiler.is_exporting() and whole == 0:  # nothing to choose: keep everything
         return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n)
     rest = candidates - whole * chunk
-    keep = min(whole, max(1, (k - rest) // chunk))
-    means = scores[..., : whole * chunk].reshape(*scores.shape[:-1], whole, chunk).mean(-1)
-    best = means.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(-1).values
-    spans = (best[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
-    tail = torch.arange(whole * chunk, n, device=scores.device).expand(*scores.shape[:-1], -1)
-    return torch.cat([spans, tail], dim=-1)
+    keep = torch.sym_min(whole, torch.sym_max(1, torch.sym_max(k - rest, 0) // chunk))
+    device = scores.device
+    prefix = torch.cat([torch.zeros_like(scores[..., :1]), scores.cumsum(-1)], -1)
+    spans = torch.arange(whole + 1, device=device)  # chunk `whole` is the never-chosen extra
+    ends = ((spans + 1) * chunk).clamp(max=n)
+    means = (prefix[..., ends] - prefix[..., ends - chunk]) / chunk
+    means = means.masked_fill(spans == whole, float("-inf"))
+    if torch.compiler.is_exporting():  # ONNX TopK: ties to the lower index, by spec
+        order = means.topk(whole + 1, dim=-1).indices
+    else:  # torch.topk leaves ties unspecified; a stable sort makes the same choice
+        order = means.sort(dim=-1, descending=True, stable=True).indices
+    chosen = torch.zeros_like(means).scatter(-1, order[..., :keep], 1.0) > 0
+    positions = torch.arange(n, device=device)
+    kept = chosen[..., (positions // chunk).clamp(max=whole)] | (positions >= whole * chunk)
+    key = positions + n * (~kept).to(positions.dtype)
+    count = keep * chunk + n - whole * chunk
+    return key.topk(count, dim=-1, largest=False).indices
+
+
+def min_engine_tokens(window: int, chunk: int = 0) -> int:
+    """The shortest prompt an exported engine takes: the window plus two tokens to choose from,
+    or plus one whole chunk (its graphs are traced for a symbolic length of at least that)."""
+    return window + max(2, chunk)
+
+
+def selected_count(n: int, k: int, window: int, chunk: int = 0) -> int:
+    """How many of ``n`` tokens :func:`select_tokens` keeps for a budget of ``k`` (window
+    included): what the paged cache must hold per layer. With chunks it can exceed ``k + w``
+    by less than a chunk plus the remainder (:func:`topk_chunks_with_window`)."""
+    candidates = n - window
+    if chunk <= 1:
+        return max(0, min(k, candidates)) + window
+    whole = candidates // chunk
+    if whole == 0:
+        return n
+    rest = candidates - whole * chunk
+    return min(whole, max(1, max(k - rest, 0) // chunk)) * chunk + rest + window
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from structkv.errors import StructKVError
 from structkv.methods import METHODS, get_method
-from structkv.selection import select_tokens
+from structkv.selection import select_tokens, selected_count
 
 
 def _reference(scores: list[float], k: int, window: int, chunk: int) -> list[int]:
@@ -85,9 +85,16 @@ def test_every_method_takes_the_chunk_knob(tiny_llama, name):
             assert head == sorted(set(head))
 
 
-def test_bad_chunk_and_engines_refuse_chunks():
+def test_bad_chunk_is_refused_and_engines_take_chunks():
     with pytest.raises(StructKVError, match="chunk must be an integer >= 0"):
         get_method("snapkv", chunk=-1)
-    method = get_method("structkv", chunk=16, pivot=2, lam=0.5)
-    with pytest.raises(StructKVError, match="engines select single tokens"):
-        method.check_engine(num_layers=6)
+    get_method("structkv", chunk=16, pivot=2, lam=0.5).check_engine(num_layers=6)
+
+
+@pytest.mark.parametrize("n, window, k, chunk", CASES)
+def test_selected_count_is_what_the_selection_keeps(n, window, k, chunk):
+    """What the scheduler reserves per layer equals what select_tokens keeps."""
+    scores = torch.rand(2, n, generator=torch.Generator().manual_seed(n))
+    kept = select_tokens(scores, k, window, 1, "max", chunk=chunk)
+    assert kept.shape[-1] == selected_count(n, k, window, chunk)
+    assert select_tokens(scores, k, window, 1, "max").shape[-1] == selected_count(n, k, window)

@@ -68,6 +68,43 @@ def test_engine_matches_the_reference_method(engine_dir):
         assert torch_engine.generate(ids.numpy(), NEW)[0] == expected
 
 
+@pytest.fixture(scope="module")
+def chunk_engine(tmp_path_factory):
+    """A tiny engine with span-preserving selection (chunks of 16, window 8)."""
+    out = tmp_path_factory.mktemp("chunked") / "engine"
+    settings = ExportSettings(StructKV(pivot=PIVOT, lam=LAM, chunk=16), attention="contrib")
+    export_engine(SMALL, out, settings, log=lambda m: None, progress=False)
+    return out
+
+
+def test_chunked_engine_matches_the_reference_method(chunk_engine):
+    """--chunk in the exported graphs: the engine keeps the same whole chunks as the torch
+    method (propagated positions and every layer's kept positions), the same logits and
+    greedy tokens, down to the shortest prompt it takes (window + one chunk), and the scheduler's
+    per-layer count (selected_count) is what it keeps."""
+    from structkv.runtime.backends import EngineBackend
+
+    engine = Engine.load(chunk_engine)
+    assert engine.method.chunk == 16
+    model = tiny_model("tiny-llama", num_layers=4, seed=0).model  # SMALL
+    method = StructKV(pivot=PIVOT, lam=LAM, chunk=16)
+    for n, seed in ((24, 3), (39, 4), (100, 0), (173, 1), (411, 2)):
+        ids = _prompt(n, seed)
+        ref = method.prefill(model, ids)
+        got = engine.prefill(ids.numpy())
+        np.testing.assert_allclose(got.logits, ref.logits.numpy(), atol=1e-4, rtol=0)
+        assert got.stats["propagated_tokens"] == ref.stats.propagated_tokens
+        for layer, lc in enumerate(ref.cache.layers):
+            assert np.array_equal(got.positions[layer], lc.kept_positions().numpy()), (n, layer)
+        assert EngineBackend(engine, "t").kv_tokens(n) == got.positions[0].shape[-1]
+        assert engine.generate(ids.numpy(), NEW)[0] == generate_ids(model, ids, method, NEW).tokens
+    if n > 200:  # spans: some kept run of 16 consecutive positions outside the window
+        head = got.positions[0][0].tolist()
+        assert any(head[i : i + 16] == list(range(head[i], head[i] + 16)) for i in range(len(head)))
+    with pytest.raises(StructKVError, match=r"and chunk \(16\): the engine needs at least 24"):
+        engine.check_prompt(23, 4)
+
+
 def test_batched_decode_equals_decoding_alone_and_frees_the_pool(engine_dir):
     _, out = engine_dir
     engine = Engine.load(out, kv_cache_mb=4)
@@ -354,9 +391,8 @@ def test_smollm2_engine_end_to_end(smollm2, smollm2_engine, tmp_path, capsys):
     args = ["--chat", "--prompt-file", str(prompt), "--max-new-tokens", "24", "--json"]
     assert structkv(["run", "--engine", str(out), *args]) == 0
     ran = json.loads(capsys.readouterr().out)
-    # engines select single tokens (export drops a profile's chunk): compare like with like
-    single = ["--chunk", "0"]
-    assert structkv(["generate", "--model", "smollm2-135m", "--method", "structkv", *single,
+    # the engine bakes in the profile's knobs, chunk and window included, as generate uses them
+    assert structkv(["generate", "--model", "smollm2-135m", "--method", "structkv",
                      *args]) == 0  # fmt: skip
     generated = json.loads(capsys.readouterr().out)
     assert ran["text"] == generated["text"]

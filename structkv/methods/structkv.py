@@ -112,12 +112,6 @@ class StructKV(SaliencyKVMethod):
         the paged KV cache keeps the same token count in every layer and the layers after the
         pivot only hold the propagated tokens; and, once the model is known (``num_layers``), a
         fixed pivot inside it."""
-        if self.chunk > 1:
-            raise StructKVError(
-                f"--chunk {self.chunk}: engines select single tokens (their graphs, kernels and "
-                "TensorRT plugin have fixed output lengths); drop --chunk for export, or use "
-                "chunked selection with structkv generate / eval"
-            )
         if self.kv_evidence:
             raise StructKVError(
                 f"--kv-evidence {self.kv_evidence}: engines choose each layer's cache as the "
