@@ -53,4 +53,7 @@ check structkv/calibration.py "run.caches[(method.chunk, method.r_kv)]" "run.cac
 check structkv/methods/structkv.py "            evidence += share(state.deep)" "            evidence += 0 * share(state.deep)" "tests/test_kv_evidence.py"
 check structkv/calibration.py "row_for(runs, at[\"pivot\"], at[\"r_struct\"]," "row_for(runs, pivot, at[\"r_struct\"]," "tests/test_calibration.py -k first_pass_choice"
 check structkv/calibration.py "    budget_rows = first if (w, c) == (w0, c0) else budget_pass(w, c)" "    budget_rows = first" "tests/test_calibration.py -k first_pass_choice"
+check structkv/graphs.py "        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode, self.chunk)" "        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode)" "tests/test_export.py -k chunked"
+check structkv/selection.py "    keep = torch.sym_min(whole, torch.sym_max(1, torch.sym_max(k - rest, 0) // chunk))" "    keep = torch.sym_min(whole, torch.sym_max(1, (k - rest) // chunk))" "tests/test_export.py -k chunked"
+check structkv/selection.py "    return min(whole, max(1, max(k - rest, 0) // chunk)) * chunk + rest + window" "    return min(whole, max(1, max(k - rest, 0) // chunk)) * chunk + window" "tests/test_chunk_selection.py -k selected_count"
 check structkv/eval/frontier.py "                    best = min(ok, key=lambda r: (r[\"compute_fraction\"] or 1.0, r[\"r_kv\"])," "                    best = min(ok, key=lambda r: (r[\"r_kv\"], r[\"compute_fraction\"] or 1.0))," "tests/test_frontier.py -k cheapest"
