@@ -9,7 +9,9 @@ layer/λ and the paper preset — from scratch with calibration's own machinery 
 prompts, checks them against the stored table, checks the argmax rule picks the stored layer on
 every prompt, and checks the choice is the table's best.
 
-Measured (2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
+The shipped profile is v5's since 2026-11-30 (pivot 15, λ 0.3, budgets from the search; its
+grid had λ 0.1 and 0.3, so the reference row is the argmax rule at the chosen λ). For the
+previous profile: measured (2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
 interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 / 0.0229 (0.02298
 stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the chosen row's top-1
 agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
@@ -74,7 +76,12 @@ def _kl(model, run, method, pivot: int, lam: float) -> float:
 )
 def test_shipped_profile_rows_are_reproduced(smollm2):
     s = PROFILE["settings"]
-    best, paper = PROFILE["best"], PROFILE["paper_preset"]
+    best = PROFILE["best"]
+    # the reference row: the paper preset (argmax rule, λ 0.9) where λ 0.9 was searched, else
+    # the argmax rule at the chosen λ (profiles made with `calibrate --lambdas 0.1,0.3`)
+    paper = PROFILE["paper_preset"] or next(
+        r for r in PROFILE["table"] if r["rule"] == "argmax" and r["lambda"] == best["lambda"]
+    )
     candidates = [r for r in PROFILE["table"] if r.get("candidate", True)]
     assert best == max(candidates, key=lambda r: (r["score"], -r["compute_fraction"]))
     chosen = PROFILE.get("budget_search", {}).get("chosen_row", {}).get("pivot", best["layer"])
@@ -94,12 +101,13 @@ def test_shipped_profile_rows_are_reproduced(smollm2):
                             tuple(PROFILE["metric_scales"]))  # fmt: skip
         pivots.append(pivot)
         kl["best"].append(_kl(smollm2.model, run, method, best["layer"], best["lambda"]))
-        kl["paper"].append(_kl(smollm2.model, run, method, pivot, 0.9))
+        kl["paper"].append(_kl(smollm2.model, run, method, pivot, paper["lambda"]))
     assert pivots == paper["layer"]  # the argmax rule picks the same layer on every prompt
     mean = {name: sum(v) / len(v) for name, v in kl.items()}
     assert mean["best"] == pytest.approx(best["kl"], rel=0.05), mean
     assert mean["paper"] == pytest.approx(paper["kl"], rel=0.05), mean
-    assert mean["paper"] - mean["best"] > (paper["kl"] - best["kl"]) / 2  # the choice's margin
+    margin = paper["kl"] - best["kl"]  # the choice's margin over the reference row, kept
+    assert (mean["paper"] - mean["best"]) * math.copysign(1, margin) > abs(margin) / 2
     num_layers = PROFILE["num_layers"]
     assert best["compute_fraction"] == pytest.approx(
         compute_fraction(best["layer"], num_layers, s["r_struct"]), abs=1e-4
