@@ -11,10 +11,10 @@ every prompt, and checks the choice is the table's best.
 
 The shipped profile is v5's since 2026-11-30 (pivot 15, λ 0.3, budgets from the search; its
 grid had λ 0.1 and 0.3, so the reference row is the argmax rule at the chosen λ). For the
-previous profile: measured (2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
-interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 / 0.0229 (0.02298
-stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the chosen row's top-1
-agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
+previous profile: measured (2026-11-29, same torch 2.13.0 wheel, two environments on one
+machine: the system interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 /
+0.0229 (0.02298 stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the
+chosen row's top-1 agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
 the full model's greedy continuation, so one float-level near-tie flip early in that
 continuation changes every later step of a prompt (one prompt went from 13 to 10 of 16). So the
 test holds KL to 5 % and the decision itself — the chosen row's KL is below the paper preset's
