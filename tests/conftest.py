@@ -66,6 +66,20 @@ def exported_engine(family: str, attention: str, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_serving_engine(smollm2, tmp_path_factory):
+    """The embedded model exported with a 10 % KV cache and single tokens (`--r-struct 0.2
+    --r-kv 0.1 --chunk 0`; pivot and λ from the profile): the server tests size their pools in
+    blocks of what such requests keep (e.g. 22 blocks: two compressed 1K prompts fit, a third
+    waits), whatever budgets the shipped profile has."""
+    from structkv.export.exporter import main as export
+
+    out = tmp_path_factory.mktemp("smollm2-serving") / "engine"
+    knobs = ["--r-struct", "0.2", "--r-kv", "0.1", "--chunk", "0"]
+    assert export(["--model", "smollm2-135m", *knobs, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_engine(smollm2, tmp_path_factory):
     """The embedded model exported with the CLI's defaults (`structkv-export --model
     smollm2-135m`), once per session: the end-to-end test and the server tests share it."""

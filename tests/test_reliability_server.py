@@ -34,8 +34,8 @@ POOL_MB = 16  # 22 blocks: two compressed 1K prompts fit, a third waits
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine):
-    server = Server(smollm2_engine, kv_cache_mb=POOL_MB)
+def server(smollm2_serving_engine):
+    server = Server(smollm2_serving_engine, kv_cache_mb=POOL_MB)
     yield server
     server.stop()
 
@@ -235,11 +235,11 @@ def test_1000_rapid_bad_requests_then_a_good_one(server):
         _healthy(server)
 
 
-def test_sigterm_with_requests_in_flight(smollm2_engine):
+def test_sigterm_with_requests_in_flight(smollm2_serving_engine):
     """A server of its own: a streaming and a non-streaming request in flight when SIGTERM
     arrives; the stream ends with finish_reason abort and [DONE], the non-streaming one gets a
     JSON answer (abort) or its full answer, and the process exits 0."""
-    own = Server(smollm2_engine, kv_cache_mb=POOL_MB)
+    own = Server(smollm2_serving_engine, kv_cache_mb=POOL_MB)
     outcome: dict = {}
 
     def stream() -> None:

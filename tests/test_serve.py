@@ -26,13 +26,13 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_engine):
-    return Engine.load(smollm2_engine, kv_cache_mb=64)
+def engine(smollm2_serving_engine):
+    return Engine.load(smollm2_serving_engine, kv_cache_mb=64)
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_engine):
-    server = Server(smollm2_engine)
+def server(smollm2_serving_engine):
+    server = Server(smollm2_serving_engine)
     yield server
     assert server.stop() == 0, "".join(server.log)
 
