@@ -7,6 +7,10 @@ tokens (the value's digits) that survive into the propagated set and into the KV
 >= 24 new tokens. Calibration never sees these prompts (it uses generic prose tasks).
 
 Example: python scripts/eval_needles.py --haystack prose --out docs/needles-prose.json
+
+Held-out check (your own haystack and wording, never in the repository):
+python scripts/eval_needles.py --haystack-file my.txt --needle 'The code for {key} is {value}.'
+--question 'What is the code for {key}?' --methods full,structkv
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_
 from structkv.knobs import add_method_args, method_knobs
 from structkv.methods import METHODS as METHOD_CLASSES
 from structkv.models import DEFAULT_MODEL, load
-from structkv.prompts.needle import HAYSTACKS, make_needle_prompt, needle_token_positions
+from structkv.prompts.haystack import paragraphs
+from structkv.prompts.needle import (
+    HAYSTACKS,
+    NEEDLE,
+    QUESTION,
+    check_templates,
+    make_needle_prompt,
+    needle_token_positions,
+)
 
 METHODS = "full,snapkv,fastkv,gemfilter,structkv-paper,structkv"
 
@@ -48,17 +60,42 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--haystack", choices=HAYSTACKS, default="prose")
+    p.add_argument(
+        "--haystack-file", help="your own prose (paragraphs split at blank lines) for the haystack"
+    )
+    p.add_argument("--needle", default=NEEDLE, help="needle wording with {key} and {value}")
+    p.add_argument("--question", default=QUESTION, help="question wording with {key}")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", help="write the JSON result here")
     add_method_args(p)  # --window, --chunk, --r-kv, ...: given to every method that has the knob
     args = p.parse_args()
     given = method_knobs(args)
+    if args.haystack_file and args.haystack != "prose":
+        p.error("--haystack-file replaces the prose haystack: drop --haystack noise")
+    try:
+        check_templates(args.needle, args.question)
+        if args.haystack_file:
+            paragraphs(args.haystack_file)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    unknown = [m for m in args.methods.split(",") if m not in METHOD_CLASSES]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {sorted(METHOD_CLASSES)}")
 
     lm = load(args.model)
     tok = lm.tokenizer
     depths = [(i + 0.5) / args.samples for i in range(args.samples)]
     prompts = [
-        make_needle_prompt(tok, args.length, d, seed=i, haystack=args.haystack)
+        make_needle_prompt(
+            tok,
+            args.length,
+            d,
+            seed=i,
+            haystack=args.haystack,
+            haystack_file=args.haystack_file,
+            needle=args.needle,
+            question=args.question,
+        )
         for i, d in enumerate(depths)
     ]
     results = {}
@@ -110,7 +147,9 @@ def main() -> int:
         )
     doc = {
         "model": lm.model_id,
-        "haystack": args.haystack,
+        "haystack": args.haystack_file or args.haystack,
+        "needle": args.needle,
+        "question": args.question,
         "length": args.length,
         "knobs": given,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

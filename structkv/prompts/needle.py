@@ -58,6 +58,32 @@ def build_context(
     return out
 
 
+def check_templates(needle: str, question: str) -> None:
+    """Refuse needle/question wordings that cannot make a scorable prompt, naming the fix.
+
+    Why: held-out checks bring their own wording (``scripts/eval_needles.py --needle
+    --question``); a template without ``{value}`` would hide the answer and score 0 silently."""
+    problems = []
+    for name, text, need, forbid in (
+        ("needle", needle, ("{key}", "{value}"), ()),
+        ("question", question, ("{key}",), ("{value}",)),
+    ):
+        problems += [f"the {name} wording lacks {p}" for p in need if p not in text]
+        problems += [f"the {name} wording must not contain {p}" for p in forbid if p in text]
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ": write e.g. --needle 'The code for {key} is {value}.' "
+            "--question 'What is the code for {key}?'"
+        )
+    try:
+        needle.format(key="k", value="v"), question.format(key="k")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"needle/question wording has a placeholder other than {{key}} and {{value}} ({e}); "
+            "double the braces ({{ }}) to write a literal one"
+        ) from None
+
+
 def make_needle_prompt(
     tokenizer,
     length: int,
@@ -65,17 +91,22 @@ def make_needle_prompt(
     seed: int,
     haystack: str = "prose",
     haystack_file: str | None = None,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
 ) -> NeedlePrompt:
     """A prompt of about ``length`` tokens (chat wrapper excluded) with one needle at ``depth``.
 
-    ``haystack``: "prose" (stdlib docstrings or ``haystack_file``) or "noise" (RULER filler)."""
+    ``haystack``: "prose" (stdlib docstrings or ``haystack_file``) or "noise" (RULER filler).
+    ``needle`` / ``question``: the wording, with ``{key}`` and ``{value}`` (question: ``{key}``)
+    placeholders — RULER's by default, other wordings for held-out checks."""
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; choose one of {HAYSTACKS}")
+    check_templates(needle, question)
     rng = random.Random(seed)
     key = f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}"
     value = str(rng.randrange(1_000_000, 10_000_000))
-    needle = NEEDLE.format(key=key, value=value)
-    question = QUESTION.format(key=key)
+    needle = needle.format(key=key, value=value)
+    question = question.format(key=key)
     overhead = _count(tokenizer, needle) + _count(tokenizer, question) + 4
     source = (NOISE,) if haystack == "noise" else paragraphs(haystack_file)
     context = build_context(tokenizer, length - overhead, rng, source)
