@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from structkv.eval.frontier import FAMILIES, KEEP, settings, summarise
+from structkv.eval.frontier import (
+    FAMILIES,
+    KEEP,
+    NEEDLE_AVERAGE,
+    report_markdown,
+    settings,
+    summarise,
+)
 from structkv.eval.runner import RunConfig, _key
 
 
@@ -61,6 +68,37 @@ def test_cheapest_setting_is_least_compute_then_least_kv_among_those_keeping_90_
     data = summarise(results, cfg, specs)["2048"]
     assert data["cheapest"]["structkv"]["tracing"] is None
     assert KEEP == 0.9 and set(FAMILIES) >= {"single needle", "tracing"}
+
+
+def test_needle_average_is_rulers_mean_over_the_needle_tasks_with_its_own_cheapest_setting():
+    """Computed here from the per-task means by hand: 3 needle tasks (two families) + vt."""
+    specs = settings(["full", "structkv"], [0.2, 0.5], [0.5])
+    tasks = ["niah_single_1", "niah_single_2", "niah_multikey_1", "vt"]
+    cfg = RunConfig(methods=list(specs), tasks=tasks, lengths=[2048], samples=2, specs=specs)
+    results = _results({
+        "full": (1.0, {"niah_single_1": [1, 1], "niah_single_2": [1, 0], "niah_multikey_1": [1, 1],
+                       "vt": [1, 1]}),
+        "structkv rs=0.2 kv=0.5": (0.6, {"niah_single_1": [1, 1], "niah_single_2": [0, 0],
+                                         "niah_multikey_1": [1, 0], "vt": [1, 1]}),
+        "structkv rs=0.5 kv=0.5": (0.75, {"niah_single_1": [1, 1], "niah_single_2": [1, 0],
+                                          "niah_multikey_1": [1, 0], "vt": [0, 0]}),
+    })  # fmt: skip
+    data = summarise(results, cfg, specs)["2048"]
+    rows = {r["setting"]: r for r in data["rows"]}
+    assert rows["full"]["scores"][NEEDLE_AVERAGE] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert rows["structkv rs=0.2 kv=0.5"]["scores"][NEEDLE_AVERAGE] == pytest.approx(1.5 / 3)
+    assert rows["structkv rs=0.5 kv=0.5"]["scores"][NEEDLE_AVERAGE] == pytest.approx(2 / 3)
+    assert rows["structkv rs=0.5 kv=0.5"]["pct_full"][NEEDLE_AVERAGE] == pytest.approx(80.0)
+    # 0.2 keeps 60 %, 0.5 keeps 80 %: neither reaches 90 %; with a better 0.5 row, 0.5 is chosen
+    assert data["cheapest"]["structkv"][NEEDLE_AVERAGE] is None
+    results[_key("structkv rs=0.5 kv=0.5", "niah_multikey_1", 2048, 1)]["score"] = 1
+    data = summarise(results, cfg, specs)["2048"]
+    assert data["cheapest"]["structkv"][NEEDLE_AVERAGE] == "structkv rs=0.5 kv=0.5"
+    assert "| needle average |" in report_markdown({"2048": data}, cfg)
+    # one needle task incomplete: no needle average (not one over the tasks that exist)
+    del results[_key("structkv rs=0.2 kv=0.5", "niah_single_2", 2048, 1)]
+    rows = {r["setting"]: r for r in summarise(results, cfg, specs)["2048"]["rows"]}
+    assert NEEDLE_AVERAGE not in rows["structkv rs=0.2 kv=0.5"]["scores"]
 
 
 def test_an_incomplete_family_is_left_out_not_averaged_over_what_exists():

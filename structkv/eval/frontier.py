@@ -35,6 +35,10 @@ FAMILIES = {
     "tracing": ("vt",),
     "aggregation": ("cwe", "fwe"),
 }
+#: RULER's needle average (mean over the ``niah_*`` tasks run, each task weighing the same): the
+#: figure the issue's goals are stated in, reported beside the families and given a cheapest
+#: setting of its own.
+NEEDLE_AVERAGE = "needle average"
 #: A setting "keeps" a family when it scores at least this share of full context's score.
 KEEP = 0.9
 PROFILES = {
@@ -94,6 +98,20 @@ def _family_scores(results: dict, cfg: RunConfig, label: str, n: int) -> dict[st
                 scores.append(e["score"])
         if tasks and len(scores) == len(tasks) * cfg.samples:
             out[fam] = statistics.mean(scores)
+    means = _task_means(results, cfg, label, n)
+    needles = [t for t in cfg.tasks if t.startswith("niah_")]
+    if len(needles) > 1 and all(t in means for t in needles):
+        out[NEEDLE_AVERAGE] = statistics.mean(means[t] for t in needles)
+    return out
+
+
+def _task_means(results: dict, cfg: RunConfig, label: str, n: int) -> dict[str, float]:
+    """Mean score per task over its samples; complete tasks only."""
+    out = {}
+    for t in cfg.tasks:
+        entries = [results.get(_key(label, t, n, cfg.seed + i)) for i in range(cfg.samples)]
+        if all(e is not None and e.get("score") is not None for e in entries):
+            out[t] = statistics.mean(e["score"] for e in entries)
     return out
 
 
@@ -142,6 +160,8 @@ def summarise(results: dict, cfg: RunConfig, specs: dict) -> dict:
 
 def report_markdown(summary: dict, cfg: RunConfig, speed: dict | None = None) -> str:
     fams = [f for f in FAMILIES if any(t in cfg.tasks for t in FAMILIES[f])]
+    if any(NEEDLE_AVERAGE in r["scores"] for d in summary.values() for r in d["rows"]):
+        fams.append(NEEDLE_AVERAGE)
     parts = [f"# Frontier: {cfg.samples} samples per task, tasks {', '.join(cfg.tasks)}\n"]
     for n, data in summary.items():
         head = ["setting", "compute", "KV", *fams]
