@@ -64,14 +64,18 @@ def parse_pivot(text: str) -> int | str:
 #: (flag, dest, type, help). Help states the default of the methods that have the knob.
 KNOBS: tuple[tuple[str, str, object, str], ...] = (
     ("--r-struct", "r_struct", float,
-     "compute budget: fraction of the prompt propagated after the pivot (default 0.2)"),
+     "compute budget: fraction of the prompt propagated after the pivot (default 0.2; structkv: "
+     "the calibration profile's where it has one)"),
     ("--r-kv", "r_kv", float,
-     "memory budget: fraction of the prompt kept per layer and KV head (default 0.1)"),
-    ("--window", "window", int, "observation window w, last prompt tokens always kept (default 8)"),
+     "memory budget: fraction of the prompt kept per layer and KV head (default 0.1; structkv: "
+     "the calibration profile's where it has one)"),
+    ("--window", "window", int,
+     "observation window w, last prompt tokens always kept (default 8; structkv: the profile's)"),
     ("--pooling", "pooling", int, "odd pooling kernel over token scores, 1 = off (default 7)"),
     ("--pool-mode", "pool_mode", str, "pooling mode: max (SnapKV) | avg (kvpress) (default max)"),
     ("--chunk", "chunk", int,
-     "keep whole spans of this many tokens instead of single tokens, 0 = token level (default 0)"),
+     "keep whole spans of this many tokens instead of single tokens, 0 = token level (default 0; "
+     "structkv: the profile's)"),
     ("--lambda", "lam", float, "centrality decay λ in [0, 1] (default: calibration profile)"),
     ("--kv-evidence", "kv_evidence", float,
      "structkv: weight of deeper evidence (centrality at the pivot, attention after it) in the "
