@@ -79,3 +79,39 @@ def test_structural_compaction_gathers_hidden_rows():
     keep = st.select_tokens(centrality, budget(0.2, n), window, 7, "max")
     hidden = torch.randn(1, n, e)
     assert torch.equal(st.gather_tokens(hidden, keep[None]), hidden[:, keep])
+
+
+@pytest.mark.parametrize("kind", ["random", "signed", "ties", "zeros", "constant"])
+@pytest.mark.parametrize(
+    "n, window, ratio, pooling, mode, chunk",
+    [
+        (300, 8, 0.2, 7, "max", 16),  # remainder 4 between the last chunk and the window
+        (40, 8, 0.1, 1, "avg", 16),  # budget below one chunk: one chunk is kept anyway
+        (1000, 32, 0.3, 7, "avg", 8),
+        (26, 8, 0.5, 3, "max", 16),  # the shortest engine prompt: one whole chunk, kept
+        (20, 8, 0.2, 7, "max", 16),  # no whole chunk: everything is kept
+        (4099, 16, 0.2, 7, "max", 32),
+    ],
+)
+def test_chunk_selection_matches_torch(kind, n, window, ratio, pooling, mode, chunk):
+    """Chunk mode (span-preserving selection) keeps the torch path's tokens exactly, per layer
+    and KV head: the chunk means are summed in the torch cumsum's own order and precision."""
+    scores = _scores(kind, (2, 2, n), seed=n + chunk)
+    k = budget(ratio, 2 * n)  # KV selection: a fraction of the prompt, not of n
+    got = st.select_tokens(scores, k, window, pooling, mode, chunk)
+    assert torch.equal(got, select_tokens(scores, k, window, pooling, mode, chunk))
+
+
+def test_chunk_means_are_summed_as_the_torch_cumsum_sums():
+    """After a large early score a float32 running sum rounds every step (1e8 + 5 and 1e8 + 6
+    both become 1e8 + 8); torch's CPU cumsum accumulates in float64 and so must the kernel, or
+    the chunk ranking differs from the torch path's. Here float64 means rank chunk 3 (sixes)
+    above chunk 1 (fives); float32 ones tie them and the lower chunk would win."""
+    scores = torch.zeros(96)
+    scores[0] = 1e8
+    scores[16:32] = 5.0
+    scores[48:64] = 6.0
+    k = 40  # window 8, remainder 8: two chunks of 16, chunk 0 and the better of 1 and 3
+    want = select_tokens(scores, k, 8, 1, "max", 16)
+    assert want[16:32].tolist() == list(range(48, 64))
+    assert torch.equal(st.select_tokens(scores, k, 8, 1, "max", 16), want)

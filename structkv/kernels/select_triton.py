@@ -36,15 +36,9 @@ _INT32_MIN = -2147483648
 
 
 @triton.jit
-def pool_keys(
-    scores, keys, n, window, pool, avg, row_stride, key_stride, BLOCK: tl.constexpr
-):  # fmt: skip
-    """keys[row, j] = order-preserving int32 of the pooled score j, for j < n - window."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = n - window
+def _pooled(base, offs, m, pool, avg, BLOCK: tl.constexpr):
+    """The pooled scores at ``offs`` of one row of ``m`` candidates (-0.0 folded into +0.0)."""
     inside = offs < m
-    base = scores + row * row_stride
     half = pool // 2
     if avg != 0:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -58,10 +52,79 @@ def pool_keys(
             j = offs - half + i
             v = tl.load(base + j, mask=inside & (j >= 0) & (j < m), other=float("-inf"))
             acc = tl.maximum(acc, v)
-    acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 == +0.0 for the torch path's comparisons
-    bits = acc.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
-    tl.store(keys + row * key_stride + offs, key, mask=inside)
+    return tl.where(acc == 0.0, 0.0, acc)  # -0.0 == +0.0 for the torch path's comparisons
+
+
+@triton.jit
+def _key(x):
+    """The order-preserving int32 of a float32 (negative floats: magnitude order reversed)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def pool_keys(
+    scores, keys, n, window, pool, avg, row_stride, key_stride, BLOCK: tl.constexpr
+):  # fmt: skip
+    """keys[row, j] = order-preserving int32 of the pooled score j, for j < n - window."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = n - window
+    acc = _pooled(scores + row * row_stride, offs, m, pool, avg, BLOCK)
+    tl.store(keys + row * key_stride + offs, _key(acc), mask=offs < m)
+
+
+@triton.jit
+def pool_values(
+    scores, pooled, n, window, pool, avg, row_stride, out_stride, BLOCK: tl.constexpr
+):  # fmt: skip
+    """pooled[row, j] = the pooled score j (float32), for j < n - window: chunk mode's input."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = n - window
+    acc = _pooled(scores + row * row_stride, offs, m, pool, avg, BLOCK)
+    tl.store(pooled + row * out_stride + offs, acc, mask=offs < m)
+
+
+@triton.jit
+def chunk_keys(pooled, keys, chunk, whole, in_stride, key_stride):
+    """keys[row, s] = order-preserving int32 of chunk s's mean, for s < whole: one program per
+    row, in the torch path's arithmetic exactly. :func:`structkv.selection.
+    topk_chunks_with_window` takes a chunk's mean as ``(prefix[e] - prefix[e - c]) / c`` of the
+    float32 prefix sum, and torch's CPU cumsum adds float32 in a float64 accumulator in index
+    order, rounding each prefix to float32; so this adds the same values in the same order
+    (sequentially: a parallel scan rounds differently), subtracts in float32 and divides with
+    IEEE rounding (``div_rn``)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = pooled + row * in_stride
+    size = chunk.to(tl.float32)
+    total = tl.zeros([], dtype=tl.float64)
+    start = tl.zeros([], dtype=tl.float32)
+    for s in range(0, whole):
+        for j in range(0, chunk):
+            total += tl.load(base + s * chunk + j).to(tl.float64)
+        end = total.to(tl.float32)
+        mean = tl.math.div_rn(end - start, size)
+        start = end
+        tl.store(keys + row * key_stride + s, _key(tl.where(mean == 0.0, 0.0, mean)))
+
+
+@triton.jit
+def expand_chunks(
+    chunks, out, n, keep, chunk, whole, chunk_stride, out_stride, BLOCK: tl.constexpr
+):  # fmt: skip
+    """out[row, :]: the tokens of the ``keep`` kept chunks (their indices ascending in
+    ``chunks``), then every token from ``whole * chunk`` on (the remainder and the window)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    chunked = keep * chunk
+    count = chunked + n - whole * chunk
+    inside = offs < count
+    in_chunk = offs < chunked
+    index = tl.load(chunks + row * chunk_stride + offs // chunk, mask=inside & in_chunk, other=0)
+    first = index * chunk + (offs % chunk)
+    tail = (whole * chunk + offs - chunked).to(tl.int64)
+    tl.store(out + row * out_stride + offs, tl.where(in_chunk, first, tail), mask=inside)
 
 
 @triton.jit
@@ -129,10 +192,10 @@ def gather_rows(
 
 # -- torch-facing wrappers (the interpreter on CPU tensors, or a GPU) ----------------------------
 def select_tokens(
-    scores: torch.Tensor, k: int, window: int, pooling: int, pool_mode: str
+    scores: torch.Tensor, k: int, window: int, pooling: int, pool_mode: str, chunk: int = 0
 ) -> torch.Tensor:
     """Same contract as :func:`structkv.selection.select_tokens`: ``scores`` ``[..., n]`` ->
-    kept indices ``[..., min(k, n - w) + w]`` (int64, ascending per row)."""
+    kept indices ``[..., selected_count(n, k, w, chunk)]`` (int64, ascending per row)."""
     if pool_mode not in ("max", "avg"):
         raise ValueError(f"pooling mode must be max or avg, got {pool_mode!r}")
     if pooling > 1 and pooling % 2 == 0:
@@ -142,15 +205,48 @@ def select_tokens(
     m = n - window
     if m < 1:
         raise ValueError(f"{n} scores leave no candidate outside the window of {window}")
+    pool, avg = max(1, pooling), int(pool_mode == "avg")
+    if chunk > 1:
+        return _select_chunks(rows, k, window, pool, avg, chunk).reshape(*lead, -1)
     kk = max(0, min(k, m))
     keys = torch.empty(rows.shape[0], m, dtype=torch.int32, device=rows.device)
     out = torch.empty(rows.shape[0], kk + window, dtype=torch.int64, device=rows.device)
     pool_keys[(rows.shape[0], triton.cdiv(m, SELECT_BLOCK))](
-        rows, keys, n, window, max(1, pooling), int(pool_mode == "avg"), n, m,
-        BLOCK=SELECT_BLOCK,
+        rows, keys, n, window, pool, avg, n, m, BLOCK=SELECT_BLOCK
     )  # fmt: skip
     select_rows[(rows.shape[0],)](keys, out, n, kk, window, m, kk + window, BLOCK=SELECT_BLOCK)
     return out.reshape(*lead, kk + window)
+
+
+def _select_chunks(
+    rows: torch.Tensor, k: int, window: int, pool: int, avg: int, chunk: int
+) -> torch.Tensor:
+    """Chunk mode (:func:`structkv.selection.topk_chunks_with_window`) on ``rows`` ``[R, n]``:
+    pooled values, chunk means as keys, the best ``keep`` chunks by ``select_rows`` (a row of
+    ``whole`` chunk keys, no window), then their tokens plus the remainder and the window."""
+    count_rows, n = rows.shape
+    m = n - window
+    whole = m // chunk
+    rest = m - whole * chunk
+    keep = min(whole, max(1, max(k - rest, 0) // chunk))
+    count = keep * chunk + n - whole * chunk
+    device = rows.device
+    chosen = torch.empty(count_rows, max(keep, 1), dtype=torch.int64, device=device)
+    if whole > 0:
+        pooled = torch.empty(count_rows, m, dtype=torch.float32, device=device)
+        keys = torch.empty(count_rows, whole, dtype=torch.int32, device=device)
+        pool_values[(count_rows, triton.cdiv(m, SELECT_BLOCK))](
+            rows, pooled, n, window, pool, avg, n, m, BLOCK=SELECT_BLOCK
+        )  # fmt: skip
+        chunk_keys[(count_rows,)](pooled, keys, chunk, whole, m, whole)
+        select_rows[(count_rows,)](
+            keys, chosen, whole, keep, 0, whole, chosen.shape[1], BLOCK=SELECT_BLOCK
+        )  # fmt: skip
+    out = torch.empty(count_rows, count, dtype=torch.int64, device=device)
+    expand_chunks[(count_rows, triton.cdiv(count, SELECT_BLOCK))](
+        chosen, out, n, keep, chunk, whole, chosen.shape[1], count, BLOCK=SELECT_BLOCK
+    )  # fmt: skip
+    return out
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
