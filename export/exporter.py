@@ -196,17 +196,7 @@ def resolve_method(src, settings: ExportSettings, log=_log) -> tuple[StructKV, s
             source = "paper preset (no calibration profile)"
     else:
         source = "fixed by --pivot"
-    given = settings.method
     method, _ = method.with_profile(profile)
-    if method.chunk > 1 and settings.target == "tensorrt":
-        if "chunk" not in given.from_profile:
-            raise StructKVError(
-                f"--chunk {method.chunk} with --target tensorrt: the StructKVCompact plugin "
-                "selects single tokens; drop --chunk, or export --target onnxruntime"
-            )
-        log(f"the profile's chunk {method.chunk} is not used: the TensorRT plugin selects "
-            "single tokens")  # fmt: skip
-        method = replace(method, chunk=0)
     method.check_engine(num_layers)
     return method, source, profile
 

@@ -10,6 +10,7 @@ The node follows what TensorRT's ONNX parser expects of a plugin node: ``op_type
 plugin's name, attributes ``plugin_namespace`` / ``plugin_version`` pick the creator and every
 other attribute becomes a plugin field. The ratio is written as the exact fraction the Python
 budget uses (``ratio_num`` / ``ratio_den``), so the plugin's K equals the torch path's.
+``chunk`` > 1 keeps whole chunks (span-preserving selection), as the traced graphs did.
 ONNX Runtime runs these graphs with the reference op in
 :mod:`structkv.kernels.plugin_reference` (the torch path's selection), which is how the
 rewritten engine is proved to generate the same tokens.
@@ -43,6 +44,7 @@ def plugin_attributes(method, mode: str) -> dict:
         "window": method.window,
         "pooling": method.pooling,
         "pool_mode": method.pool_mode,
+        "chunk": method.chunk if method.chunk > 1 else 0,
     }
 
 

@@ -197,6 +197,13 @@ def plugin_enqueue(build: Path) -> str:
           torch.zeros(prompt, dtype=torch.int64)]  # fmt: skip
     compare("kv_select fp16 r_kv 0.1", "kv_select", kv, r=0.1)
     compare("kv_select fp16 avg pool 3", "kv_select", kv, r=0.1, pooling=3, pool_mode="avg")
+    # chunk mode (span-preserving selection): chunk means summed as torch's CPU cumsum sums them
+    compare("kv_select fp16 chunk 16", "kv_select", kv, r=0.1, chunk=16)
+    compare("kv_select fp16 avg pool 3 chunk 32", "kv_select", kv, r=0.5, pooling=3,
+            pool_mode="avg", chunk=32)  # fmt: skip
+    for n in (4096, 131072):
+        scores = [torch.randn(1, n, 64, generator=g), torch.rand(n, generator=g)]
+        compare(f"compact {n // 1024}K chunk 16", "compact", scores, chunk=16)
     DATA["plugin-enqueue"] = {"ms_per_call": times}
     return f"{len(times)} cases equal to the torch selection; ms/call: " + ", ".join(
         f"{k} {v}" for k, v in times.items() if "ties" not in k

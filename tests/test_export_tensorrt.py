@@ -58,6 +58,7 @@ def test_selection_graphs_are_one_plugin_node_each(trt_engine, tmp_path_factory)
         )
         assert attrs["window"] == method["window"] and attrs["pooling"] == method["pooling"]
         assert attrs["pool_mode"] == method["pool_mode"].encode()
+        assert attrs["chunk"] == 0  # single tokens, as the method selects them
         # the interface the runtime relies on is unchanged
         assert manifest["graphs"][name] == plain["graphs"][name]
     for graph in ("pre_pivot", "compact", "post_pivot", "kv_select", "decode"):
@@ -75,6 +76,29 @@ def test_onnx_runtime_with_the_reference_op_generates_the_plain_engines_tokens(
         a, b = plain.prefill(ids), rewritten.prefill(ids)
         assert np.array_equal(a.positions, b.positions)  # the same kept tokens, every layer
         assert np.array_equal(a.logits, b.logits)
+
+
+def test_chunk_mode_plugin_graphs_generate_the_plain_chunk_engines_tokens(tmp_path):
+    """``--chunk 16 --target tensorrt``: the plugin nodes carry the chunk, and ONNX Runtime running
+    them with the reference op keeps exactly the whole chunks the plain chunk engine's traced
+    graphs keep (every layer's positions), with the same logits and tokens."""
+    argv = ["--model", "tiny-llama", *PIVOT, "--chunk", "16"]
+    assert export_cli([*argv, "--attention", "explicit", "--out", str(tmp_path / "plain")]) == 0
+    assert export_cli([*argv, "--target", "tensorrt", "--out", str(tmp_path / "trt")]) == 0
+    for name in ("compact", "kv_select"):
+        (node,) = onnx.load(str(tmp_path / "trt" / f"{name}.onnx")).graph.node
+        assert _attrs(node)["chunk"] == 16
+    plain = Engine.load(tmp_path / "plain", kv_cache_mb=8)
+    rewritten = Engine.load(tmp_path / "trt", kv_cache_mb=8)
+    assert plain.method.chunk == rewritten.method.chunk == 16
+    for seed, n in ((0, 24), (1, 300), (2, 1000)):
+        ids = np.random.default_rng(seed).integers(0, 256, n)
+        a, b = plain.prefill(ids), rewritten.prefill(ids)
+        assert np.array_equal(a.positions, b.positions)
+        assert np.array_equal(a.logits, b.logits)
+        assert plain.generate(ids, 8)[0] == rewritten.generate(ids, 8)[0]
+    head = b.positions[0][0].tolist()  # whole chunks: a kept run of 16 consecutive positions
+    assert any(head[i : i + 16] == list(range(head[i], head[i] + 16)) for i in range(len(head)))
 
 
 def test_target_tensorrt_refuses_attention_tensorrt_cannot_parse(tmp_path, capsys):

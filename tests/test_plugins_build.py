@@ -34,11 +34,13 @@ def test_kernels_compile_to_cubins_for_sm80_and_sm90(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for kernel in ("pool_keys", "select_rows", "gather_f32", "gather_f16", "gather_bf16"):
+    kernels = ("pool_keys", "select_rows", "pool_values", "chunk_keys", "expand_chunks",
+               "gather_f32", "gather_f16", "gather_bf16", "gather_i64")  # fmt: skip
+    for kernel in kernels:
         for arch in (80, 90):
             # an ELF image (0x7f 'E' 'L' 'F') per kernel and architecture
             assert f"k_{kernel}_sm{arch}[] = {{127,69,76,70," in text, (kernel, arch)
-    assert text.count("{80, k_") == text.count("{90, k_") == 6
+    assert text.count("{80, k_") == text.count("{90, k_") == len(kernels)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_host_side_unit_test_passes(build):
     proc = subprocess.run([str(build / "testStructKVCompact")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all StructKVCompact host checks passed" in proc.stdout
-    assert proc.stderr.count("expected refusal") == 10  # each refusal logged one clear line
+    assert proc.stderr.count("expected refusal") == 12  # each refusal logged one clear line
 
 
 def test_output_shapes_match_the_python_budget(build):
@@ -98,6 +100,29 @@ def test_output_shapes_match_the_python_budget(build):
         argv += [repr(ratio), str(prompt), str(n), str(window)]
     got = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
     want = [min(budget(r, p), n - w) + w for r, p, n, w in cases]
+    assert [int(x) for x in got] == want
+
+
+def test_chunk_mode_output_shapes_match_the_python_count(build):
+    """Chunk mode's declared output length (getOutputShapes: whole chunks, the remainder, at
+    least one chunk, no whole chunk keeps all) equals the torch path's ``selected_count``."""
+    from fractions import Fraction
+
+    from structkv.selection import selected_count
+
+    cases = []
+    for ratio in (0.05, 0.1, 0.2, 0.5, 1.0, 1 / 3):
+        for prompt in (26, 100, 3000, 131072):
+            after = max(prompt // 3, 20)  # after the pivot (n < N), down to no whole chunk
+            shapes = ((prompt, 8, 16), (prompt, 32, 8), (after, 8, 16), (prompt, 8, 64))
+            for n, window, chunk in shapes:
+                f = Fraction(ratio).limit_denominator(1_000_000)
+                cases.append((f, prompt, n, window, chunk))
+    argv = [str(build / "testStructKVCompact"), "chunks"]
+    for f, prompt, n, window, chunk in cases:
+        argv += [str(f.numerator), str(f.denominator), str(prompt), str(n), str(window), str(chunk)]
+    got = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    want = [selected_count(n, budget(float(f), p), w, c) for f, p, n, w, c in cases]
     assert [int(x) for x in got] == want
 
 
@@ -131,13 +156,21 @@ def test_selftest_library_sizes_the_workspace_and_fails_cleanly_without_a_driver
     # README: rows * n int32 keys, rounded up to 256 bytes (+ rows * n int64 indices, kv_select)
     for n in (100, 4099):
         described = plugin._describe([torch.zeros(1, n, 8), torch.zeros(n)])
-        ws = plugin.lib.structkv_selftest_workspace(b"compact", 1, 5, 8, 7, b"max", *described)
+        ws = plugin.lib.structkv_selftest_workspace(b"compact", 1, 5, 8, 7, b"max", 0, *described)
         assert ws == (n * 4 + 255) // 256 * 256
         kv = [torch.zeros(2, 3, n, 4), torch.zeros(2, 3, n, 4), torch.zeros(2, 3, n),
               torch.zeros(n, dtype=torch.int64), torch.zeros(2 * n, dtype=torch.int64)]  # fmt: skip
-        ws = plugin.lib.structkv_selftest_workspace(b"kv_select", 1, 10, 8, 7, b"max",
+        ws = plugin.lib.structkv_selftest_workspace(b"kv_select", 1, 10, 8, 7, b"max", 0,
                                                     *plugin._describe(kv))  # fmt: skip
         assert ws == (6 * n * 4 + 255) // 256 * 256 + 6 * n * 8
+        # chunk mode adds float32 pooled scores and int64 chosen chunks, each 256-aligned
+        ws = plugin.lib.structkv_selftest_workspace(b"kv_select", 1, 10, 8, 7, b"max", 16,
+                                                    *plugin._describe(kv))  # fmt: skip
+
+        def aligned(size):
+            return (size + 255) // 256 * 256
+
+        assert ws == aligned(aligned(6 * n * 4) + 6 * n * 8) + aligned(6 * n * 4) + 6 * n * 8
     with pytest.raises(PluginError, match="refused"):
         plugin.run("bogus", [torch.zeros(1, 50, 8), torch.zeros(50)])
     if not _has_cuda_driver():

@@ -160,7 +160,6 @@ CONTRADICTIONS = [
     (["--quant", "int4", "--target", "tensorrt"], "TensorRT's ONNX parser"),
     (["--attention", "structkv", "--dtype", "fp16"], "fp32 CPU kernel"),
     (["--group-size", "64"], "--group-size needs --quant"),
-    (["--chunk", "16", "--target", "tensorrt"], "plugin selects single tokens"),
 ]
 
 

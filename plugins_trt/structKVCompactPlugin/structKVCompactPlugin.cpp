@@ -76,6 +76,40 @@ int64_t volume(Dims const& d, int32_t from, int32_t to)
     return v;
 }
 
+//! Byte offsets of the workspace's buffers for `rows` rows of `n` scores: int32 keys (of tokens,
+//! or of chunks in chunk mode), int64 kept indices (kv_select; compact writes them into its
+//! output), and in chunk mode float32 pooled scores and int64 chosen chunks. Each buffer starts
+//! on a 256-byte boundary.
+struct WorkspaceLayout
+{
+    size_t indices{0};
+    size_t pooled{0};
+    size_t chosen{0};
+    size_t total{0};
+};
+
+WorkspaceLayout workspaceLayout(int64_t rows, int64_t n, bool compact, bool chunked)
+{
+    auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+    size_t const cells = static_cast<size_t>(rows * n);
+    WorkspaceLayout w;
+    size_t at = aligned(cells * sizeof(int32_t));
+    w.indices = at;
+    if (!compact)
+    {
+        at += cells * sizeof(int64_t); // K <= n
+    }
+    if (chunked)
+    {
+        w.pooled = at = aligned(at);
+        at += aligned(cells * sizeof(float));
+        w.chosen = at;
+        at += cells * sizeof(int64_t); // chunks kept <= n
+    }
+    w.total = at;
+    return w;
+}
+
 ILoggerFinder* gLoggerFinder = nullptr;
 } // namespace
 
@@ -170,10 +204,20 @@ CompactParams CompactParams::fromFields(PluginFieldCollection const* fc)
             }
             p.avgPool = v == "avg";
         }
+        else if (name == "chunk")
+        {
+            int64_t const c = fieldInt(f);
+            if (c < 0 || c > 65536)
+            {
+                throw std::invalid_argument("chunk must be 0 (single tokens) or a chunk size up to 65536, got "
+                    + std::to_string(c));
+            }
+            p.chunk = static_cast<int32_t>(c);
+        }
         else
         {
             throw std::invalid_argument("unknown attribute \"" + name
-                + "\" (known: mode, r_struct, r_kv, ratio_num, ratio_den, window, pooling, pool_mode)");
+                + "\" (known: mode, r_struct, r_kv, ratio_num, ratio_den, window, pooling, pool_mode, chunk)");
         }
     }
     if (haveNum != haveDen)
@@ -302,6 +346,24 @@ int32_t StructKVCompactPlugin::getOutputShapes(DimsExprs const* inputs, int32_t 
     IDimensionExpr const* candidates = exprBuilder.operation(DimensionOperation::kSUB, *n, *w);
     IDimensionExpr const* kept = exprBuilder.operation(DimensionOperation::kSUM,
         *exprBuilder.operation(DimensionOperation::kMIN, *topk, *candidates), *w);
+    if (mParams.chunk > 1)
+    {
+        // chunkPlan as expressions: whole = (n - w) / c, rest = n - w - whole c,
+        // keep = min(whole, max(1, max(topk - rest, 0) / c)), K = keep c + n - whole c.
+        auto op = [&](DimensionOperation o, IDimensionExpr const* a, IDimensionExpr const* b) {
+            return exprBuilder.operation(o, *a, *b);
+        };
+        IDimensionExpr const* c = exprBuilder.constant(mParams.chunk);
+        IDimensionExpr const* whole = op(DimensionOperation::kFLOOR_DIV, candidates, c);
+        IDimensionExpr const* chunked = op(DimensionOperation::kPROD, whole, c);
+        IDimensionExpr const* rest = op(DimensionOperation::kSUB, candidates, chunked);
+        IDimensionExpr const* over
+            = op(DimensionOperation::kMAX, op(DimensionOperation::kSUB, topk, rest), exprBuilder.constant(0));
+        IDimensionExpr const* keep = op(DimensionOperation::kMIN, whole,
+            op(DimensionOperation::kMAX, exprBuilder.constant(1), op(DimensionOperation::kFLOOR_DIV, over, c)));
+        kept = op(DimensionOperation::kSUM, op(DimensionOperation::kPROD, keep, c),
+            op(DimensionOperation::kSUB, n, chunked));
+    }
     if (compact)
     {
         outputs[0].nbDims = 3;
@@ -376,17 +438,10 @@ size_t StructKVCompactPlugin::getWorkspaceSize(
     {
         return 0;
     }
-    // int32 pooled keys per row, plus (kv_select) the int64 kept indices per row.
     Dims const& scores = mParams.mode == SelectionMode::kCOMPACT ? inputs[1].max : inputs[2].max;
     int64_t const n = scores.d[scores.nbDims - 1];
     int64_t const rows = volume(scores, 0, scores.nbDims - 1);
-    size_t bytes = static_cast<size_t>(rows * n) * sizeof(int32_t);
-    bytes = (bytes + 255) / 256 * 256;
-    if (mParams.mode == SelectionMode::kKV_SELECT)
-    {
-        bytes += static_cast<size_t>(rows * n) * sizeof(int64_t); // K <= n
-    }
-    return bytes;
+    return workspaceLayout(rows, n, mParams.mode == SelectionMode::kCOMPACT, mParams.chunk > 1).total;
 }
 
 int32_t StructKVCompactPlugin::onShapeChange(
@@ -407,8 +462,8 @@ int32_t StructKVCompactPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
     int32_t window = mParams.window;
     int64_t const rows = volume(scoreDims, 0, scoreDims.nbDims - 1);
     int64_t const promptLen = compact ? n : inputDesc[4].dims.d[0];
-    int64_t const kept = keptCount(mParams.ratio, promptLen, n, window);
-    int32_t topk = static_cast<int32_t>(kept - window);
+    bool const chunked = mParams.chunk > 1;
+    int64_t const kept = selectedCount(mParams.ratio, promptLen, n, window, mParams.chunk);
     int32_t m = n - window;
     if (m < 1)
     {
@@ -416,26 +471,65 @@ int32_t StructKVCompactPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
             + std::to_string(window));
         return -1;
     }
-    auto* keys = static_cast<int32_t*>(workspace);
-    size_t keyBytes = (static_cast<size_t>(rows * n) * sizeof(int32_t) + 255) / 256 * 256;
-    auto* indices = compact ? static_cast<int64_t*>(outputs[1])
-                            : reinterpret_cast<int64_t*>(static_cast<char*>(workspace) + keyBytes);
+    WorkspaceLayout const layout = workspaceLayout(rows, n, compact, chunked);
+    auto* base = static_cast<char*>(workspace);
+    auto* keys = reinterpret_cast<int32_t*>(base);
+    auto* indices = compact ? static_cast<int64_t*>(outputs[1]) : reinterpret_cast<int64_t*>(base + layout.indices);
     void const* scores = compact ? inputs[1] : inputs[2];
     int32_t pool = mParams.pooling;
     int32_t avg = mParams.avgPool ? 1 : 0;
     int64_t rowStride = n;
     int64_t keyStride = m;
-    int64_t outStride = kept;
     std::string error;
+    if (chunked)
     {
+        // pool_values -> chunk_keys (chunk means, the torch path's arithmetic) -> select_rows over
+        // the chunk keys (no window) -> expand_chunks (kept chunks' tokens, remainder, window)
+        ChunkPlan const plan = chunkPlan(mParams.ratio, promptLen, n, window, mParams.chunk);
+        auto* pooled = reinterpret_cast<float*>(base + layout.pooled);
+        auto* chosen = reinterpret_cast<int64_t*>(base + layout.chosen);
+        int32_t chunk = mParams.chunk;
+        int32_t whole = static_cast<int32_t>(plan.whole);
+        int32_t keep = static_cast<int32_t>(plan.keep);
+        int32_t noWindow = 0;
+        int64_t chunkStride = std::max<int64_t>(plan.keep, 1);
+        int64_t wholeStride = plan.whole;
+        int64_t outStride = kept;
+        if (whole > 0)
+        {
+            void* args[] = {&scores, &pooled, &n, &window, &pool, &avg, &rowStride, &keyStride};
+            error = launchKernel(cubins::kPoolValues, static_cast<unsigned>(rows),
+                static_cast<unsigned>((m + 1023) / 1024), 1, args, 8, cuStream);
+            if (error.empty())
+            {
+                void* chunkArgs[] = {&pooled, &keys, &chunk, &whole, &keyStride, &wholeStride};
+                error = launchKernel(cubins::kChunkKeys, static_cast<unsigned>(rows), 1, 1, chunkArgs, 6, cuStream);
+            }
+            if (error.empty())
+            {
+                void* selectArgs[] = {&keys, &chosen, &whole, &keep, &noWindow, &wholeStride, &chunkStride};
+                error = launchKernel(cubins::kSelectRows, static_cast<unsigned>(rows), 1, 1, selectArgs, 7, cuStream);
+            }
+        }
+        if (error.empty())
+        {
+            void* args[] = {&chosen, &indices, &n, &keep, &chunk, &whole, &chunkStride, &outStride};
+            error = launchKernel(cubins::kExpandChunks, static_cast<unsigned>(rows),
+                static_cast<unsigned>((kept + 1023) / 1024), 1, args, 8, cuStream);
+        }
+    }
+    else
+    {
+        int32_t topk = static_cast<int32_t>(kept - window);
+        int64_t outStride = kept;
         void* args[] = {&scores, &keys, &n, &window, &pool, &avg, &rowStride, &keyStride};
         error = launchKernel(cubins::kPoolKeys, static_cast<unsigned>(rows), static_cast<unsigned>((m + 1023) / 1024),
             1, args, 8, cuStream);
-    }
-    if (error.empty())
-    {
-        void* args[] = {&keys, &indices, &n, &topk, &window, &keyStride, &outStride};
-        error = launchKernel(cubins::kSelectRows, static_cast<unsigned>(rows), 1, 1, args, 7, cuStream);
+        if (error.empty())
+        {
+            void* selectArgs[] = {&keys, &indices, &n, &topk, &window, &keyStride, &outStride};
+            error = launchKernel(cubins::kSelectRows, static_cast<unsigned>(rows), 1, 1, selectArgs, 7, cuStream);
+        }
     }
     // gather_rows(src, index, dst, count, width, src_group_stride, index_group_stride)
     auto gather = [&](void const* src, void* dst, DataType type, int64_t width, int64_t srcGroupStride) {
@@ -498,6 +592,7 @@ PluginFieldCollection const* StructKVCompactPlugin::getFieldsToSerialize() noexc
         PluginField("window", &mParams.window, PluginFieldType::kINT32, 1),
         PluginField("pooling", &mParams.pooling, PluginFieldType::kINT32, 1),
         PluginField("pool_mode", mPoolText.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(mPoolText.size() + 1)),
+        PluginField("chunk", &mParams.chunk, PluginFieldType::kINT32, 1),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
@@ -516,6 +611,7 @@ StructKVCompactPluginCreator::StructKVCompactPluginCreator()
         PluginField("window", nullptr, PluginFieldType::kINT32, 1),
         PluginField("pooling", nullptr, PluginFieldType::kINT32, 1),
         PluginField("pool_mode", nullptr, PluginFieldType::kCHAR, 0),
+        PluginField("chunk", nullptr, PluginFieldType::kINT32, 1),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();

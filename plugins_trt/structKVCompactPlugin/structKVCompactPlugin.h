@@ -37,6 +37,7 @@ struct CompactParams
     int32_t window{8};
     int32_t pooling{7};
     bool avgPool{false};
+    int32_t chunk{0}; //!< 0 or 1: single tokens; > 1: whole chunks of this many tokens
 
     //! Parse a field collection; unknown fields and bad values throw std::invalid_argument
     //! with one message naming the field and what is accepted.

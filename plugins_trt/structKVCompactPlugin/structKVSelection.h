@@ -99,4 +99,32 @@ inline int64_t keptCount(Ratio r, int64_t promptLen, int64_t n, int64_t window)
     return std::min(budget(r, promptLen), n - window) + window;
 }
 
+//! Chunk mode (span-preserving selection, chunk > 1): the n - window candidates are cut into
+//! `whole` chunks of `chunk` tokens from the start; the `keep` best chunks are kept whole, and
+//! the remainder between the last whole chunk and the window is always kept, so a row keeps
+//! `count` tokens. As structkv.selection.selected_count: keep = min(whole, max(1,
+//! max(ceil(R * N) - remainder, 0) / chunk)); no whole chunk keeps everything.
+struct ChunkPlan
+{
+    int64_t whole{0};
+    int64_t keep{0};
+    int64_t count{0};
+};
+
+inline ChunkPlan chunkPlan(Ratio r, int64_t promptLen, int64_t n, int64_t window, int64_t chunk)
+{
+    int64_t const candidates = n - window;
+    int64_t const whole = candidates / chunk;
+    int64_t const rest = candidates - whole * chunk;
+    int64_t const over = std::max<int64_t>(budget(r, promptLen) - rest, 0);
+    int64_t const keep = std::min(whole, std::max<int64_t>(1, over / chunk));
+    return {whole, keep, keep * chunk + n - whole * chunk};
+}
+
+//! Tokens a row keeps in either mode (chunk 0 or 1: single tokens).
+inline int64_t selectedCount(Ratio r, int64_t promptLen, int64_t n, int64_t window, int64_t chunk)
+{
+    return chunk > 1 ? chunkPlan(r, promptLen, n, window, chunk).count : keptCount(r, promptLen, n, window);
+}
+
 } // namespace structkv

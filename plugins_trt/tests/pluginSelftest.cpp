@@ -45,8 +45,8 @@ bool parseType(char const* name, DataType& out)
 }
 
 //! The plugin for these attributes (runtime phase), or null with a message on stderr.
-std::unique_ptr<structkv::StructKVCompactPlugin> makePlugin(
-    char const* mode, int32_t ratioNum, int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode)
+std::unique_ptr<structkv::StructKVCompactPlugin> makePlugin(char const* mode, int32_t ratioNum, int32_t ratioDen,
+    int32_t window, int32_t pooling, char const* poolMode, int32_t chunk)
 {
     std::vector<PluginField> fields{
         {"mode", mode, PluginFieldType::kCHAR, static_cast<int32_t>(std::strlen(mode) + 1)},
@@ -55,6 +55,7 @@ std::unique_ptr<structkv::StructKVCompactPlugin> makePlugin(
         {"window", &window, PluginFieldType::kINT32, 1},
         {"pooling", &pooling, PluginFieldType::kINT32, 1},
         {"pool_mode", poolMode, PluginFieldType::kCHAR, static_cast<int32_t>(std::strlen(poolMode) + 1)},
+        {"chunk", &chunk, PluginFieldType::kINT32, 1},
     };
     PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
     structkv::StructKVCompactPluginCreator creator;
@@ -98,10 +99,10 @@ struct Prepared
 };
 
 bool prepare(char const* mode, int32_t ratioNum, int32_t ratioDen, int32_t window, int32_t pooling,
-    char const* poolMode, int32_t nbInputs, int32_t const* nbDims, int64_t const* dims, char const* const* types,
+    char const* poolMode, int32_t chunk, int32_t nbInputs, int32_t const* nbDims, int64_t const* dims, char const* const* types,
     Prepared& out)
 {
-    out.plugin = makePlugin(mode, ratioNum, ratioDen, window, pooling, poolMode);
+    out.plugin = makePlugin(mode, ratioNum, ratioDen, window, pooling, poolMode, chunk);
     return out.plugin && nbInputs == out.plugin->getNbInputs()
         && describe(nbInputs, nbDims, dims, types, out.desc, out.dynamic);
 }
@@ -112,11 +113,11 @@ extern "C"
 {
     //! Workspace bytes the plugin asks for with these inputs, or -1 when it cannot be created.
     __attribute__((visibility("default"))) int64_t structkv_selftest_workspace(char const* mode, int32_t ratioNum,
-        int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode, int32_t nbInputs,
+        int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode, int32_t chunk, int32_t nbInputs,
         int32_t const* nbDims, int64_t const* dims, char const* const* types)
     {
         Prepared p;
-        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, nbInputs, nbDims, dims, types, p))
+        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, chunk, nbInputs, nbDims, dims, types, p))
         {
             return -1;
         }
@@ -126,12 +127,12 @@ extern "C"
     //! enqueue on ``stream`` (a CUstream / cudaStream_t; 0 = the legacy default stream) with device
     //! pointers; returns the plugin's status (0 on success; errors go to stderr).
     __attribute__((visibility("default"))) int32_t structkv_selftest_enqueue(char const* mode, int32_t ratioNum,
-        int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode, int32_t nbInputs,
+        int32_t ratioDen, int32_t window, int32_t pooling, char const* poolMode, int32_t chunk, int32_t nbInputs,
         int32_t const* nbDims, int64_t const* dims, char const* const* types, void const* const* inputs,
         void* const* outputs, void* workspace, void* stream)
     {
         Prepared p;
-        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, nbInputs, nbDims, dims, types, p))
+        if (!prepare(mode, ratioNum, ratioDen, window, pooling, poolMode, chunk, nbInputs, nbDims, dims, types, p))
         {
             return -1;
         }

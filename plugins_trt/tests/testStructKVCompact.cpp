@@ -8,6 +8,10 @@
  *   testStructKVCompact shapes R N n w ...    print K for each (R, N, n, w) quadruple (float R):
  *                                             tests/test_plugins_build.py compares them with the
  *                                             Python budget function
+ *   testStructKVCompact chunks p q N n w c .. print the kv_select output length that
+ *                                             getOutputShapes declares for chunk mode (R = p/q,
+ *                                             chunk c), compared with structkv.selection.
+ *                                             selected_count
  */
 #include <algorithm>
 #include <cstdio>
@@ -213,13 +217,14 @@ void testCreatorAndDefaults()
     CHECK(std::strcmp(creator.getPluginName(), "StructKVCompact") == 0);
     CHECK(std::strcmp(creator.getPluginNamespace(), "structkv") == 0);
     CHECK(std::strcmp(creator.getPluginVersion(), "1") == 0);
-    CHECK(creator.getFieldNames()->nbFields == 8);
+    CHECK(creator.getFieldNames()->nbFields == 9);
     Fields none;
     auto p = create(none);
     CHECK(p != nullptr);
     CHECK(p->params().mode == structkv::SelectionMode::kCOMPACT);
     CHECK(p->params().ratio.num == 1 && p->params().ratio.den == 5);
     CHECK(p->params().window == 8 && p->params().pooling == 7 && !p->params().avgPool);
+    CHECK(p->params().chunk == 0); // single tokens unless asked
     CHECK(p->getNbOutputs() == 2 && p->getNbInputs() == 2);
     CHECK(p->getCapabilityInterface(PluginCapabilityType::kCORE) != nullptr);
     // the plugin answers with the creator's identity (TensorRT matches the two)
@@ -238,7 +243,7 @@ void testRefusals()
         char const* what;
         Fields fields;
     };
-    std::vector<Case> cases(9);
+    std::vector<Case> cases(11);
     cases[0] = {"bad mode", Fields().text("mode", "sorted")};
     cases[1] = {"even pooling", Fields().i32("pooling", 4)};
     cases[2] = {"window 0", Fields().i32("window", 0)};
@@ -248,6 +253,8 @@ void testRefusals()
     cases[6] = {"num without den", Fields().i32("ratio_num", 1)};
     cases[7] = {"bad pool_mode", Fields().text("pool_mode", "min")};
     cases[8] = {"window as a float", Fields().f32("window", 8.0f)};
+    cases[9] = {"negative chunk", Fields().i32("chunk", -16)};
+    cases[10] = {"chunk too large", Fields().i32("chunk", 65537)};
     for (auto& c : cases)
     {
         std::fprintf(stderr, "(expected refusal: %s) ", c.what);
@@ -334,6 +341,7 @@ void testSerialisationRoundTripAndClone()
 {
     Fields f;
     f.text("mode", "kv_select").f32("r_kv", 0.3f).i32("window", 16).i32("pooling", 5).text("pool_mode", "avg");
+    f.i32("chunk", 16);
     auto p = create(f);
     CHECK(p != nullptr);
     PluginFieldCollection const* saved = p->getFieldsToSerialize();
@@ -343,12 +351,61 @@ void testSerialisationRoundTripAndClone()
     auto const& q = static_cast<structkv::StructKVCompactPlugin*>(back.get())->params();
     CHECK(q.mode == structkv::SelectionMode::kKV_SELECT);
     CHECK(q.ratio.num == 3 && q.ratio.den == 10);
-    CHECK(q.window == 16 && q.pooling == 5 && q.avgPool);
+    CHECK(q.window == 16 && q.pooling == 5 && q.avgPool && q.chunk == 16);
     std::unique_ptr<IPluginV3> copy(p->clone());
     auto const& c = static_cast<structkv::StructKVCompactPlugin*>(copy.get())->params();
-    CHECK(c.mode == q.mode && c.ratio.num == 3 && c.window == 16 && c.avgPool);
+    CHECK(c.mode == q.mode && c.ratio.num == 3 && c.window == 16 && c.avgPool && c.chunk == 16);
     std::unique_ptr<IPluginV3> attached(p->attachToContext(nullptr));
     CHECK(attached != nullptr);
+}
+
+//! Chunk mode: the declared output lengths (kv_select, so n and N differ) and the workspace, which
+//! holds the pooled scores and the chosen chunks beside the keys and indices.
+void testChunkShapesAndWorkspace()
+{
+    Fields f;
+    f.text("mode", "kv_select").f32("r_kv", 0.1f).i32("window", 8).i32("chunk", 16);
+    auto p = create(f);
+    CHECK(p != nullptr);
+    // n = 700 of N = 3000: budget 300, candidates 692 = 43 chunks + 4, keep (300 - 4) / 16 = 18
+    FakeBuilder b;
+    DimsExprs in[5] = {dimsOf(b, {15, 3, 700, 64}), dimsOf(b, {15, 3, 700, 64}), dimsOf(b, {15, 3, 700}),
+        dimsOf(b, {700}), dimsOf(b, {3000})};
+    DimsExprs out[3]{};
+    CHECK(p->getOutputShapes(in, 5, nullptr, 0, out, 3, b) == 0);
+    CHECK((valuesOf(out[0]) == std::vector<int64_t>{15, 3, 18 * 16 + 4 + 8, 64}));
+    CHECK((valuesOf(out[2]) == std::vector<int64_t>{15, 3, 18 * 16 + 4 + 8}));
+    DynamicPluginTensorDesc wsIn[5]{};
+    wsIn[2].max.nbDims = 3;
+    wsIn[2].max.d[0] = 15;
+    wsIn[2].max.d[1] = 3;
+    wsIn[2].max.d[2] = 1000;
+    size_t const ws = p->getWorkspaceSize(wsIn, 5, nullptr, 3);
+    CHECK(ws >= 45 * 1000 * (sizeof(int32_t) + 2 * sizeof(int64_t) + sizeof(float)));
+}
+
+int printChunkShapes(int argc, char** argv)
+{
+    // sextuples after "chunks": ratio_num ratio_den N n window chunk -> K, from getOutputShapes
+    for (int i = 2; i + 5 < argc; i += 6)
+    {
+        Fields f;
+        f.text("mode", "kv_select").i32("ratio_num", std::atoi(argv[i])).i32("ratio_den", std::atoi(argv[i + 1]));
+        f.i32("window", std::atoi(argv[i + 4])).i32("chunk", std::atoi(argv[i + 5]));
+        auto p = create(f);
+        int64_t const promptLen = std::strtoll(argv[i + 2], nullptr, 10);
+        int64_t const n = std::strtoll(argv[i + 3], nullptr, 10);
+        FakeBuilder b;
+        DimsExprs in[5] = {dimsOf(b, {1, 1, n, 4}), dimsOf(b, {1, 1, n, 4}), dimsOf(b, {1, 1, n}), dimsOf(b, {n}),
+            dimsOf(b, {promptLen})};
+        DimsExprs out[3]{};
+        if (p == nullptr || p->getOutputShapes(in, 5, nullptr, 0, out, 3, b) != 0)
+        {
+            return 1;
+        }
+        std::printf("%lld\n", static_cast<long long>(valueOf(out[2].d[2])));
+    }
+    return 0;
 }
 
 int printShapes(int argc, char** argv)
@@ -374,6 +431,10 @@ int main(int argc, char** argv)
     {
         return printShapes(argc, argv);
     }
+    if (argc > 1 && std::strcmp(argv[1], "chunks") == 0)
+    {
+        return printChunkShapes(argc, argv);
+    }
     int32_t count = 0;
     IPluginCreatorInterface* const* creators = getCreators(count);
     CHECK(count == 1 && creators != nullptr && creators[0] != nullptr);
@@ -382,6 +443,7 @@ int main(int argc, char** argv)
     testCompactShapesAndTypes();
     testKvSelectShapesAndWorkspace();
     testSerialisationRoundTripAndClone();
+    testChunkShapesAndWorkspace();
     if (gFailures != 0)
     {
         std::fprintf(stderr, "%d check(s) failed\n", gFailures);

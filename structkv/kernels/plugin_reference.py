@@ -46,6 +46,7 @@ def _keep(scores: np.ndarray, n_prompt: int, attrs: dict):
         int(attrs["window"]),
         int(attrs["pooling"]),
         attrs["pool_mode"],
+        int(attrs.get("chunk", 0) or 0),
     )
 
 
@@ -66,7 +67,8 @@ def register() -> str:
 
     f32, i64, text = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
     attrs = {"mode": text, "ratio_num": i64, "ratio_den": i64, "window": i64, "pooling": i64,
-             "pool_mode": text, "plugin_namespace": text, "plugin_version": text}  # fmt: skip
+             "pool_mode": text, "chunk": i64, "plugin_namespace": text,
+             "plugin_version": text}  # fmt: skip
 
     @onnx_op(op_type="StructKVCompact_compact", inputs=[f32, f32], outputs=[f32, i64], attrs=attrs)
     def compact(hidden, centrality, **kw):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from structkv.selection import budget, gather_tokens, select_tokens
+from structkv.selection import budget, gather_tokens, select_tokens, selected_count
 
 _TYPES = {torch.float32: b"float32", torch.float16: b"float16", torch.bfloat16: b"bfloat16",
           torch.int64: b"int64", torch.int32: b"int32"}  # fmt: skip
@@ -32,20 +32,29 @@ def _ratio(r: float) -> tuple[int, int]:
     return f.numerator, f.denominator
 
 
-def kept_count(r: float, n_prompt: int, n: int, window: int) -> int:
-    """Tokens a row of ``n`` scores keeps: min(ceil(R·N), n − w) + w (as the plugin declares)."""
-    return min(budget(r, n_prompt), n - window) + window
+def kept_count(r: float, n_prompt: int, n: int, window: int, chunk: int = 0) -> int:
+    """Tokens a row of ``n`` scores keeps: min(ceil(R·N), n − w) + w, or in chunk mode the whole
+    chunks, remainder and window :func:`structkv.selection.selected_count` counts (as the plugin
+    declares)."""
+    return selected_count(n, budget(r, n_prompt), window, chunk)
 
 
 def reference(mode: str, inputs: list[torch.Tensor], r: float, window: int, pooling: int,
-              pool_mode: str) -> list[torch.Tensor]:  # fmt: skip
-    """The torch path's selection and gather for the plugin's inputs (on their device)."""
+              pool_mode: str, chunk: int = 0) -> list[torch.Tensor]:  # fmt: skip
+    """The torch path's selection and gather for the plugin's inputs (on their device). Chunk
+    means are summed on the CPU: torch's CPU cumsum accumulates in float64 in index order (what
+    the kernel reproduces), its CUDA cumsum in float32 by a parallel scan."""
+
+    def keep_of(scores: torch.Tensor, k: int) -> torch.Tensor:
+        on = scores.cpu() if chunk > 1 else scores
+        return select_tokens(on, k, window, pooling, pool_mode, chunk).to(scores.device)
+
     if mode == "compact":
         hidden, centrality = inputs
-        keep = select_tokens(centrality, budget(r, centrality.shape[0]), window, pooling, pool_mode)
+        keep = keep_of(centrality, budget(r, centrality.shape[0]))
         return [hidden[:, keep], keep.to(torch.int64)]
     keys, values, saliency, positions, prompt_len = inputs
-    keep = select_tokens(saliency, budget(r, prompt_len.shape[0]), window, pooling, pool_mode)
+    keep = keep_of(saliency, budget(r, prompt_len.shape[0]))
     return [gather_tokens(keys, keep), gather_tokens(values, keep), positions[keep]]
 
 
@@ -55,7 +64,7 @@ class PluginSelftest:
     def __init__(self, path: str | Path) -> None:
         self.lib = ctypes.CDLL(str(path))
         args = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-                ctypes.c_char_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
+                ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
                 ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_char_p)]  # fmt: skip
         self.lib.structkv_selftest_workspace.argtypes = args
         self.lib.structkv_selftest_workspace.restype = ctypes.c_int64
@@ -75,10 +84,11 @@ class PluginSelftest:
         return n, nb, dims, types
 
     def run(self, mode: str, inputs: list[torch.Tensor], r: float = 0.2, window: int = 8,
-            pooling: int = 7, pool_mode: str = "max") -> list[torch.Tensor]:  # fmt: skip
+            pooling: int = 7, pool_mode: str = "max",
+            chunk: int = 0) -> list[torch.Tensor]:  # fmt: skip
         """The plugin's outputs for ``inputs`` (contiguous tensors on one CUDA device)."""
         num, den = _ratio(r)
-        attrs = (mode.encode(), num, den, window, pooling, pool_mode.encode())
+        attrs = (mode.encode(), num, den, window, pooling, pool_mode.encode(), chunk)
         inputs = [t.contiguous() for t in inputs]
         described = self._describe(inputs)
         ws = self.lib.structkv_selftest_workspace(*attrs, *described)
@@ -86,12 +96,12 @@ class PluginSelftest:
             raise PluginError(f"the plugin refused mode={mode!r} or its inputs (see stderr)")
         if mode == "compact":
             hidden, centrality = inputs
-            k = kept_count(r, centrality.shape[0], centrality.shape[0], window)
+            k = kept_count(r, centrality.shape[0], centrality.shape[0], window, chunk)
             outputs = [hidden.new_empty((1, k, hidden.shape[2])),
                        torch.empty(k, dtype=torch.int64, device=hidden.device)]  # fmt: skip
         else:
             keys, _, saliency, _, prompt_len = inputs
-            k = kept_count(r, prompt_len.shape[0], saliency.shape[-1], window)
+            k = kept_count(r, prompt_len.shape[0], saliency.shape[-1], window, chunk)
             shape = (*keys.shape[:2], k)
             outputs = [keys.new_empty((*shape, keys.shape[3])) for _ in range(2)]
             outputs.append(torch.empty(shape, dtype=torch.int64, device=keys.device))
