@@ -19,6 +19,12 @@ select_tokens` computes them:
    window's indices. kk = min(k, n - w); the output is ascending with no sort.
 3. ``gather_rows``: copy the kept rows (hidden states, keys/values per KV head, positions).
 
+Chunk mode (``chunk`` > 1, span-preserving selection: whole chunks of c tokens, as
+:func:`structkv.selection.topk_chunks_with_window` keeps them) reuses ``select_rows`` on chunk
+keys: ``pool_values`` (the pooled floats), ``chunk_keys`` (chunk means in the torch path's exact
+arithmetic, one program per row), ``select_rows`` over the chunks (no window), ``expand_chunks``
+(the kept chunks' tokens, the remainder before the window, the window).
+
 Rows: one for the structural compaction (the centrality ``[N]``), ``layers x KV heads`` for KV
 selection (saliency ``[l, G, n]``). NaN scores are not supported (the torch path's sort puts them
 first; attention scores are finite).
