@@ -78,7 +78,7 @@ int64_t volume(Dims const& d, int32_t from, int32_t to)
 
 //! Byte offsets of the workspace's buffers for `rows` rows of `n` scores: int32 keys (of tokens,
 //! or of chunks in chunk mode), int64 kept indices (kv_select; compact writes them into its
-//! output), and in chunk mode float32 pooled scores and int64 chosen chunks. Each buffer starts
+//! output), and in chunk mode the pooled scores (float32 bits) and int64 chosen chunks. Each buffer starts
 //! on a 256-byte boundary.
 struct WorkspaceLayout
 {
@@ -486,7 +486,7 @@ int32_t StructKVCompactPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugin
         // pool_values -> chunk_keys (chunk means, the torch path's arithmetic) -> select_rows over
         // the chunk keys (no window) -> expand_chunks (kept chunks' tokens, remainder, window)
         ChunkPlan const plan = chunkPlan(mParams.ratio, promptLen, n, window, mParams.chunk);
-        auto* pooled = reinterpret_cast<float*>(base + layout.pooled);
+        auto* pooled = reinterpret_cast<int32_t*>(base + layout.pooled); // float32 bits
         auto* chosen = reinterpret_cast<int64_t*>(base + layout.chosen);
         int32_t chunk = mParams.chunk;
         int32_t whole = static_cast<int32_t>(plan.whole);

@@ -210,6 +210,17 @@ DynamicPluginTensorDesc desc(DataType t, TensorFormat format = TensorFormat::kLI
     return d;
 }
 
+//! The kv_select workspace for saliency of at most [layers, heads, n].
+size_t kvWorkspace(structkv::StructKVCompactPlugin& p, int64_t layers, int64_t heads, int64_t n)
+{
+    DynamicPluginTensorDesc in[5]{};
+    in[2].max.nbDims = 3;
+    in[2].max.d[0] = layers;
+    in[2].max.d[1] = heads;
+    in[2].max.d[2] = n;
+    return p.getWorkspaceSize(in, 5, nullptr, 3);
+}
+
 // -- the checks ----------------------------------------------------------------------------------------
 void testCreatorAndDefaults()
 {
@@ -328,13 +339,7 @@ void testKvSelectShapesAndWorkspace()
         dimsOf(b2, {200}), dimsOf(b2, {3000})};
     CHECK(p->getOutputShapes(in2, 5, nullptr, 0, out, 3, b2) == 0);
     CHECK(valueOf(out[2].d[2]) == 200);
-    DynamicPluginTensorDesc wsIn[5]{};
-    wsIn[2].max.nbDims = 3;
-    wsIn[2].max.d[0] = 15;
-    wsIn[2].max.d[1] = 3;
-    wsIn[2].max.d[2] = 1000;
-    size_t const ws = p->getWorkspaceSize(wsIn, 5, nullptr, 3);
-    CHECK(ws >= 45 * 1000 * (sizeof(int32_t) + sizeof(int64_t)));
+    CHECK(kvWorkspace(*p, 15, 3, 1000) >= 45 * 1000 * (sizeof(int32_t) + sizeof(int64_t)));
 }
 
 void testSerialisationRoundTripAndClone()
@@ -375,13 +380,7 @@ void testChunkShapesAndWorkspace()
     CHECK(p->getOutputShapes(in, 5, nullptr, 0, out, 3, b) == 0);
     CHECK((valuesOf(out[0]) == std::vector<int64_t>{15, 3, 18 * 16 + 4 + 8, 64}));
     CHECK((valuesOf(out[2]) == std::vector<int64_t>{15, 3, 18 * 16 + 4 + 8}));
-    DynamicPluginTensorDesc wsIn[5]{};
-    wsIn[2].max.nbDims = 3;
-    wsIn[2].max.d[0] = 15;
-    wsIn[2].max.d[1] = 3;
-    wsIn[2].max.d[2] = 1000;
-    size_t const ws = p->getWorkspaceSize(wsIn, 5, nullptr, 3);
-    CHECK(ws >= 45 * 1000 * (sizeof(int32_t) + 2 * sizeof(int64_t) + sizeof(float)));
+    CHECK(kvWorkspace(*p, 15, 3, 1000) >= 45 * 1000 * (sizeof(int32_t) + 2 * sizeof(int64_t) + sizeof(float)));
 }
 
 int printChunkShapes(int argc, char** argv)

@@ -45,14 +45,18 @@ def _gather(dtype: str, name: str) -> Variant:
     )  # fmt: skip
 
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant(
-        "pool_keys",
+def _pool(name: str, as_keys: int) -> Variant:
+    return Variant(
+        name,
         "pool_keys",
         (("scores", "*fp32"), ("keys", "*i32"), ("n", "i32"), ("window", "i32"), ("pool", "i32"),
          ("avg", "i32"), ("row_stride", "i64"), ("key_stride", "i64")),
-        (("BLOCK", 1024),),
-    ),
+        (("AS_KEYS", as_keys), ("BLOCK", 1024)),
+    )  # fmt: skip
+
+
+VARIANTS: tuple[Variant, ...] = (
+    _pool("pool_keys", as_keys=1),
     Variant(
         "select_rows",
         "select_rows",
@@ -60,13 +64,7 @@ VARIANTS: tuple[Variant, ...] = (
          ("key_stride", "i64"), ("out_stride", "i64")),
         (("BLOCK", 1024),),
     ),
-    Variant(
-        "pool_values",
-        "pool_values",
-        (("scores", "*fp32"), ("pooled", "*fp32"), ("n", "i32"), ("window", "i32"), ("pool", "i32"),
-         ("avg", "i32"), ("row_stride", "i64"), ("out_stride", "i64")),
-        (("BLOCK", 1024),),
-    ),
+    _pool("pool_values", as_keys=0),  # chunk mode: the pooled float32 bits, not keys
     Variant(
         "chunk_keys",
         "chunk_keys",

@@ -21,9 +21,10 @@ select_tokens` computes them:
 
 Chunk mode (``chunk`` > 1, span-preserving selection: whole chunks of c tokens, as
 :func:`structkv.selection.topk_chunks_with_window` keeps them) reuses ``select_rows`` on chunk
-keys: ``pool_values`` (the pooled floats), ``chunk_keys`` (chunk means in the torch path's exact
-arithmetic, one program per row), ``select_rows`` over the chunks (no window), ``expand_chunks``
-(the kept chunks' tokens, the remainder before the window, the window).
+keys: ``pool_keys`` writing the pooled floats instead of keys, ``chunk_keys`` (chunk means in
+the torch path's exact arithmetic, one program per row), ``select_rows`` over the chunks (no
+window), ``expand_chunks`` (the kept chunks' tokens, the remainder before the window, the
+window).
 
 Rows: one for the structural compaction (the centrality ``[N]``), ``layers x KV heads`` for KV
 selection (saliency ``[l, G, n]``). NaN scores are not supported (the torch path's sort puts them
@@ -70,32 +71,25 @@ def _key(x):
 
 @triton.jit
 def pool_keys(
-    scores, keys, n, window, pool, avg, row_stride, key_stride, BLOCK: tl.constexpr
+    scores, keys, n, window, pool, avg, row_stride, key_stride, AS_KEYS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """keys[row, j] = order-preserving int32 of the pooled score j, for j < n - window."""
+    """keys[row, j] = order-preserving int32 of the pooled score j, for j < n - window; with
+    ``AS_KEYS`` false, the pooled float32 itself (its bits in the int32 buffer): chunk mode's
+    input, which needs the values to sum, not their order."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = n - window
     acc = _pooled(scores + row * row_stride, offs, m, pool, avg, BLOCK)
-    tl.store(keys + row * key_stride + offs, _key(acc), mask=offs < m)
-
-
-@triton.jit
-def pool_values(
-    scores, pooled, n, window, pool, avg, row_stride, out_stride, BLOCK: tl.constexpr
-):  # fmt: skip
-    """pooled[row, j] = the pooled score j (float32), for j < n - window: chunk mode's input."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = n - window
-    acc = _pooled(scores + row * row_stride, offs, m, pool, avg, BLOCK)
-    tl.store(pooled + row * out_stride + offs, acc, mask=offs < m)
+    out = _key(acc) if AS_KEYS else acc.to(tl.int32, bitcast=True)
+    tl.store(keys + row * key_stride + offs, out, mask=offs < m)
 
 
 @triton.jit
 def chunk_keys(pooled, keys, chunk, whole, in_stride, key_stride):
-    """keys[row, s] = order-preserving int32 of chunk s's mean, for s < whole: one program per
-    row, in the torch path's arithmetic exactly. :func:`structkv.selection.
+    """keys[row, s] = order-preserving int32 of chunk s's mean, for s < whole, from the pooled
+    float32 bits ``pool_keys`` wrote with ``AS_KEYS`` false: one program per row, in the torch
+    path's arithmetic exactly. :func:`structkv.selection.
     topk_chunks_with_window` takes a chunk's mean as ``(prefix[e] - prefix[e - c]) / c`` of the
     float32 prefix sum, and torch's CPU cumsum adds float32 in a float64 accumulator in index
     order, rounding each prefix to float32; so this adds the same values in the same order
@@ -108,7 +102,8 @@ def chunk_keys(pooled, keys, chunk, whole, in_stride, key_stride):
     start = tl.zeros([], dtype=tl.float32)
     for s in range(0, whole):
         for j in range(0, chunk):
-            total += tl.load(base + s * chunk + j).to(tl.float64)
+            bits = tl.load(base + s * chunk + j)
+            total += bits.to(tl.float32, bitcast=True).to(tl.float64)
         end = total.to(tl.float32)
         mean = tl.math.div_rn(end - start, size)
         start = end
@@ -218,7 +213,7 @@ def select_tokens(
     keys = torch.empty(rows.shape[0], m, dtype=torch.int32, device=rows.device)
     out = torch.empty(rows.shape[0], kk + window, dtype=torch.int64, device=rows.device)
     pool_keys[(rows.shape[0], triton.cdiv(m, SELECT_BLOCK))](
-        rows, keys, n, window, pool, avg, n, m, BLOCK=SELECT_BLOCK
+        rows, keys, n, window, pool, avg, n, m, AS_KEYS=True, BLOCK=SELECT_BLOCK
     )  # fmt: skip
     select_rows[(rows.shape[0],)](keys, out, n, kk, window, m, kk + window, BLOCK=SELECT_BLOCK)
     return out.reshape(*lead, kk + window)
@@ -228,8 +223,9 @@ def _select_chunks(
     rows: torch.Tensor, k: int, window: int, pool: int, avg: int, chunk: int
 ) -> torch.Tensor:
     """Chunk mode (:func:`structkv.selection.topk_chunks_with_window`) on ``rows`` ``[R, n]``:
-    pooled values, chunk means as keys, the best ``keep`` chunks by ``select_rows`` (a row of
-    ``whole`` chunk keys, no window), then their tokens plus the remainder and the window."""
+    pooled values (``pool_keys`` without the key mapping), chunk means as keys, the best
+    ``keep`` chunks by ``select_rows`` (a row of ``whole`` chunk keys, no window), then their
+    tokens plus the remainder and the window."""
     count_rows, n = rows.shape
     m = n - window
     whole = m // chunk
@@ -239,10 +235,10 @@ def _select_chunks(
     device = rows.device
     chosen = torch.empty(count_rows, max(keep, 1), dtype=torch.int64, device=device)
     if whole > 0:
-        pooled = torch.empty(count_rows, m, dtype=torch.float32, device=device)
+        pooled = torch.empty(count_rows, m, dtype=torch.int32, device=device)  # float32 bits
         keys = torch.empty(count_rows, whole, dtype=torch.int32, device=device)
-        pool_values[(count_rows, triton.cdiv(m, SELECT_BLOCK))](
-            rows, pooled, n, window, pool, avg, n, m, BLOCK=SELECT_BLOCK
+        pool_keys[(count_rows, triton.cdiv(m, SELECT_BLOCK))](
+            rows, pooled, n, window, pool, avg, n, m, AS_KEYS=False, BLOCK=SELECT_BLOCK
         )  # fmt: skip
         chunk_keys[(count_rows,)](pooled, keys, chunk, whole, m, whole)
         select_rows[(count_rows,)](
