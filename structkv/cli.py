@@ -333,8 +333,9 @@ def cmd_eval_report(args) -> int:
         summary["survival"] = {k: v["propagated"] for k, v in data["survival"].items()}
     elif args.kind == "survival":
         data = reports.survival_report(
-            lm, methods, out, lengths, args.samples, args.seed, task=args.task
-        )
+            lm, methods, out, lengths, args.samples, args.seed, task=args.task,
+            knobs=method_knobs(args),
+        )  # fmt: skip
         summary = {
             n: {k: {"accuracy": v["accuracy"], "propagated": v["propagated"]} for k, v in d.items()}
             for n, d in data.items()
@@ -601,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind in ("survival", "niah"):
             default = "niah_single_1" if kind == "survival" else "niah_single_2"
             k.add_argument("--task", default=default, help=f"a needle task (default {default})")
+        if kind == "survival":
+            add_method_args(k)  # --r-kv, --window, ...: to every method that has the knob
         k.set_defaults(func=cmd_eval_report)
 
     from structkv.bench import add_bench_parser

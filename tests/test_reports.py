@@ -85,3 +85,18 @@ def test_survival_report_full_keeps_everything_and_streaming_only_the_ends(lm, t
     assert len(stream["propagated_per_sample"]) == 2
     assert stream["propagated"] == 1.0  # streamingllm propagates everything through prefill
     assert stream["kv_per_layer"] == [0.0] * 10
+
+
+def test_survival_report_gives_the_knobs_to_the_methods_that_have_them(lm, tmp_path):
+    """``knobs`` reach each method that has them (SnapKV keeping the whole prompt keeps every
+    needle token in every layer, where its default R_KV loses some) and are skipped for a method
+    without them (full has no r_kv); the JSON records them."""
+    default = reports.survival_report(lm, ["snapkv"], tmp_path, [300], samples=1)
+    assert min(default[300]["snapkv"]["kv_per_layer"]) < 1.0
+    data = reports.survival_report(
+        lm, ["full", "snapkv"], tmp_path, [300], samples=1, knobs={"r_kv": 1.0, "window": 4}
+    )
+    assert data[300]["snapkv"]["kv_per_layer"] == [1.0] * 10
+    assert data[300]["full"]["kv_per_layer"] == [1.0] * 10
+    saved = json.loads((tmp_path / "survival.json").read_text())
+    assert saved["knobs"] == {"r_kv": 1.0, "window": 4}

@@ -17,7 +17,7 @@ from structkv.eval import plots
 from structkv.eval.fidelity import fidelity
 from structkv.eval.ruler import make_sample, score
 from structkv.generate import as_method, encode_prompt, eos_token_ids, generate_ids
-from structkv.methods import SnapKV
+from structkv.methods import METHODS, SnapKV
 from structkv.pivot import OnlinePivot, offline_pivot, search_range, transition_scores
 from structkv.profile import find_profile
 
@@ -205,11 +205,16 @@ def _survival(lm, sample, ids, gen) -> dict:
     return {"propagated": len(needle & propagated) / len(needle), "kv_per_layer": per_layer}
 
 
-def _survival_table(lm, methods, task: str, length: int, samples: int, seed: int) -> dict:
-    """Per method: accuracy, mean needle survival in the propagated set, and per layer in KV."""
+def _survival_table(
+    lm, methods, task: str, length: int, samples: int, seed: int, knobs: dict | None = None
+) -> dict:
+    """Per method: accuracy, mean needle survival in the propagated set, and per layer in KV.
+    ``knobs`` (window, r_kv, ...) go to each method that has them, as the frontier gives them."""
     table = {}
     for name in methods:
-        acc, gens = _accuracy(lm, as_method(name, lm.model_id), task, length, samples, seed)
+        own = {k: v for k, v in (knobs or {}).items() if k in METHODS[name].knobs()}
+        method = as_method(name, lm.model_id, **own)
+        acc, gens = _accuracy(lm, method, task, length, samples, seed)
         rows = [_survival(lm, *g) for g in gens]
         kept = [r["propagated"] for r in rows if r["propagated"] is not None]
         layers = [r["kv_per_layer"] for r in rows if r["kv_per_layer"]]
@@ -223,12 +228,15 @@ def _survival_table(lm, methods, task: str, length: int, samples: int, seed: int
 
 
 @torch.inference_mode()
-def survival_report(lm, methods, out: Path, lengths, samples: int, seed=0, task="niah_single_1"):
+def survival_report(
+    lm, methods, out: Path, lengths, samples: int, seed=0, task="niah_single_1", knobs=None
+):
     """Needle survival per stage (propagated set, each layer's KV) and accuracy, per length and
-    method: explains a needle-task score without touching the method (issue 3, item 5)."""
-    data = {n: _survival_table(lm, methods, task, n, samples, seed) for n in lengths}
+    method: explains a needle-task score without touching the method (issue 3, item 5), e.g.
+    which layers' caches lose a needle the propagated set still holds at a smaller R_KV."""
+    data = {n: _survival_table(lm, methods, task, n, samples, seed, knobs) for n in lengths}
     _write(out, "survival.json", {"model": lm.model_id, "task": task, "samples": samples,
-                                  "seed": seed, "lengths": data})  # fmt: skip
+                                  "seed": seed, "knobs": knobs or {}, "lengths": data})  # fmt: skip
     return data
 
 
