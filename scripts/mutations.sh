@@ -60,3 +60,4 @@ check structkv/eval/frontier.py "                    best = min(ok, key=lambda r
 check structkv/kernels/select_triton.py "            total += bits.to(tl.float32, bitcast=True).to(tl.float64)" "            total = (total.to(tl.float32) + bits.to(tl.float32, bitcast=True)).to(tl.float64)" "tests/test_kernels_triton.py -k chunk"
 check plugins_trt/structKVCompactPlugin/structKVCompactPlugin.cpp "op(DimensionOperation::kMAX, exprBuilder.constant(1), op(DimensionOperation::kFLOOR_DIV, over, c))" "op(DimensionOperation::kFLOOR_DIV, over, c)" "tests/test_plugins_build.py -k chunk"
 check export/tensorrt.py "        \"chunk\": method.chunk if method.chunk > 1 else 0," "        \"chunk\": 0," "tests/test_export_tensorrt.py -k chunk"
+check structkv/eval/reports.py "        method = as_method(name, lm.model_id, **own)" "        method = as_method(name, lm.model_id)" "tests/test_reports.py -k knobs"

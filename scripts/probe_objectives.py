@@ -7,6 +7,7 @@ probes of v3 (``copy``) and the cued copy probes of v4 (``cued``), keeping only 
 model continues. An objective that tracks retrieval ranks the settings as the needles do.
 
     python scripts/probe_objectives.py [--prompts 8] [--steps 12] [--sets probes,copy,cued]
+        [--match "v5"]
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ SETTINGS = {
     "0.5 / 0.5 (frontier 89 %)": (14, 0.1, 8, 0, 0.5, 0.5),
     "pivot 22, R_KV 0.5 (held-out 9/10)": (22, 0.1, 8, 0, 0.2, 0.5),
     "chunk 16 window 64, 0.5 / 0.5 (9/10, 9/10)": (14, 0.1, 64, 16, 0.5, 0.5),
+    # the shipped profile (pivot 15, λ 0.3, chunk 16) and its KV 0.2 variants: RULER full
+    # profile needle average, % of full (docs/RESULTS.md, "The calibrated default on RULER")
+    "v5 default, KV 0.5 (RULER 90.5 %)": (15, 0.3, 8, 16, 0.5, 0.5),
+    "v5 default at KV 0.2 (RULER 47 %)": (15, 0.3, 8, 16, 0.5, 0.2),
+    "v5 at KV 0.2, window 32 (mk1 4/10)": (15, 0.3, 32, 16, 0.5, 0.2),
+    "v5 at KV 0.2, window 64 (mk1 5/10)": (15, 0.3, 64, 16, 0.5, 0.2),
 }
 
 
-def score(lm, prompts, steps: int) -> dict[str, tuple[float, float]]:
+def score(lm, prompts, steps: int, settings: dict) -> dict[str, tuple[float, float]]:
     """(teacher-forced top-1, free-running answer agreement) per setting."""
-    out: dict[str, list] = {k: [] for k in SETTINGS}
-    for window in sorted({v[2] for v in SETTINGS.values()}):
-        here = {k: v for k, v in SETTINGS.items() if v[2] == window}
+    out: dict[str, list] = {k: [] for k in settings}
+    for window in sorted({v[2] for v in settings.values()}):
+        here = {k: v for k, v in settings.items() if v[2] == window}
         variants = sorted({(v[3], v[5]) for v in here.values()})
         for prompt in prompts:
             ids = prompt.encode(lm.tokenizer, chat=True)
@@ -72,15 +79,21 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--sets", default="probes,copy,cued", help="prompt sets, comma-separated")
+    p.add_argument("--match", default="", help="only the settings whose name contains this")
     args = p.parse_args()
     sets = args.sets.split(",")
     if any(s not in COLUMNS for s in sets):
         p.error(f"--sets: choose among {','.join(COLUMNS)}")
+    settings = {k: v for k, v in SETTINGS.items() if args.match in k}
+    if not settings:
+        p.error(f"--match {args.match!r}: no setting name contains it")
     torch.set_grad_enabled(False)
     lm = load("smollm2-135m")
-    scores = {s: score(lm, probe_set(lm, s, args.prompts, args.steps), args.steps) for s in sets}
+    scores = {
+        s: score(lm, probe_set(lm, s, args.prompts, args.steps), args.steps, settings) for s in sets
+    }
     print(f"{'setting':<44}" + "".join(f" {COLUMNS[s][0]:>11}" for s in sets))
-    for name in SETTINGS:
+    for name in settings:
         cells = "".join(f" {scores[s][name][COLUMNS[s][1]]:>11.3f}" for s in sets)
         print(f"{name:<44}{cells}")
 
