@@ -20,7 +20,8 @@ from structkv.calibration import _fidelity, _record, calibration_prompts, keep_p
 from structkv.methods import StructKV
 from structkv.models import load
 
-#: name: (pivot, λ, window, chunk, R_struct, R_KV), with the needle evidence in docs/RESULTS.md
+#: name: (pivot, λ, window, chunk, R_struct, R_KV[, pooling]), with the needle evidence in
+#: docs/RESULTS.md
 SETTINGS = {
     "v2 choice (needles 0/10, 0/10)": (6, 0.1, 64, 0, 0.5, 0.2),
     "shipped default (0/10 prose, 5/10 noise)": (14, 0.1, 8, 0, 0.2, 0.1),
@@ -35,20 +36,26 @@ SETTINGS = {
     "v5 default at KV 0.2 (RULER 47 %)": (15, 0.3, 8, 16, 0.5, 0.2),
     "v5 at KV 0.2, window 32 (mk1 4/10)": (15, 0.3, 32, 16, 0.5, 0.2),
     "v5 at KV 0.2, window 64 (mk1 5/10)": (15, 0.3, 64, 16, 0.5, 0.2),
+    # a 7th number is the pooling kernel (default 7): a wide kernel keeps a value's last digits
+    "v5 at KV 0.2, pooling 31 (mk1 1/10, s1 10/10)": (15, 0.3, 8, 16, 0.5, 0.2, 31),
+    "v5 at KV 0.2, window 64, pooling 31 (mk1 7/10, s1 10/10)": (15, 0.3, 64, 16, 0.5, 0.2, 31),
 }
 
 
 def score(lm, prompts, steps: int, settings: dict) -> dict[str, tuple[float, float]]:
     """(teacher-forced top-1, free-running answer agreement) per setting."""
     out: dict[str, list] = {k: [] for k in settings}
-    for window in sorted({v[2] for v in settings.values()}):
-        here = {k: v for k, v in settings.items() if v[2] == window}
+    full = {k: (*v, 7)[:7] for k, v in settings.items()}  # pooling 7 unless given
+    for window, pooling in sorted({(v[2], v[6]) for v in full.values()}):
+        here = {k: v for k, v in full.items() if (v[2], v[6]) == (window, pooling)}
         variants = sorted({(v[3], v[5]) for v in here.values()})
         for prompt in prompts:
             ids = prompt.encode(lm.tokenizer, chat=True)
-            run = _record(lm.model, ids, 0.1, window, 7, steps, variants)
-            for name, (pivot, lam, w, chunk, rs, rk) in here.items():
-                method = StructKV(r_struct=rs, r_kv=rk, window=w, chunk=chunk, pivot=0)
+            run = _record(lm.model, ids, 0.1, window, pooling, steps, variants)
+            for name, (pivot, lam, w, chunk, rs, rk, pool) in here.items():
+                method = StructKV(
+                    r_struct=rs, r_kv=rk, window=w, chunk=chunk, pooling=pool, pivot=0
+                )
                 _, top1, _, answer = _fidelity(lm.model, run, method, pivot, lam, steps)
                 out[name].append((top1, answer))
     return {k: tuple(sum(x[i] for x in v) / len(v) for i in range(2)) for k, v in out.items()}
