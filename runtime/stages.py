@@ -122,10 +122,89 @@ def run_bound(session, device: str, transfers, host: dict, resident: dict, outpu
     io.synchronize_outputs()
 
 
+def exact_u8s8_products() -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer products sum exactly on this CPU.
+
+    A w8a8 engine's products are ``MatMulIntegerToFloat`` with uint8 activations and int8
+    weights: the format VNNI and AMX multiply-add natively. x86 CPUs without them (AVX2 or
+    AVX-512 without VNNI: AMD Zen 1-3, Intel before Cascade Lake) run ONNX Runtime's
+    ``vpmaddubsw`` kernel, which adds each pair of products into a *saturating* int16: with
+    activations near 255 and weights near ±127 the sum (up to 64 770) clips at 32 767 and the
+    result is silently wrong (12 % relative error on random rows, tests/test_quant.py). ONNX
+    Runtime's u8 x u8 kernel widens to int16 before multiplying and is exact everywhere.
+    """
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # ARM's kernels (NEON widening, UDOT/SDOT) accumulate in int32
+    from structkv.kernels.ort_ops import _cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(_cpu_flags().split()))
+
+
+def unsigned_products(model) -> int:
+    """Rewrite, in place, each ``MatMulIntegerToFloat`` whose weight is int8 (an initializer,
+    or its ``Transpose``) into the exact u8 x u8 form: weight + 128 as uint8, zero point 128.
+    The weights stay where they are (external data is not loaded); ONNX Runtime folds the
+    ``Cast``/``Add`` chain into a uint8 constant when the session is created, so running the
+    rewritten graph costs what an engine exported in that form would. Returns the count."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    int8 = {t.name for t in graph.initializer if t.data_type == TensorProto.INT8}
+    producers = {out: n for n in graph.node for out in n.output}
+
+    def is_int8(name: str) -> bool:
+        node = producers.get(name)
+        if name in int8:
+            return True
+        return node is not None and node.op_type == "Transpose" and node.input[0] in int8
+
+    nodes, count = [], 0
+    for node in graph.node:
+        if (
+            node.op_type == "MatMulIntegerToFloat"
+            and node.domain == "com.microsoft"
+            and is_int8(node.input[1])
+            and (len(node.input) < 6 or not node.input[5])
+        ):
+            b, tag = node.input[1], f"{node.name or node.output[0]}_u8"
+            nodes += [
+                helper.make_node("Cast", [b], [f"{tag}_i32"], to=TensorProto.INT32),
+                helper.make_node("Add", [f"{tag}_i32", f"{tag}_128"], [f"{tag}_sum"]),
+                helper.make_node("Cast", [f"{tag}_sum"], [f"{tag}_b"], to=TensorProto.UINT8),
+            ]
+            graph.initializer.extend([
+                helper.make_tensor(f"{tag}_128", TensorProto.INT32, [], [128]),
+                helper.make_tensor(f"{tag}_zp", TensorProto.UINT8, [], [128]),
+            ])  # fmt: skip
+            inputs = list(node.input) + [""] * (6 - len(node.input))
+            inputs[1], inputs[5] = f"{tag}_b", f"{tag}_zp"
+            del node.input[:]
+            node.input.extend(inputs)
+            count += 1
+        nodes.append(node)
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
 def _session(ort, path: Path, options, providers):
     """An ONNX Runtime session, or one clear error when this build cannot run the graph (a
-    quantised engine's ``MatMulNBits`` on a runtime without it, a dtype without kernels)."""
+    quantised engine's ``MatMulNBits`` on a runtime without it, a dtype without kernels).
+    On a CPU whose u8 x s8 products saturate (:func:`exact_u8s8_products`) a w8a8 graph is
+    opened in the exact u8 x u8 form instead."""
     try:
+        cpu = (providers[0] if isinstance(providers[0], str) else providers[0][0]).startswith("CPU")
+        if cpu and not exact_u8s8_products():
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            if unsigned_products(model):
+                folder = "session.model_external_initializers_file_folder_path"
+                options.add_session_config_entry(folder, str(path.parent.resolve()))
+                return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own (unexported) exception types
         text = str(e)

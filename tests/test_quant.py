@@ -251,18 +251,29 @@ def _token_product_graph(n: int, k: int, bias: np.ndarray | None):
     return proto, dequantize_rows(q, s, W8A8).numpy()
 
 
+@pytest.mark.parametrize("form", ["exported", "unsigned"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_w8a8_product_equals_its_definition(with_bias):
+def test_w8a8_product_equals_its_definition(with_bias, form):
     """ONNX Runtime's MatMulIntegerToFloat, fed by the rewrite's per-token quantisation, equals
     the definition computed in torch (structkv.quant.quantize_tokens on x, dequantised weights):
-    rows of very different magnitudes each get their own scale, a zero row stays zero."""
+    rows of very different magnitudes each get their own scale, a zero row stays zero. Both in
+    the exported u8 x s8 form (where this CPU sums it exactly) and in the u8 x u8 form the
+    runtime opens it in elsewhere (every CPU)."""
     import onnxruntime as ort
 
     from structkv.quant import quantize_tokens
+    from structkv.runtime.stages import exact_u8s8_products, unsigned_products
 
+    if form == "exported" and not exact_u8s8_products():
+        pytest.skip(
+            "this x86 CPU has no VNNI/AMX: ONNX Runtime's u8 x s8 kernel saturates int16 pairs "
+            "here, so the runtime opens w8a8 graphs in the u8 x u8 form (the 'unsigned' case)"
+        )
     n, k = 48, 64
     bias = np.linspace(-1, 1, n, dtype=np.float32) if with_bias else None
     proto, w = _token_product_graph(n, k, bias)
+    if form == "unsigned":
+        assert unsigned_products(proto) == 1
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 5, k)).astype(np.float32) * np.logspace(-3, 2, 5)[None, :, None]
     x = x.astype(np.float32)
@@ -276,6 +287,34 @@ def test_w8a8_product_equals_its_definition(with_bias):
     np.testing.assert_array_equal(y[1, 2], 0 if bias is None else bias)
     per_tensor = np.abs(x).max() / 127  # one scale for all tokens would erase the small rows
     assert np.abs(np.round(x[0, 0] / per_tensor)).max() == 0
+
+
+def test_the_runtime_opens_w8a8_graphs_exactly_on_any_cpu(tmp_path, monkeypatch):
+    """The runtime's session opener, told this CPU saturates u8 x s8 pairs (true of AVX2-only
+    x86 such as AMD Zen 3), opens a w8a8 graph whose weights are external data in the u8 x u8
+    form, from another working directory: the product is the definition's. Rows of activations
+    near ±127 against weights near ±127 are the ones a saturating kernel gets wrong."""
+    import onnxruntime as ort
+
+    from structkv.quant import quantize_tokens
+    from structkv.runtime import stages
+
+    n, k = 64, 96
+    proto, w = _token_product_graph(n, k, None)
+    path = tmp_path / "engine" / "g.onnx"
+    path.parent.mkdir()
+    onnx.save(proto, str(path), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)  # fmt: skip
+    assert (path.parent / "weights.bin").stat().st_size >= n * k
+    monkeypatch.setattr(stages, "exact_u8s8_products", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    session = stages._session(ort, path, ort.SessionOptions(), ["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    x = (np.sign(rng.standard_normal((2, 5, k))) * 3).astype(np.float32)  # all near ±127
+    x = np.sign(w[None, :1]) * np.abs(x)  # aligned with row 0: the largest pair sums
+    (y,) = session.run(["y"], {"x": x.astype(np.float32)})
+    want = quantize_tokens(torch.from_numpy(x.astype(np.float32))).numpy() @ w.T
+    assert np.abs(y - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +336,7 @@ def test_w8a8_engine_graphs_size_and_first_products(w8a8_engine):
     import onnxruntime as ort
 
     from structkv.kernels import ort_ops
-    from structkv.runtime.stages import TorchStages
+    from structkv.runtime.stages import TorchStages, exact_u8s8_products, unsigned_products
 
     manifest = json.loads((w8a8_engine / "manifest.json").read_text())
     assert manifest["quant"]["group_size"] == 0 and "per token" in manifest["quant"]["activations"]
@@ -331,6 +370,10 @@ def test_w8a8_engine_graphs_size_and_first_products(w8a8_engine):
     products = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"][:3]
     for node in products:
         proto.graph.output.append(helper.make_empty_tensor_value_info(node.output[0]))
+    if not exact_u8s8_products():  # as the runtime opens it on this CPU
+        assert unsigned_products(proto) == len(
+            [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
+        )
     opts = ort.SessionOptions()
     ort_ops.register(opts)
     session = ort.InferenceSession(proto.SerializeToString(), opts)
