@@ -2,14 +2,15 @@
 //
 // Work is split into tasks of one (batch, query head, block of kBlock query rows). A task
 // computes the block's scores against keys 0..end of block only (the causal triangle), as
-// register tiles of 8 rows x 32 keys over a transposed copy of K, takes the softmax in that
-// per-thread buffer, and multiplies by V in tiles of a few rows x the whole head dimension.
+// register tiles of kRows rows x two vectors of keys (8 x 32 with AVX-512, 4 x 16 with AVX2)
+// over a copy of K transposed in panels, takes the softmax in that per-thread buffer, and
+// multiplies by V in tiles of a few rows x the head dimension (or slices of it).
 // Tasks run longest first on a few std::threads that pull from one atomic counter.
 #include "causal_attention.h"
 
 #include <sched.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -26,18 +27,29 @@
 namespace structkv {
 namespace {
 
-constexpr int64_t kBlock = 64;   // query rows per task
+// Tiles are sized to the register file: a score tile's accumulators (kRows x 2 vectors) and a
+// value tile's (R x ND vectors) must stay in registers. AVX-512 has 32 registers of 16 floats;
+// elsewhere (AVX2: 16 registers of 8 floats) 16-float vectors would be split in two by the
+// compiler and the same tiles would need 32 registers: spilled, the kernel ran 7x slower than
+// ONNX Runtime's own attention on an AVX2-only EPYC (docs/BENCHMARKS.md).
+#ifdef __AVX512F__
+#define STRUCTKV_VECTOR_BYTES 64
 constexpr int64_t kRows = 8;     // rows of a score tile
-constexpr int64_t kCols = 32;    // keys of a score tile (two 16-float vectors)
-constexpr int64_t kLanes = 16;
+#else
+#define STRUCTKV_VECTOR_BYTES 32
+constexpr int64_t kRows = 4;
+#endif
+constexpr int64_t kLanes = STRUCTKV_VECTOR_BYTES / 4;  // floats per vector
+constexpr int64_t kCols = 2 * kLanes;                  // keys of a score tile (two vectors)
+constexpr int64_t kBlock = 64;   // query rows per task
 constexpr int64_t kKeys = 128;  // keys of V per L1-resident chunk
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef float vec __attribute__((vector_size(STRUCTKV_VECTOR_BYTES)));
+typedef float vecu __attribute__((vector_size(STRUCTKV_VECTOR_BYTES), aligned(4)));
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline v16 splat(float a) { return v16{} + a; }
+inline vec load(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<vecu*>(p) = x; }
+inline vec splat(float a) { return vec{} + a; }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -70,16 +82,16 @@ void parallel_for(int64_t count, int threads, Fn fn) {
 // rows (one per head dimension) stride ldk, s rows stride lds.
 inline void score_tile(const float* q, const float* kt, int64_t D, int64_t ldk, float* s,
                        int64_t lds, float scale) {
-  v16 acc[kRows][2] = {};
+  vec acc[kRows][2] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const v16 k0 = load(kt + d * ldk), k1 = load(kt + d * ldk + kLanes);
+    const vec k0 = load(kt + d * ldk), k1 = load(kt + d * ldk + kLanes);
     for (int64_t r = 0; r < kRows; ++r) {
-      const v16 a = splat(q[r * D + d]);
+      const vec a = splat(q[r * D + d]);
       acc[r][0] += a * k0;
       acc[r][1] += a * k1;
     }
   }
-  const v16 sc = splat(scale);
+  const vec sc = splat(scale);
   for (int64_t r = 0; r < kRows; ++r) {
     store(s + r * lds, acc[r][0] * sc);
     store(s + r * lds + kLanes, acc[r][1] * sc);
@@ -89,7 +101,8 @@ inline void score_tile(const float* q, const float* kt, int64_t D, int64_t ldk, 
 #ifdef __AVX512F__
 // exp on 16 lanes: 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f from
 // its degree-6 Taylor polynomial (relative error ~1.2e-7, at float precision). Why not
-// std::exp: glibc's vector expf made the softmax the most expensive part of the kernel.
+// std::exp: glibc's vector expf made the softmax the most expensive part of the kernel (and
+// without AVX-512 GCC does not vectorise it at all: a scalar call per score).
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below that the result is 0 for our sums
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
@@ -103,6 +116,25 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same exp on 8 lanes; AVX2 has no scalef, so 2^n is built in the exponent bits (n >= -126
+// after the clamp, so the result is a normal float).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381609e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256i e = _mm256_slli_epi32(biased, 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
 
@@ -128,6 +160,34 @@ inline float softmax_numerator(float* row, int64_t len) {
     vs = _mm512_mask_add_ps(vs, tail, vs, e);
   }
   return _mm512_reduce_add_ps(vs);
+#elif defined(__AVX2__) && defined(__FMA__)
+  const int64_t full = len / kLanes * kLanes;
+  float m = std::numeric_limits<float>::lowest();
+  __m256 vm = _mm256_set1_ps(m);
+  for (int64_t j = 0; j < full; j += kLanes) vm = _mm256_max_ps(vm, _mm256_loadu_ps(row + j));
+  alignas(32) float lanes8[kLanes];
+  _mm256_store_ps(lanes8, vm);
+  for (int64_t i = 0; i < kLanes; ++i) m = std::max(m, lanes8[i]);
+  for (int64_t j = full; j < len; ++j) m = std::max(m, row[j]);
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+    _mm256_storeu_ps(row + j, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  _mm256_store_ps(lanes8, vs);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) sum += lanes8[i];
+  if (len > full) {  // the tail through the same exp (its unused lanes are not stored or summed)
+    for (int64_t i = 0; i < kLanes; ++i) lanes8[i] = full + i < len ? row[full + i] : m;
+    _mm256_store_ps(lanes8, exp8(_mm256_sub_ps(_mm256_load_ps(lanes8), mv)));
+    for (int64_t j = full; j < len; ++j) {
+      row[j] = lanes8[j - full];
+      sum += row[j];
+    }
+  }
+  return sum;
 #else
   float m = std::numeric_limits<float>::lowest();
   for (int64_t j = 0; j < len; ++j) m = std::max(m, row[j]);
@@ -214,7 +274,7 @@ inline void row_to_bf16(const float*, int64_t, bf16*) {}
 
 // One multiply-add step of a value tile: fp32 FMA, or (bf16) a pair of keys per lane.
 template <typename T>
-inline v16 madd(v16 acc, v16 a, v16 b) {
+inline vec madd(vec acc, vec a, vec b) {
   if constexpr (std::is_same_v<T, float>) {
     return acc + a * b;
   } else {
@@ -226,27 +286,29 @@ inline v16 madd(v16 acc, v16 a, v16 b) {
   }
 }
 
-inline v16 lanes(const float* p) { return splat(*p); }
+inline vec lanes(const float* p) { return splat(*p); }
 #ifdef __AVX512BF16__
-inline v16 lanes(const bf16* p) { return pair(p); }  // an integer broadcast: bits unchanged
+inline vec lanes(const bf16* p) { return pair(p); }  // an integer broadcast: bits unchanged
 #else
-inline v16 lanes(const bf16*) { return v16{}; }  // unreachable without AVX512-BF16
+inline vec lanes(const bf16*) { return vec{}; }  // unreachable without AVX512-BF16
 #endif
 
-// o[r][0..ND*16) += sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp. fp32: V
-// rows of D floats; bf16: n even, V in [n/2, D, 2] layout (each vector holds 16 dims x 2 keys).
+// o[r][0..ND*kLanes) += sum_j p[r][j] * v[j] for R rows, j in [0, n); p rows stride ldp, V
+// rows (keys) stride D. fp32: V rows of D floats; bf16: n even, V in [n/2, D, 2] layout (each
+// vector holds kLanes dims x 2 keys). ``v`` points at the slice's first column.
 template <int R, int ND, typename T>
-inline void value_tile(const T* p, int64_t ldp, const T* v, int64_t n, float* o, int64_t ldo) {
+inline void value_tile(const T* p, int64_t ldp, const T* v, int64_t D, int64_t n, float* o,
+                       int64_t ldo) {
   constexpr int64_t step = std::is_same_v<T, float> ? 1 : 2;
-  v16 acc[R][ND];
+  vec acc[R][ND];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < ND; ++c) acc[r][c] = load(o + r * ldo + c * kLanes);
   for (int64_t j = 0; j < n; j += step) {
-    v16 vr[ND];
+    vec vr[ND];
     for (int c = 0; c < ND; ++c)
-      vr[c] = load(reinterpret_cast<const float*>(v + (j * ND + c * step) * kLanes));
+      vr[c] = load(reinterpret_cast<const float*>(v + j * D + c * step * kLanes));
     for (int r = 0; r < R; ++r) {
-      const v16 a = lanes(p + r * ldp + j);
+      const vec a = lanes(p + r * ldp + j);
       for (int c = 0; c < ND; ++c) acc[r][c] = madd<T>(acc[r][c], a, vr[c]);
     }
   }
@@ -254,40 +316,50 @@ inline void value_tile(const T* p, int64_t ldp, const T* v, int64_t n, float* o,
     for (int c = 0; c < ND; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
 }
 
-// o[0..kBlock) = p[:, 0..n) @ v (o: kBlock x D scratch; rows past the block's are garbage).
-// Keys go in chunks of kKeys so each chunk of V stays in L1 while every row tile reads it.
+// o[0..kBlock) = p[:, 0..n) @ v (o: kBlock x D scratch; rows past the block's are garbage), in
+// column slices of ND vectors (one slice when the tile holds the whole head dimension). Keys go
+// in chunks of kKeys so each chunk of V stays in L1 while every row tile reads it.
 // T: float, or bf16 (n even, V in pair layout; one V offset per key either way: j0 * D).
 template <int R, int ND, typename T>
-void values_blocked(const T* p, int64_t ldp, const T* v, int64_t n, int64_t rows, float* o) {
-  constexpr int64_t D = ND * kLanes;
+void values_blocked(const T* p, int64_t ldp, const T* v, int64_t n, int64_t D, int64_t rows,
+                    float* o) {
+  constexpr int64_t step = std::is_same_v<T, float> ? 1 : 2;
+  constexpr int64_t width = ND * kLanes;
   const int64_t tiles = round_up(rows, R);
   std::fill(o, o + tiles * D, 0.0f);
-  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
-    const int64_t nj = std::min(kKeys, n - j0);
-    for (int64_t r = 0; r < tiles; r += R)
-      value_tile<R, ND>(p + r * ldp + j0, ldp, v + j0 * D, nj, o + r * D, D);
-  }
+  for (int64_t c0 = 0; c0 < D; c0 += width)
+    for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
+      const int64_t nj = std::min(kKeys, n - j0);
+      for (int64_t r = 0; r < tiles; r += R)
+        value_tile<R, ND>(p + r * ldp + j0, ldp, v + j0 * D + c0 * step, D, nj, o + r * D + c0, D);
+    }
 }
 
 // o[0..rows) = p[:, 0..n) @ v, dispatching on the head dimension; o has kBlock x D floats.
 template <typename T>
 void values(const T* p, int64_t ldp, const T* v, int64_t n, int64_t D, int64_t rows, float* o) {
-  switch (D) {
-    case 32: values_blocked<4, 2>(p, ldp, v, n, rows, o); return;
-    case 64: values_blocked<4, 4>(p, ldp, v, n, rows, o); return;
-    case 128: values_blocked<2, 8>(p, ldp, v, n, rows, o); return;
-    case 256: values_blocked<1, 16>(p, ldp, v, n, rows, o); return;
-    default:  // fp32 only: bf16_serves() keeps other head dimensions in fp32
-      if constexpr (std::is_same_v<T, float>) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float* orow = o + r * D;
-          std::fill(orow, orow + D, 0.0f);
-          for (int64_t j = 0; j < n; ++j) {
-            const float a = p[r * ldp + j];
-            for (int64_t c = 0; c < D; ++c) orow[c] += a * v[j * D + c];
-          }
-        }
+  if (D == 32 || D == 64 || D == 128 || D == 256) {
+    if constexpr (kLanes == 16) {  // AVX-512: the whole head dimension in one tile
+      switch (D) {
+        case 32: values_blocked<4, 2>(p, ldp, v, n, D, rows, o); return;
+        case 64: values_blocked<4, 4>(p, ldp, v, n, D, rows, o); return;
+        case 128: values_blocked<2, 8>(p, ldp, v, n, D, rows, o); return;
+        default: values_blocked<1, 16>(p, ldp, v, n, D, rows, o); return;
       }
+    } else {  // 8 lanes, 16 registers: 2 rows x 4 vectors (32 columns) per slice
+      values_blocked<2, 4>(p, ldp, v, n, D, rows, o);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {  // bf16_serves() keeps other dimensions in fp32
+    for (int64_t r = 0; r < rows; ++r) {
+      float* orow = o + r * D;
+      std::fill(orow, orow + D, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float a = p[r * ldp + j];
+        for (int64_t c = 0; c < D; ++c) orow[c] += a * v[j * D + c];
+      }
+    }
   }
 }
 
@@ -303,8 +375,10 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
   const int64_t group = H / G;
   const int64_t Np = round_up(N, kCols);
 
-  // fp32: K transposed per (batch, KV head), [D, Np], zero beyond N, so score tiles read whole
-  // 32-key vectors along a row; V read in place. bf16: K as [D/2, Np, 2], V as [Np/2, D, 2].
+  // fp32: K transposed per (batch, KV head) in panels of kCols keys, [Np/kCols, D, kCols], zero
+  // beyond N: a score tile reads its panel front to back (rows of a plain [D, Np] transpose are
+  // Np floats apart, 16 KB at 4K keys: every row in the same L1 set). V read in place.
+  // bf16: K as [D/2, Np, 2], V as [Np/2, D, 2].
   const size_t kv = static_cast<size_t>(B * G * D * Np);
   std::vector<float> kt(half ? 0 : kv, 0.0f);
   std::vector<bf16> kp(half ? kv : 0, 0), vp(half ? kv : 0, 0);
@@ -314,7 +388,7 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
     for (int64_t n = 0; n < N; ++n)
       for (int64_t d = 0; d < D; ++d) {
         if (!half) {
-          kt[bg * D * Np + d * Np + n] = ks[n * D + d];
+          kt[bg * D * Np + (n / kCols) * D * kCols + d * kCols + n % kCols] = ks[n * D + d];
           continue;
         }
         kp[bg * D * Np + (d / 2) * Np * 2 + n * 2 + (d & 1)] = to_bf16(ks[n * D + d]);
@@ -363,7 +437,7 @@ void causal_attention(const float* q, const float* k, const float* v, float* out
       const float* ktg = kt.data() + (b * G + g) * D * Np;
       for (int64_t c = 0; c < cols; c += kCols)
         for (int64_t r = 0; r < tiles; r += kRows)
-          score_tile(qb + r * D, ktg + c, D, Np, s + r * Np + c, Np, scale);
+          score_tile(qb + r * D, ktg + c * D, D, kCols, s + r * Np + c, Np, scale);
     }
 
     // bf16 pairs keys, so its products run to the tile edge (zeros past each row's length)
