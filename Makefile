@@ -18,7 +18,7 @@ demo: install
 
 test: install $(PEER)/bin/python $(TRITON)/bin/python
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 	$(PEER)/bin/python -m pytest -q -p no:cacheprovider tests/test_peer.py
 
 # Export of a checkpoint larger than the export's memory limit (issue 16): a 3.6 GB synthetic
