@@ -137,9 +137,9 @@ def exact_u8s8_products() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True  # ARM's kernels (NEON widening, UDOT/SDOT) accumulate in int32
-    from structkv.kernels.ort_ops import _cpu_flags
+    from structkv.kernels.ort_ops import cpu_flags
 
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(_cpu_flags().split()))
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags().split()))
 
 
 def unsigned_products(model) -> int:

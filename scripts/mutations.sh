@@ -64,3 +64,5 @@ check structkv/eval/reports.py "        method = as_method(name, lm.model_id, **
 check runtime/stages.py "        if cpu and not exact_u8s8_products():" "        if False:" "tests/test_quant.py -k runtime_opens"
 check runtime/stages.py "                helper.make_tensor(f\"{tag}_zp\", TensorProto.UINT8, [], [128])," "                helper.make_tensor(f\"{tag}_zp\", TensorProto.UINT8, [], [127])," "tests/test_quant.py -k w8a8"
 check structkv/kernels/csrc/causal_attention.cc "      sum += row[j];" "      (void)0;" "tests/test_ort_ops.py -k matches_sdpa"
+check structkv/calibration.py "        method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pl, chunk=c, pivot=0)" "        method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=7, chunk=c, pivot=0)" "tests/test_calibration.py -k first_pass_choice"
+check structkv/calibration.py "        return [_record(model, x, variants[0][1], window, pooling, steps, variants) for x in ids]" "        return [_record(model, x, variants[0][1], window, 7, steps, variants) for x in ids]" "tests/test_calibration.py -k first_pass_choice"

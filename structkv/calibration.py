@@ -452,7 +452,6 @@ def calibrate(
             steps,
             target_fidelity,
             compute_cap,
-            pooling,
             pivots=[best["layer"], *range(l_min, cap_layer + 1, 3)],
             progress=progress,
             objective=objective,
@@ -466,8 +465,11 @@ def calibrate(
     return profile
 
 
-#: The budget search's grids (stage 2: window x chunk; stage 3: R_struct x R_KV).
+#: The budget search's grids (stage 2: window x pooling x chunk; stage 3: R_struct x R_KV).
+#: Pooling 31 because at R_KV 0.2 the needle values were cut at chunk edges and a 31-token max
+#: pooling keeps the value's next chunk (docs/RESULTS.md, "Where R_KV 0.2 loses the needles").
 WINDOWS = (8, 32, 64)
+POOLINGS = (7, 31)
 CHUNKS = (0, 8, 16)
 R_STRUCTS = (0.1, 0.2, 0.3, 0.5, 0.7)
 R_KVS = (0.05, 0.1, 0.2, 0.5)
@@ -489,19 +491,19 @@ def choose_budget(rows: list[dict], target: float, objective: str = "answer") ->
     return max(rows, key=lambda r: (r[objective], -r["compute_fraction"])), False
 
 
-def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap, pooling=7,
-                   windows=WINDOWS, chunks=CHUNKS, r_structs=R_STRUCTS, r_kvs=R_KVS,
-                   pivots=None, progress=None,
+def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap,
+                   windows=WINDOWS, poolings=POOLINGS, chunks=CHUNKS, r_structs=R_STRUCTS,
+                   r_kvs=R_KVS, pivots=None, progress=None,
                    objective="answer") -> dict:  # fmt: skip
     """Stages 2 and 3 of the calibration, at the chosen λ, by coordinate descent.
 
     Stage 3 searches pivot x R_struct x R_KV (``pivots``: default the stage-1 pivot alone;
     R_KV <= R_struct, as engines need; compute fraction under the cap) and chooses the cheapest
     (compute, then KV) setting whose ``objective`` agreement with full context reaches
-    ``target``, else the most faithful one (``met`` False). It runs first at the first window and
-    chunk of the grids (the paper's window 8, token-level selection). Stage 2 then searches
-    window x chunk *at that choice's budgets* and keeps the best by agreement minus KL, and
-    stage 3 runs again at that window and chunk when they differ. Why this order: at the base
+    ``target``, else the most faithful one (``met`` False). It runs first at the first window,
+    pooling and chunk of the grids (the paper's window 8 and pooling 7, token-level selection).
+    Stage 2 then searches window x pooling x chunk *at that choice's budgets* and keeps the best
+    by agreement minus KL, and stage 3 runs again there when it differs. Why this order: at the base
     budgets (R_struct 0.2 / R_KV 0.1) every window and chunk loses the probes alike, so a window
     chosen there is noise; at the budgets the target needs, they differ (docs/RESULTS.md, "The
     calibrated default"). Every row is returned."""
@@ -523,57 +525,64 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
         )
     kvs = sorted({rk for *_, rk in stage3})
 
-    def record(window: int, variants: list[tuple[int, float]]) -> list[_PromptRun]:
+    def record(window: int, pooling: int, variants: list[tuple[int, float]]) -> list[_PromptRun]:
         # one recorded full prefill per prompt, with SnapKV riders for exactly these variants
         return [_record(model, x, variants[0][1], window, pooling, steps, variants) for x in ids]
 
-    def row_for(runs, p, rs, rk, w, c) -> dict:
-        method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pooling, chunk=c, pivot=0)
+    def row_for(runs, p, rs, rk, w, pl, c) -> dict:
+        method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pl, chunk=c, pivot=0)
         kl, top1, answer_kl, answer = _score_setting(model, runs, method, p, lam, steps)
         return {"kl": round(kl, 5), "top1": round(top1, 4), "answer_kl": round(answer_kl, 5),
                 "answer": round(answer, 4)}  # fmt: skip
 
-    def budget_pass(w: int, c: int) -> list[dict]:
-        runs = record(w, [(c, rk) for rk in kvs])
+    def budget_pass(w: int, pl: int, c: int) -> list[dict]:
+        runs = record(w, pl, [(c, rk) for rk in kvs])
         rows = []
         for p, rs, rk in stage3:
-            row = {"pivot": p, "r_struct": rs, "r_kv": rk, **row_for(runs, p, rs, rk, w, c)}
+            row = {"pivot": p, "r_struct": rs, "r_kv": rk, **row_for(runs, p, rs, rk, w, pl, c)}
             rows.append({**row, "compute_fraction": round(compute_fraction(p, num_layers, rs), 4)})
             if progress:
                 progress(
-                    f"budgets (window {w}, chunk {c}): pivot {p}, R_struct {rs}, R_KV {rk}: "
-                    f"answer {row['answer']:.3f}, top-1 {row['top1']:.3f}"
+                    f"budgets (window {w}, pooling {pl}, chunk {c}): pivot {p}, R_struct {rs}, "
+                    f"R_KV {rk}: answer {row['answer']:.3f}, top-1 {row['top1']:.3f}"
                 )
         return rows
 
-    w0, c0 = windows[0], chunks[0]
-    first = budget_pass(w0, c0)
+    w0, pl0, c0 = windows[0], poolings[0], chunks[0]
+    first = budget_pass(w0, pl0, c0)
     at, _ = choose_budget(first, target, objective)
     window_rows, best = [], None
     for w in windows:
-        runs = record(w, [(c, at["r_kv"]) for c in chunks])
-        for c in chunks:
-            row = {"window": w, "chunk": c, **row_for(runs, at["pivot"], at["r_struct"],
-                                                      at["r_kv"], w, c)}  # fmt: skip
-            row["score"] = round(row[objective] - row["kl"], 5)
-            window_rows.append(row)
-            if best is None or row["score"] > best["score"]:
-                best = row
-        del runs
+        for pl in poolings:
+            runs = record(w, pl, [(c, at["r_kv"]) for c in chunks])
+            for c in chunks:
+                scores = row_for(runs, at["pivot"], at["r_struct"], at["r_kv"], w, pl, c)
+                row = {"window": w, "pooling": pl, "chunk": c, **scores}
+                row["score"] = round(row[objective] - row["kl"], 5)
+                window_rows.append(row)
+                if best is None or row["score"] > best["score"]:
+                    best = row
+            del runs
         if progress:
             progress(f"budgets: window {w} searched")
-    w, c = best["window"], best["chunk"]
-    budget_rows = first if (w, c) == (w0, c0) else budget_pass(w, c)
+    w, pl, c = best["window"], best["pooling"], best["chunk"]
+    budget_rows = first if (w, pl, c) == (w0, pl0, c0) else budget_pass(w, pl, c)
     chosen, met = choose_budget(budget_rows, target, objective)
     return {
         "target_fidelity": target,
         "objective": objective,
         "met": met,
-        "chosen": {"r_struct": chosen["r_struct"], "r_kv": chosen["r_kv"], "window": w, "chunk": c},
+        "chosen": {
+            "r_struct": chosen["r_struct"],
+            "r_kv": chosen["r_kv"],
+            "window": w,
+            "pooling": pl,
+            "chunk": c,
+        },
         "chosen_row": chosen,
         "window_budget": {k: at[k] for k in ("pivot", "r_struct", "r_kv")},
         "window_table": window_rows,
-        "first_budget_table": {"window": w0, "chunk": c0, "rows": first},
+        "first_budget_table": {"window": w0, "pooling": pl0, "chunk": c0, "rows": first},
         "budget_table": budget_rows,
     }
 
@@ -625,7 +634,8 @@ def format_table(profile: dict) -> str:
 
 
 def format_budgets(profile: dict) -> str:
-    """The budget search's tables (window x chunk, then R_struct x R_KV) and its choice."""
+    """The budget search's tables (window x pooling x chunk, then R_struct x R_KV) and its
+    choice. Profiles from before pooling was searched show the pooling they ran at (7)."""
     search, chosen = profile["budget_search"], profile["budgets"]
     nan = float("nan")
     at = search.get("window_budget")
@@ -633,13 +643,13 @@ def format_budgets(profile: dict) -> str:
         []
         if at is None
         else [
-            f"window x chunk at pivot {at['pivot']}, R_struct {at['r_struct']}, R_KV {at['r_kv']} "
-            "(stage 3's choice at the first window and chunk)"
+            f"window x pooling x chunk at pivot {at['pivot']}, R_struct {at['r_struct']}, R_KV "
+            f"{at['r_kv']} (stage 3's choice at the first window, pooling and chunk)"
         ]
     )
-    rows += ["window  chunk  KL        top1    answer", *(
-        f"{r['window']:<7} {r['chunk']:<6} {r['kl']:<9.4f} {r['top1']:<7.3f} "
-        f"{r.get('answer', nan):.3f}"
+    rows += ["window  pooling  chunk  KL        top1    answer", *(
+        f"{r['window']:<7} {r.get('pooling', 7):<8} {r['chunk']:<6} {r['kl']:<9.4f} "
+        f"{r['top1']:<7.3f} {r.get('answer', nan):.3f}"
         for r in search["window_table"]
     )]  # fmt: skip
     rows.append("pivot  R_struct  R_KV   KL        top1    answer  compute")
@@ -651,8 +661,9 @@ def format_budgets(profile: dict) -> str:
         )
     met = "met" if search["met"] else "NOT met (the most faithful setting is chosen)"
     rows.append(
-        f"budgets: pivot {profile['pivot']}, window {chosen['window']}, chunk "
-        f"{chosen['chunk']}, R_struct {chosen['r_struct']}, R_KV {chosen['r_kv']}; target "
+        f"budgets: pivot {profile['pivot']}, window {chosen['window']}, pooling "
+        f"{chosen.get('pooling', 7)}, chunk {chosen['chunk']}, R_struct {chosen['r_struct']}, "
+        f"R_KV {chosen['r_kv']}; target "
         f"{search.get('objective', 'top1')} {search['target_fidelity']} {met}"
     )
     return "\n".join(rows)

@@ -220,6 +220,13 @@ def load(
     """Load a model by alias, directory, GGUF path, or tiny config name (see module docstring),
     on ``device`` (the torch path follows the model's device everywhere)."""
     dev = check_device(device)
+    if dtype == torch.bfloat16 and dev.type == "cpu" and not fast_cpu_bf16():
+        print(
+            "[structkv] warning: this CPU has no AVX512-BF16 or AMX, so torch computes bf16 by "
+            "conversion: 90x slower than fp32 in a matmul on an AVX2-only EPYC "
+            "(docs/BENCHMARKS.md); use --dtype fp32 here",
+            file=sys.stderr,
+        )
     lm = _load(name, dtype)
     if next(lm.model.parameters()).dtype != dtype:  # tiny configs are built in fp32
         lm.model.to(dtype)
@@ -228,11 +235,19 @@ def load(
     return lm
 
 
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 is 2.3x
+    faster than fp32 in torch; elsewhere every bf16 product is converted and far slower."""
+    from structkv.kernels.ort_ops import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+
+
 #: ``--dtype`` of the torch path (generate, bench, eval, serve, calibrate).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_HELP = (
-    "torch dtype of the model: fp32 (default) | bf16 (2.3x faster on CPUs with AVX-512 bf16 / "
-    "AMX; the usual GPU choice) | fp16"
+    "torch dtype of the model: fp32 (default) | bf16 (2.3x faster on CPUs with AVX512-BF16 / "
+    "AMX, far slower on others; the usual GPU choice) | fp16"
 )
 
 

@@ -146,7 +146,7 @@ def test_no_profile_falls_back_to_the_paper_preset_and_says_so(tiny_lm, tmp_path
 
 # -- budgets: window x chunk, then R_struct x R_KV (issue 15 §3) ---------------------------------
 
-GRID = dict(windows=(4, 8), chunks=(0, 4), r_structs=(0.2, 0.5), r_kvs=(0.1, 0.2))
+GRID = dict(windows=(4, 8), poolings=(3, 7), chunks=(0, 4), r_structs=(0.2, 0.5), r_kvs=(0.1, 0.2))
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +158,13 @@ def budget_profile(tiny_lm):
 def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
     search = budget_profile["budget_search"]
     assert budget_profile["rule"] is None  # a fixed pivot: engines and the search need one
-    assert {(r["window"], r["chunk"]) for r in search["window_table"]} == {
-        (w, c) for w in GRID["windows"] for c in GRID["chunks"]}  # fmt: skip
+    assert {(r["window"], r["pooling"], r["chunk"]) for r in search["window_table"]} == {
+        (w, pl, c) for w in GRID["windows"] for pl in GRID["poolings"]
+        for c in GRID["chunks"]}  # fmt: skip
     best = max(search["window_table"], key=lambda r: r["score"])
     chosen = budget_profile["budgets"]
-    assert (chosen["window"], chosen["chunk"]) == (best["window"], best["chunk"])
+    assert (chosen["window"], chosen["pooling"], chosen["chunk"]) == (
+        best["window"], best["pooling"], best["chunk"])  # fmt: skip
     # the pivot is searched with the budgets: stage 1's, plus every third layer under the cap
     pivots = {budget_profile["best"]["layer"], *range(2, budget_profile["l_max"] + 1, 3)}
     want = {(p, rs, rk) for p in pivots for rs in GRID["r_structs"] for rk in GRID["r_kvs"]
@@ -220,7 +222,7 @@ def test_budget_rows_equal_direct_runs(tiny_lm, budget_profile):
     chosen = budget_profile["budgets"]
     row = max(search["budget_table"], key=lambda r: (r["r_struct"], r["r_kv"], r["pivot"]))
     knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=chosen["window"],
-                 chunk=chosen["chunk"], pivot=row["pivot"],
+                 pooling=chosen["pooling"], chunk=chosen["chunk"], pivot=row["pivot"],
                  lam=budget_profile["lambda"])  # fmt: skip
     _assert_row_is(row, _direct_scores(tiny_lm, budget_profile, knobs))
 
@@ -234,26 +236,29 @@ def faithful_profile(tiny_lm):
 
 @pytest.mark.parametrize("which", ["budget_profile", "faithful_profile"])
 def test_window_and_chunk_are_searched_at_the_first_pass_choice(tiny_lm, which, request):
-    """Coordinate descent: pivot x budgets at the first window and chunk, then window x chunk at
-    that pass's choice (not at the base budgets), then the budgets again at the best window and
-    chunk. Every window row equals a direct run at the first pass's choice."""
+    """Coordinate descent: pivot x budgets at the first window, pooling and chunk, then window x
+    pooling x chunk at that pass's choice (not at the base budgets), then the budgets again at
+    the best of those. Every window row equals a direct run at the first pass's choice."""
     profile = request.getfixturevalue(which)
     search, lam = profile["budget_search"], profile["lambda"]
     first = search["first_budget_table"]
-    assert (first["window"], first["chunk"]) == (GRID["windows"][0], GRID["chunks"][0])
+    start = (first["window"], first["pooling"], first["chunk"])
+    assert start == (GRID["windows"][0], GRID["poolings"][0], GRID["chunks"][0])
     at, _ = choose_budget(first["rows"], search["target_fidelity"])
     assert search["window_budget"] == {k: at[k] for k in ("pivot", "r_struct", "r_kv")}
     for row in search["window_table"]:
         knobs = dict(r_struct=at["r_struct"], r_kv=at["r_kv"], window=row["window"],
-                     chunk=row["chunk"], pivot=at["pivot"], lam=lam)  # fmt: skip
+                     pooling=row["pooling"], chunk=row["chunk"], pivot=at["pivot"],
+                     lam=lam)  # fmt: skip
         _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
     best = max(search["window_table"], key=lambda r: r["score"])
-    if (best["window"], best["chunk"]) == (first["window"], first["chunk"]):
+    if (best["window"], best["pooling"], best["chunk"]) == start:
         assert search["budget_table"] == first["rows"]
     row = search["chosen_row"]
     assert row in search["budget_table"]
     knobs = dict(r_struct=row["r_struct"], r_kv=row["r_kv"], window=best["window"],
-                 chunk=best["chunk"], pivot=row["pivot"], lam=lam)  # fmt: skip
+                 pooling=best["pooling"], chunk=best["chunk"], pivot=row["pivot"],
+                 lam=lam)  # fmt: skip
     _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
 
 
@@ -296,15 +301,18 @@ def test_probes_the_full_model_does_not_continue_are_set_aside():
 
 def test_profile_budgets_fill_only_the_knobs_left_unset():
     profile = {"lambda": 0.3, "pivot": 4, "rule": None, "l_min": 2, "l_max": 7,
-               "budgets": {"r_struct": 0.5, "r_kv": 0.2, "window": 32, "chunk": 16}}  # fmt: skip
+               "budgets": {"r_struct": 0.5, "r_kv": 0.2, "window": 32, "pooling": 31,
+                           "chunk": 16}}  # fmt: skip
     m, _ = StructKV().with_profile(profile)
-    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.5, 0.2, 32, 16)
-    m, _ = StructKV(window=8, r_kv=0.1).with_profile(profile)  # given on the command line
-    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.5, 0.1, 8, 16)
+    assert (m.r_struct, m.r_kv, m.window, m.pooling, m.chunk) == (0.5, 0.2, 32, 31, 16)
+    m, _ = StructKV(window=8, r_kv=0.1, pooling=7).with_profile(profile)  # given by the user
+    assert (m.r_struct, m.r_kv, m.window, m.pooling, m.chunk) == (0.5, 0.1, 8, 7, 16)
+    older = {**profile, "budgets": {k: v for k, v in profile["budgets"].items() if k != "pooling"}}
+    assert StructKV().with_profile(older)[0].pooling == 7  # profiles before pooling was searched
     m, _ = StructKV(pivot=5).with_profile(profile)  # a fixed pivot still takes the budgets
     assert (m.pivot, m.r_struct, m.window) == (5, 0.5, 32)
     m, _ = StructKVPaper().with_profile(profile)  # the paper preset never does
-    assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.2, 0.1, 8, 0)
+    assert (m.r_struct, m.r_kv, m.window, m.pooling, m.chunk) == (0.2, 0.1, 8, 7, 0)
     m, _ = StructKV().with_profile(None)
     assert (m.r_struct, m.r_kv, m.window, m.chunk) == (0.2, 0.1, 8, 0)
     assert StructKV().with_profile({**profile, "budgets": None})[0].window == 8

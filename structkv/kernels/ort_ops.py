@@ -47,7 +47,9 @@ FLAGS = (
 _CSRC = Path(__file__).parent / "csrc"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them (``avx2 avx512f ...``); elsewhere
+    whatever the platform says. Kernels and data formats are chosen by them."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -88,7 +90,7 @@ def library_path() -> Path:
     key = hashlib.sha256()
     for name in SOURCES + HEADERS:
         key.update((_CSRC / name).read_bytes())
-    key.update(" ".join((cxx, *FLAGS, platform.machine(), _cpu_flags())).encode())
+    key.update(" ".join((cxx, *FLAGS, platform.machine(), cpu_flags())).encode())
     target = cache_dir() / key.hexdigest()[:16] / "libstructkv_ort.so"
     if target.exists():
         return target

@@ -19,7 +19,7 @@ from structkv.selection import budget
 
 PAPER_LAMBDA = 0.9
 #: The paper's budgets: what ``structkv`` uses for a knob neither given nor calibrated.
-PAPER_BUDGETS = {"r_struct": 0.2, "r_kv": 0.1, "window": 8, "chunk": 0}
+PAPER_BUDGETS = {"r_struct": 0.2, "r_kv": 0.1, "window": 8, "pooling": 7, "chunk": 0}
 
 
 def _is_layer(pivot: object) -> bool:
@@ -58,6 +58,7 @@ class StructKV(SaliencyKVMethod):
 
     # None: the calibration profile's budget (its "budgets"), else the paper's (PAPER_BUDGETS).
     window: int | None = None
+    pooling: int | None = None
     chunk: int | None = None
     r_kv: float | None = None
     r_struct: float | None = None
@@ -252,6 +253,7 @@ class StructKVPaper(StructKV):
 
     # the paper's budgets as plain defaults: a profile never changes the preset
     window: int | None = PAPER_BUDGETS["window"]
+    pooling: int | None = PAPER_BUDGETS["pooling"]
     chunk: int | None = PAPER_BUDGETS["chunk"]
     r_kv: float | None = PAPER_BUDGETS["r_kv"]
     r_struct: float | None = PAPER_BUDGETS["r_struct"]
