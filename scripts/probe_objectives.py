@@ -16,7 +16,14 @@ import argparse
 
 import torch
 
-from structkv.calibration import _fidelity, _record, calibration_prompts, keep_prompts
+from structkv.calibration import (
+    DRAWS,
+    _fidelity,
+    _record,
+    calibration_prompts,
+    echo_length,
+    keep_prompts,
+)
 from structkv.methods import StructKV
 from structkv.models import load
 
@@ -52,6 +59,7 @@ def score(lm, prompts, steps: int, settings: dict) -> dict[str, tuple[float, flo
         for prompt in prompts:
             ids = prompt.encode(lm.tokenizer, chat=True)
             run = _record(lm.model, ids, 0.1, window, pooling, steps, variants)
+            run.skip = echo_length(lm.tokenizer, prompt, run.full_tokens)
             for name, (pivot, lam, w, chunk, rs, rk, pool) in here.items():
                 method = StructKV(
                     r_struct=rs, r_kv=rk, window=w, chunk=chunk, pooling=pool, pivot=0
@@ -63,10 +71,10 @@ def score(lm, prompts, steps: int, settings: dict) -> dict[str, tuple[float, flo
 
 def probe_set(lm, name: str, n: int, steps: int) -> list:
     """``n`` prompts of set ``name``; for copy and cued probes, those the full model continues
-    first (twice as many drawn), as calibration keeps them."""
+    first (``DRAWS`` times as many drawn), as calibration keeps them."""
     if name == "probes":
         return calibration_prompts(lm.tokenizer, n, 2048, prompt_set=name)
-    drawn = calibration_prompts(lm.tokenizer, 2 * n, 2048, prompt_set=name)
+    drawn = calibration_prompts(lm.tokenizer, DRAWS[name] * n, 2048, prompt_set=name)
     recorded = []
     for i, prompt in enumerate(drawn):
         run = _record(lm.model, prompt.encode(lm.tokenizer, True), 0.1, 8, 7, steps)
@@ -74,11 +82,20 @@ def probe_set(lm, name: str, n: int, steps: int) -> list:
         recorded.append((i, run, prompt.copied(answer)))
     kept = keep_prompts(recorded, n, prefer_copied=True)
     print(f"{name}: {sum(c for *_, c in kept)} of {n} kept probes continued by the full model")
+    for i, run, _ in kept:
+        skip = echo_length(lm.tokenizer, drawn[i], run.full_tokens)
+        said = lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True)
+        print(f"  probe {i}: {skip} echo tokens; full model: {said!r}")
     return [drawn[i] for i, _, _ in kept]
 
 
 #: the column each prompt set is scored by: index 0 teacher-forced top-1, 1 free-running answer
-COLUMNS = {"probes": ("v2: top-1", 0), "copy": ("v3: answer", 1), "cued": ("v4: answer", 1)}
+COLUMNS = {
+    "probes": ("v2: top-1", 0),
+    "copy": ("v3: answer", 1),
+    "cued": ("v4: answer", 1),
+    "question": ("v5: answer", 1),
+}
 
 
 def main() -> None:

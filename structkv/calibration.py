@@ -16,6 +16,14 @@ A copy probe pre-fills the answer with the opening words of a sentence from earl
 document; the full model continues it from the document (induction), which only works if
 compression kept that sentence. Probes the full model does not continue are set aside.
 
+Question probes (prompt set "question"): a copy probe's last tokens are the quote itself, so
+the observation window that scores the document is the query exactly, and a wider window only
+dilutes it — whereas a chat question sits before the template's closing tokens, which a window
+of 8 sees instead of the question. A question probe quotes the sentence's opening in the user
+turn, pre-fills only its first words, and scores the answer after the answer's echo of the
+quote (any setting that keeps the question reproduces the echo), so it rewards a window that
+reaches the question (docs/RESULTS.md, "Probe v5").
+
 Cost: one full prefill per prompt, recorded layer by layer; each candidate then re-runs only
 the layers after its pivot on the compacted tokens (:func:`structkv.prefill.continue_prefill`),
 since the KV selection of the layers before the pivot does not depend on the candidate.
@@ -97,6 +105,10 @@ class CalibrationPrompt:
     text: str
     prefill: str = ""
     continuation: str = ""
+    #: question probes: the cue's words the answer repeats after its pre-filled start, before
+    #: it retrieves anything (answer agreement is scored after them: any setting that keeps
+    #: the question repeats them)
+    echo: str = ""
 
     def encode(self, tokenizer, chat: bool) -> torch.Tensor:
         """The prompt's ids: the chat template's user turn, then the pre-filled answer."""
@@ -166,7 +178,39 @@ def _cued_probe(context: list[str], rng: random.Random) -> CalibrationPrompt | N
     )
 
 
-PROMPT_SETS = ("copy", "cued", "probes", "generic")
+#: Question probe (prompt set "question", v5): the cued probe, scored only after the answer's
+#: echo of the cue (:func:`echo_length`), and drawn four times over because the 135M model
+#: continues about half of them. v4's answers were half echo, which any setting that keeps the
+#: question reproduces, so the score rewarded keeping the question rather than the sentence.
+def _question_probe(context: list[str], rng: random.Random) -> CalibrationPrompt | None:
+    probe = _copy_probe(context, rng)
+    if probe is None:
+        return None
+    words = probe.prefill.split()
+    return CalibrationPrompt(
+        probe.text.removesuffix(COPY_REQUEST) + CUE_REQUEST.format(quote=probe.prefill),
+        " ".join(words[:CUE_PREFILL]),
+        probe.continuation,
+        " ".join(words[CUE_PREFILL:]),
+    )
+
+
+def echo_length(tokenizer, prompt: CalibrationPrompt, tokens: list[int]) -> int:
+    """How many leading tokens of an answer repeat ``prompt.echo``: the fewest whose text starts
+    with the echo's words; 0 when the answer never does (then nothing is skipped)."""
+    words = prompt.echo.split()
+    for k in range(1, len(tokens) + 1) if words else ():
+        if tokenizer.decode(tokens[:k], skip_special_tokens=True).split()[: len(words)] == words:
+            return k
+    return 0
+
+
+#: the prompt sets whose prompts pre-fill an answer the full model must continue (scored by
+#: the free-running answer; calibration sets aside the probes the full model does not continue)
+PROBE_SETS = {"copy": _copy_probe, "question": _question_probe, "cued": _cued_probe}
+#: how many prompts calibration draws per prompt it keeps
+DRAWS = {"copy": 2, "question": 4, "cued": 2}
+PROMPT_SETS = ("copy", "question", "cued", "probes", "generic")
 DEFAULT_PROMPT_SET = "copy"
 
 
@@ -193,8 +237,8 @@ def calibration_prompts(
     out = []
     while len(out) < n:
         context = build_context(tokenizer, length - 48, rng, source)
-        if prompt_set in ("copy", "cued"):
-            probe = (_copy_probe if prompt_set == "copy" else _cued_probe)(context, rng)
+        if prompt_set in PROBE_SETS:
+            probe = PROBE_SETS[prompt_set](context, rng)
             if probe is not None:
                 out.append(probe)
             continue
@@ -253,6 +297,8 @@ class _PromptRun:
     full_tokens: list[int]
     #: the full model's next-token log-probabilities at each teacher-forced answer step
     full_step_logprobs: list[torch.Tensor] = field(default_factory=list)
+    #: leading answer tokens not scored (a question probe's echo of its cue)
+    skip: int = 0
 
 
 def _fresh(cache: LayerCache, extra: int) -> LayerCache:
@@ -280,14 +326,15 @@ def _record(model, ids, r_kv, window, pooling, steps, variants=None) -> _PromptR
     return _PromptRun(ids, record, caches, logprobs, tokens, step_logprobs)
 
 
-def matched_prefix(tokens: list[int], reference: list[int]) -> float:
-    """The share of ``reference`` that ``tokens`` reproduce before their first difference."""
+def matched_prefix(tokens: list[int], reference: list[int], skip: int = 0) -> float:
+    """The share of ``reference`` that ``tokens`` reproduce before their first difference,
+    counting only the tokens after the first ``skip`` (which must match too)."""
     same = 0
     for a, b in zip(tokens, reference):
         if a != b:
             break
         same += 1
-    return same / len(reference)
+    return max(0, same - skip) / max(1, len(reference) - skip)
 
 
 @torch.inference_mode()
@@ -320,7 +367,7 @@ def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, 
     tokens = [int(out.logits.argmax())]
     for _ in range(1, steps):
         tokens.append(int(decode_step(model, out.cache, tokens[-1]).argmax()))
-    answer = matched_prefix(tokens, run.full_tokens)
+    answer = matched_prefix(tokens, run.full_tokens, run.skip)
     return kl, sum(agree) / len(agree), sum(answer_kl) / max(1, len(answer_kl)), answer
 
 
@@ -398,14 +445,15 @@ def calibrate(
     method = StructKV(r_struct=r_struct, r_kv=r_kv, window=window, pooling=pooling, pivot=0)
     start = time.perf_counter()
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    probes = prompt_set in ("copy", "cued")
+    probes = prompt_set in PROBE_SETS
     objective = "answer" if probes else "top1"
-    drawn = 2 * n_prompts if probes else n_prompts
+    drawn = DRAWS.get(prompt_set, 1) * n_prompts
     candidates_prompts = calibration_prompts(lm.tokenizer, drawn, length, prompt_set=prompt_set)
     recorded = []
     for i, prompt in enumerate(candidates_prompts):
         ids = prompt.encode(lm.tokenizer, chat)
         run = _record(model, ids, r_kv, window, pooling, steps)
+        run.skip = echo_length(lm.tokenizer, prompt, run.full_tokens)
         copied = prompt.copied(lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True))
         recorded.append((i, run, copied))
         if progress:
@@ -432,6 +480,7 @@ def calibrate(
         prompts=n_prompts, length=length, r_struct=r_struct, r_kv=r_kv, window=window,
         pooling=pooling, compute_cap=compute_cap, steps=steps, prompt_set=prompt_set,
         drawn=drawn, selected=selected, copied=copied, objective=objective,
+        echo_tokens=[run.skip for run in runs],
     )  # fmt: skip
     if target_fidelity is not None:
         # the budget search (and every engine) needs one fixed pivot layer: choose among those
@@ -527,7 +576,10 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
 
     def record(window: int, pooling: int, variants: list[tuple[int, float]]) -> list[_PromptRun]:
         # one recorded full prefill per prompt, with SnapKV riders for exactly these variants
-        return [_record(model, x, variants[0][1], window, pooling, steps, variants) for x in ids]
+        runs = [_record(model, x, variants[0][1], window, pooling, steps, variants) for x in ids]
+        for run, text in zip(runs, texts):
+            run.skip = echo_length(lm.tokenizer, text, run.full_tokens)
+        return runs
 
     def row_for(runs, p, rs, rk, w, pl, c) -> dict:
         method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pl, chunk=c, pivot=0)

@@ -525,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--probes",
         choices=PROMPT_SETS,
         default=DEFAULT_PROMPT_SET,
-        help="calibration prompts: cued (v4: a quoted sentence opening in the question), copy "
-        "(v3: the answer pre-filled with it), probes/generic (older profiles) "
+        help="calibration prompts: copy (v3: the answer pre-filled with a sentence's opening "
+        "from the document), question (v5: that opening quoted in the question, the answer "
+        "scored after repeating it), cued (v4), probes/generic (older profiles) "
         f"(default {DEFAULT_PROMPT_SET})",
     )
     c.set_defaults(func=cmd_calibrate)

@@ -16,6 +16,7 @@ from structkv.calibration import (
     calibration_prompts,
     choose_budget,
     compute_fraction,
+    echo_length,
     keep_prompts,
     matched_prefix,
 )
@@ -72,6 +73,39 @@ def test_table_entries_equal_direct_runs(tiny_lm, profile):
     assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
     assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
     assert row["answer"] == pytest.approx(sum(d[2] for d in direct) / 2)
+
+
+def test_question_probes_score_the_answer_after_its_echo(tiny_lm, monkeypatch):
+    """Question probes (v5): four drawn per prompt kept, and the answer agreement counts only
+    the tokens after the answer's echo of the cue (here forced to 2 tokens, as a random model
+    echoes nothing), against plain prefill + generation."""
+    import structkv.calibration as calibration
+
+    monkeypatch.setattr(calibration, "echo_length", lambda tokenizer, prompt, tokens: 2)
+    grid = dict(windows=(4,), poolings=(7,), chunks=(0,), r_structs=(0.5,), r_kvs=(0.2,))
+    profile = calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                        prompt_set="question", compute_cap=0.75, target_fidelity=0.0,
+                        budget_grid=grid)  # fmt: skip
+    s = profile["settings"]
+    assert (s["drawn"], s["echo_tokens"]) == (8, [2, 2])
+    prompts = _used_prompts(tiny_lm, profile)
+    assert all(p.echo and p.echo in p.text and p.echo not in p.prefill for p in prompts)
+    differ = 0
+    for row in [r for r in profile["table"] if r["rule"] == "fixed"]:
+        same = []  # answer tokens up to the first difference from full context's, per prompt
+        for prompt in prompts:
+            ids = prompt.encode(tiny_lm.tokenizer, chat=False)
+            full = generate_ids(tiny_lm.model, ids, Full(), 4).tokens
+            own = generate_ids(tiny_lm.model, ids, StructKV(pivot=row["layer"], lam=0.2), 4)
+            same.append(next((i for i, (a, b) in enumerate(zip(own.tokens, full)) if a != b), 4))
+        assert row["answer"] == pytest.approx(sum(max(0, n - 2) / 2 for n in same) / 2)
+        differ += sum(max(0, n - 2) / 2 for n in same) != pytest.approx(sum(n / 4 for n in same))
+    assert differ  # the skip changes some row here, so the comparison above can fail
+    # the budget search records its own runs: the same skip applies there
+    row = profile["budget_search"]["chosen_row"]
+    knobs = dict(r_struct=0.5, r_kv=0.2, window=4, pooling=7, chunk=0, pivot=row["pivot"],
+                 lam=0.2)  # fmt: skip
+    assert row["answer"] == pytest.approx(_direct_scores(tiny_lm, profile, knobs, skip=2)[3])
 
 
 def test_choice_is_the_best_row_under_the_cap(profile):
@@ -181,7 +215,7 @@ def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
         cheapest["pivot"], cheapest["r_struct"], cheapest["r_kv"])  # fmt: skip
 
 
-def _direct_scores(lm, profile, knobs) -> tuple[float, float, float, float]:
+def _direct_scores(lm, profile, knobs, skip=0) -> tuple[float, float, float, float]:
     """Means over the profile's prompts of (KL, teacher-forced top-1, answer-step KL, answer
     agreement) from plain prefill + decode of StructKV with ``knobs``: no calibration shortcut."""
     direct = []
@@ -200,7 +234,7 @@ def _direct_scores(lm, profile, knobs) -> tuple[float, float, float, float]:
             agree.append(int(c.argmax()) == tokens[-1])
             answer_kl.append(float((f.exp() * (f - c)).sum()))
         own = generate_ids(lm.model, ids, StructKV(**knobs), 4).tokens
-        answer = matched_prefix(own, tokens)
+        answer = matched_prefix(own, tokens, skip)
         kl = float((p.exp() * (p - q)).sum())
         direct.append((kl, sum(agree) / 4, sum(answer_kl) / 3, answer))
     return tuple(sum(d[i] for d in direct) / len(direct) for i in range(4))
@@ -279,6 +313,22 @@ def test_matched_prefix_counts_up_to_the_first_difference():
     assert matched_prefix([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
     assert matched_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 0.5  # later agreement does not count
     assert matched_prefix([9, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+    # a question probe's echo of its cue is not scored, but must be reproduced
+    assert matched_prefix([1, 2, 3, 4], [1, 2, 3, 4], skip=2) == 1.0
+    assert matched_prefix([1, 2, 3, 9], [1, 2, 3, 4], skip=2) == 0.5
+    assert matched_prefix([1, 2, 9, 4], [1, 2, 3, 4], skip=2) == 0.0
+    assert matched_prefix([1, 9, 3, 4], [1, 2, 3, 4], skip=2) == 0.0
+
+
+def test_echo_length_counts_the_tokens_that_repeat_the_cue():
+    tok = ByteTokenizer()
+    probe = CalibrationPrompt("doc", "the opening", "of it", echo="words, as quoted")
+    answer = list(b" words, as quoted of it")
+    assert echo_length(tok, probe, answer) == len(" words, as quoted")
+    # a word cut short, another word, or no echo at all: nothing is skipped
+    assert echo_length(tok, probe, list(b" words, as quote")) == 0
+    assert echo_length(tok, probe, list(b" words, so quoted of it")) == 0
+    assert echo_length(tok, CalibrationPrompt("doc", "a", "b"), answer) == 0
 
 
 def test_probes_the_full_model_does_not_continue_are_set_aside():
@@ -348,6 +398,13 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
         ).removesuffix('".')
         assert len(quote.split()) == 8 and probe.prefill == " ".join(quote.split()[:3])
         assert quote + " " + probe.continuation in context
+    question = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="question")
+    for probe, same in zip(question, cued):
+        # v5: v4's prompts, with the rest of the quote as the echo the answer is not scored on
+        assert (probe.text, probe.prefill, probe.continuation) == (
+            same.text, same.prefill, same.continuation)  # fmt: skip
+        assert probe.prefill + " " + probe.echo + " " + probe.continuation in probe.text
+        assert len(probe.echo.split()) == 5
     older = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="probes")
     assert sum("are followed by more words" in p.text for p in older) == 6  # three in four
     for p in [*probes, *cued, *older]:
