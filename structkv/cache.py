@@ -35,19 +35,26 @@ class LayerCache:
         return cls(kb, vb, pb, t)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
-        """Write one token's K/V ``[1, G, 1, D]`` into the next slot, in place. The buffers never
-        grow (a copy of the whole cache per overflow): size them with the prefill's
-        ``extra_capacity``, as :func:`structkv.generate_ids` does with ``max_new_tokens``."""
-        if self.length >= self.k.shape[2]:
+        """Write ``n`` tokens' K/V ``[1, G, n, D]`` (one in decode; several when a known answer
+        is scored teacher-forced) into the next slots, in place, at original positions
+        ``position``… ``position + n - 1``. The buffers never grow (a copy of the whole cache per
+        overflow): size them with the prefill's ``extra_capacity``, as
+        :func:`structkv.generate_ids` does with ``max_new_tokens``."""
+        t, n = self.length, k.shape[2]
+        if t + n > self.k.shape[2]:
             raise StructKVError(
                 f"the decode cache is full ({self.k.shape[2]} slots); prefill with "
                 "extra_capacity >= the number of tokens to decode"
             )
-        t = self.length
-        self.k[:, :, t : t + 1] = k
-        self.v[:, :, t : t + 1] = v
-        self.positions[:, t] = position
-        self.length = t + 1
+        self.k[:, :, t : t + n] = k
+        self.v[:, :, t : t + n] = v
+        if n == 1:
+            self.positions[:, t] = position
+        else:
+            self.positions[:, t : t + n] = torch.arange(
+                position, position + n, device=self.positions.device
+            )
+        self.length = t + n
 
     def keys(self) -> torch.Tensor:
         return self.k[:, :, : self.length]

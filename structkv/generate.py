@@ -57,6 +57,41 @@ def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
     return final_logits(model, h[:, -1])[0]
 
 
+@torch.inference_mode()
+def forced_logits(model, cache: CompressedKVCache, tokens: list[int]) -> torch.Tensor:
+    """Append known ``tokens`` at the next positions to every layer in one pass and return the
+    next-token logits after each ``[n, V]``: what :func:`decode_step` would return, token by
+    token, when fed them.
+
+    Why: scoring an answer that is already known (calibration's teacher-forced agreement with
+    the full model's answer) needs no sequential loop, and on a CPU a decode step's cost is
+    the per-layer overhead, not the token count — one pass scores the whole answer for about
+    the price of one step. The new tokens see every cached token (all precede them) and each
+    other causally; a sliding-window layer masks what lies past its window."""
+    n, pos = len(tokens), cache.next_position
+    device = model_device(model)
+    positions = torch.arange(pos, pos + n, device=device)
+    h = model.model.embed_tokens(torch.tensor([tokens], device=device))
+    cos, sin = rope(model, positions, h.dtype)
+    n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, lc in zip(decoder_layers(model), cache.layers):
+
+        def with_new_tokens(k, v, lc=lc):
+            lc.append(k, v, pos)
+            return lc.keys(), lc.values()
+
+        key_pos = torch.cat([lc.kept_positions(), positions.expand(lc.k.shape[1], n)], 1)
+        diff = positions[None, :, None] - key_pos[:, None, :]  # [G, n, keys]
+        visible = diff >= 0
+        window = sliding_window(layer)
+        if window is not None:
+            visible &= diff < window
+        mask = visible.repeat_interleave(n_rep, dim=0)[None]
+        h, _, _ = decode_layer(layer, h, cos, sin, with_new_tokens, mask)
+    cache.next_position = pos + n
+    return final_logits(model, h[0])
+
+
 def model_device(model) -> torch.device:
     """Where the model's weights live; every tensor the torch path makes goes there too."""
     return model.model.embed_tokens.weight.device

@@ -181,7 +181,9 @@ def decode_mask(
 
 
 def decode_layer(layer, h: torch.Tensor, cos, sin, with_new_token, mask: torch.Tensor | None):
-    """One decoder layer for one new token per sequence (``h`` ``[B, 1, E]``).
+    """One decoder layer for new tokens after a cache: one per sequence in decode (``h``
+    ``[B, 1, E]``), or a known answer's ``n`` tokens at once (``[1, n, E]``, with a ``mask``
+    that makes them causal; :func:`structkv.generate.forced_logits`).
 
     ``with_new_token(k, v)`` returns the keys/values to attend over *including* the new token's:
     the torch cache writes it into its preallocated buffer and returns views, the decode graph

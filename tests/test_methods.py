@@ -10,7 +10,7 @@ from reference import assert_matches_hf
 
 from structkv.calibration import compute_fraction, max_pivot_under_cap
 from structkv.errors import StructKVError
-from structkv.generate import decode_step, generate_ids, generate_many, sample
+from structkv.generate import decode_step, forced_logits, generate_ids, generate_many, sample
 from structkv.methods import (
     METHODS,
     PyramidKV,
@@ -140,6 +140,40 @@ def test_sliding_window_matches_hf():
     ids = _ids(n=48)
     out = get_method("full").prefill(model, ids, extra_capacity=4)
     assert_matches_hf(model, out.logits, lambda t: decode_step(model, out.cache, t), ids, 4)
+
+
+def _check_forced_equals_stepped(model) -> None:
+    ids = _ids(n=48)
+    answer = [5, 77, 200, 9, 31, 64, 128, 3, 250, 17, 42, 99, 1, 8, 60, 7, 2, 11]
+    runs = [StructKV(pivot=2, r_struct=0.5, r_kv=0.5).prefill(model, ids, extra_capacity=18)
+            for _ in range(2)]  # fmt: skip
+    stepped = torch.stack([decode_step(model, runs[0].cache, t) for t in answer])
+    forced = forced_logits(model, runs[1].cache, answer)
+    torch.testing.assert_close(forced, stepped, rtol=1e-4, atol=1e-4)
+    assert runs[1].cache.next_position == runs[0].cache.next_position
+    for a, b in zip(runs[0].cache.layers, runs[1].cache.layers, strict=True):
+        assert a.length == b.length
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+        torch.testing.assert_close(a.keys(), b.keys(), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_forced_logits_equal_decode_steps(tiny):
+    """Teacher-forced scoring in one pass (calibration's) gives what feeding the same tokens to
+    the decode loop one by one gives — logits, and the cache it leaves (K/V, positions, next
+    position) — on a compressed cache with gapped positions."""
+    _check_forced_equals_stepped(tiny.model)
+
+
+@torch.no_grad()
+def test_forced_logits_respect_a_sliding_window():
+    """The same with a sliding window of 16 that the 18 scored tokens' own span crosses, so
+    both the cached tokens and the earliest new ones fall out of the later ones' window."""
+    lm = tiny_model("tiny-mistral", num_layers=4, seed=4)
+    lm.model.config.sliding_window = 16
+    for layer in lm.model.model.layers:
+        layer.self_attn.config.sliding_window = 16
+    _check_forced_equals_stepped(lm.model)
 
 
 def test_decode_writes_in_place_and_refuses_past_its_preallocation(tiny_llama):
