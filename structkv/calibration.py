@@ -213,7 +213,11 @@ def echo_length(tokenizer, prompt: CalibrationPrompt, tokens: list[int]) -> int:
 PROBE_SETS = {"copy": _copy_probe, "question": _question_probe, "cued": _cued_probe}
 #: how many prompts calibration draws per prompt it keeps
 DRAWS = {"copy": 2, "question": 4, "cued": 2}
-PROMPT_SETS = ("copy", "question", "cued", "probes", "generic")
+#: prompt set "mixed": half copy probes (they see what keeps a value's span: pooling, chunks),
+#: half question probes (they see the window a chat question needs), each drawn and kept as
+#: its own set; the question half from another seed, so that it quotes other documents
+MIXED = (("copy", 0), ("question", 1))
+PROMPT_SETS = ("copy", "question", "mixed", "cued", "probes", "generic")
 DEFAULT_PROMPT_SET = "copy"
 
 
@@ -228,6 +232,8 @@ def calibration_prompts(
     made with them stay reproducible."""
     if prompt_set not in PROMPT_SETS:
         raise StructKVError(f"unknown prompt set {prompt_set!r}; choose one of {PROMPT_SETS}")
+    if prompt_set == "mixed":
+        raise StructKVError('"mixed" is drawn by parts: use drawn_prompts()')
     if prompt_set == "generic":
         rng = random.Random(seed)
         contexts = [build_context(tokenizer, length - 24, rng, paragraphs()) for _ in range(n)]
@@ -249,6 +255,23 @@ def calibration_prompts(
         ending = _probe(context, rng) if i % 4 != 3 else None
         text = "\n".join(context) + "\n\n" + (ending or TASKS[(i // 4) % len(TASKS)])
         out.append(CalibrationPrompt(text))
+    return out
+
+
+def drawn_prompts(
+    tokenizer, n: int, length: int, prompt_set: str
+) -> list[tuple[str, list[CalibrationPrompt], int]]:
+    """What calibration draws to keep ``n`` prompts: per part of the set, (its prompt set, the
+    prompts drawn, how many of them are kept) — ``DRAWS`` times as many as kept for the probe
+    sets; for "mixed", ``n // 2`` copy probes and the rest question probes, each part drawn
+    from its own seed. A profile's ``settings.selected`` indexes the parts' prompts in order."""
+    if prompt_set != "mixed":
+        count = DRAWS.get(prompt_set, 1) * n
+        return [(prompt_set, calibration_prompts(tokenizer, count, length, 1234, prompt_set), n)]
+    out = []
+    for (part, offset), kept in zip(MIXED, (n // 2, n - n // 2)):
+        drawn = calibration_prompts(tokenizer, DRAWS[part] * kept, length, 1234 + offset, part)
+        out.append((part, drawn, kept))
     return out
 
 
@@ -444,24 +467,29 @@ def calibrate(
     method = StructKV(r_struct=r_struct, r_kv=r_kv, window=window, pooling=pooling, pivot=0)
     start = time.perf_counter()
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
-    probes = prompt_set in PROBE_SETS
+    probes = prompt_set in PROBE_SETS or prompt_set == "mixed"
     objective = "answer" if probes else "top1"
-    drawn = DRAWS.get(prompt_set, 1) * n_prompts
-    candidates_prompts = calibration_prompts(lm.tokenizer, drawn, length, prompt_set=prompt_set)
-    recorded = []
-    for i, prompt in enumerate(candidates_prompts):
-        ids = prompt.encode(lm.tokenizer, chat)
-        run = _record(model, ids, r_kv, window, pooling, steps)
-        run.skip = echo_length(lm.tokenizer, prompt, run.full_tokens)
-        copied = prompt.copied(lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True))
-        recorded.append((i, run, copied))
-        if progress:
-            progress(f"recorded prompt {i + 1}/{drawn}" + (", copied" if copied else ""))
-    chosen = keep_prompts(recorded, n_prompts, prefer_copied=probes)
-    selected = [i for i, _, _ in chosen]
-    runs = [run for _, run, _ in chosen]
-    texts = [candidates_prompts[i] for i in selected]
-    copied = sum(c for *_, c in chosen)
+    drawn, runs, texts, selected, copied = 0, [], [], [], 0
+    for part, prompts, n in drawn_prompts(lm.tokenizer, n_prompts, length, prompt_set):
+        recorded = []
+        for i, prompt in enumerate(prompts):
+            ids = prompt.encode(lm.tokenizer, chat)
+            run = _record(model, ids, r_kv, window, pooling, steps)
+            run.skip = echo_length(lm.tokenizer, prompt, run.full_tokens)
+            said = lm.tokenizer.decode(run.full_tokens, skip_special_tokens=True)
+            recorded.append((i, run, prompt.copied(said)))
+            if progress:
+                progress(
+                    f"recorded {part} prompt {i + 1}/{len(prompts)}"
+                    + (", copied" if recorded[-1][2] else "")
+                )
+        chosen = keep_prompts(recorded, n, prefer_copied=probes)
+        selected += [drawn + i for i, _, _ in chosen]
+        runs += [run for _, run, _ in chosen]
+        texts += [prompts[i] for i, _, _ in chosen]
+        copied += sum(c for *_, c in chosen)
+        drawn += len(prompts)
+        del recorded, chosen
     if probes and progress:
         progress(f"{copied} of the {n_prompts} probes used are continued by the full model")
     per_prompt_scales = [metric_scales(r.record.metrics) for r in runs]
@@ -490,7 +518,7 @@ def calibrate(
     if target_fidelity is not None:
         best = profile["best"]
         # the budget search records its own, per observation window and chunk
-        del runs, recorded, chosen
+        del runs
         search = search_budgets(
             lm,
             texts,

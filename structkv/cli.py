@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROMPT_SET,
         help="calibration prompts: copy (v3: the answer pre-filled with a sentence's opening "
         "from the document), question (v5: that opening quoted in the question, the answer "
-        "scored after repeating it), cued (v4), probes/generic (older profiles) "
+        "scored after repeating it), mixed (half copy, half question), cued (v4), "
+        "probes/generic (older profiles) "
         f"(default {DEFAULT_PROMPT_SET})",
     )
     c.set_defaults(func=cmd_calibrate)

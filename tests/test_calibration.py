@@ -16,6 +16,7 @@ from structkv.calibration import (
     calibration_prompts,
     choose_budget,
     compute_fraction,
+    drawn_prompts,
     echo_length,
     keep_prompts,
     matched_prefix,
@@ -41,7 +42,9 @@ def profile(tiny_lm):
 def _used_prompts(lm, profile) -> list[CalibrationPrompt]:
     """The prompts a profile was scored on: those it selected from the ones it drew."""
     s = profile["settings"]
-    drawn = calibration_prompts(lm.tokenizer, s["drawn"], s["length"], prompt_set=s["prompt_set"])
+    parts = drawn_prompts(lm.tokenizer, s["prompts"], s["length"], s["prompt_set"])
+    drawn = [prompt for _, prompts, _ in parts for prompt in prompts]
+    assert len(drawn) == s["drawn"]
     return [drawn[i] for i in s["selected"]]
 
 
@@ -71,6 +74,25 @@ def test_table_entries_equal_direct_runs(tiny_lm, profile):
     row = next(r for r in profile["table"] if r["rule"] == "fixed" and r["lambda"] == 0.2)
     direct = [_direct(tiny_lm, t, row["layer"], 0.2, 4) for t in prompts]
     assert row["kl"] == pytest.approx(sum(d[0] for d in direct) / 2, abs=1e-4)
+    assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
+    assert row["answer"] == pytest.approx(sum(d[2] for d in direct) / 2)
+
+
+def test_mixed_probes_are_half_copy_half_question_and_score_as_direct_runs(tiny_lm):
+    """Prompt set "mixed": one copy probe (two drawn) and one question probe (four drawn, from
+    another seed, so another document) for two kept; the table's rows are what plain prefill
+    and generation give on exactly those prompts."""
+    profile = calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                        prompt_set="mixed")  # fmt: skip
+    s = profile["settings"]
+    assert (s["prompt_set"], s["drawn"], s["objective"]) == ("mixed", 6, "answer")
+    assert s["selected"][0] < 2 <= s["selected"][1]  # one from each part
+    copy, question = _used_prompts(tiny_lm, profile)
+    assert len(copy.prefill.split()) == 8 and not copy.echo
+    assert question.echo and len(question.prefill.split()) == 3
+    assert copy.text.split("\n")[0] != question.text.split("\n")[0]
+    row = next(r for r in profile["table"] if r["rule"] == "fixed")
+    direct = [_direct(tiny_lm, t, row["layer"], 0.2, 4) for t in (copy, question)]
     assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
     assert row["answer"] == pytest.approx(sum(d[2] for d in direct) / 2)
 
