@@ -74,3 +74,4 @@ check structkv/generate.py "        visible = diff >= 0" "        visible = diff
 check structkv/calibration.py "    answer = matched_prefix(predicted, run.full_tokens, run.skip)" "    answer = sum(agree[run.skip :]) / max(1, len(agree) - run.skip)" "tests/test_calibration.py"
 check structkv/calibration.py "        drawn = calibration_prompts(tokenizer, DRAWS[part] * kept, length, 1234 + offset, part)" "        drawn = calibration_prompts(tokenizer, DRAWS[part] * kept, length, 1234, part)" "tests/test_calibration.py -k mixed"
 check structkv/calibration.py "        selected += [drawn + i for i, _, _ in chosen]" "        selected += [i for i, _, _ in chosen]" "tests/test_calibration.py -k mixed"
+check structkv/cli.py "        budget_grid=grid," "        budget_grid=None," "tests/test_cli.py -k r_kvs"

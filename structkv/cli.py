@@ -134,6 +134,9 @@ def cmd_calibrate(args) -> int:
         raise StructKVError(f"--compute-cap must be in (0, 1], got {args.compute_cap}")
     if args.prompts < 1 or args.steps < 1 or args.length < 128:
         raise StructKVError("--prompts and --steps must be >= 1 and --length >= 128")
+    grid = {"r_kvs": tuple(_ratios(args.r_kvs, "--r-kvs"))} if args.r_kvs else None
+    if grid and target is None:
+        raise StructKVError("--r-kvs limits the budget search: give --target-fidelity too")
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     profile = calibrate(
         lm,
@@ -145,6 +148,7 @@ def cmd_calibrate(args) -> int:
         target_fidelity=target,
         prompt_set=args.probes,
         lambdas=args.lambdas,
+        budget_grid=grid,
     )
     out = Path(args.out) if args.out else user_profile_path(lm.model_id)
     save_profile(profile, out)
@@ -507,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_COMPUTE_CAP,
         help=f"largest prefill compute fraction searched (default {DEFAULT_COMPUTE_CAP})",
+    )
+    c.add_argument(
+        "--r-kvs",
+        help="the R_KV values the budget search may choose (default 0.05,0.1,0.2,0.5); one "
+        "value, e.g. 0.2, calibrates every other knob for that KV memory budget",
     )
     c.add_argument(
         "--target-fidelity",

@@ -35,6 +35,8 @@ BAD_INPUTS = [
     (["calibrate", "--target-fidelity", "1.5"], "--target-fidelity must be in (0, 1]"),
     (["calibrate", "--target-fidelity", "nan"], "--target-fidelity must be in (0, 1]"),
     (["calibrate", "--compute-cap", "0"], "--compute-cap must be in (0, 1]"),
+    (["calibrate", "--r-kvs", "0.2"], "--r-kvs limits the budget search: give --target-fidelity"),
+    (["calibrate", "--r-kvs", "2", "--target-fidelity", "0.9"], "--r-kvs must list fractions"),
     (["calibrate", "--prompts", "0"], "argument --prompts: expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--kv-evidence", "-1"], "kv_evidence must be"),
     (["generate", "--prompt", "hi", "--method", "snapkv", "--kv-evidence", "1"], "no parameter"),
@@ -180,3 +182,23 @@ def test_generate_in_bf16_equals_transformers_greedy_in_bf16(smollm2, capsys):
     assert got == want[: len(got)] and len(got) >= 10
     assert main([*argv, "--dtype", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"][:10] != got[:10]  # here they part
+
+
+def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
+    """`--r-kvs 0.2` reaches the budget search as its only R_KV (a fixed KV memory budget);
+    without it the search keeps its default grid."""
+    import structkv.calibration as calibration
+    from structkv.errors import StructKVError
+
+    seen = []
+
+    def fake(lm, **kwargs):
+        seen.append(kwargs["budget_grid"])
+        raise StructKVError("stop here")
+
+    monkeypatch.setattr(calibration, "calibrate", fake)
+    base = ["calibrate", "--model", "tiny-llama", "--target-fidelity", "0.9"]
+    assert main([*base, "--r-kvs", "0.2"]) == 2
+    assert main(base) == 2
+    assert seen == [{"r_kvs": (0.2,)}, None]
+    assert "stop here" in capsys.readouterr().err
