@@ -27,6 +27,26 @@ from structkv.methods import Method, get_method, prefill_shared
 from structkv.prefill import PrefillResult, PrefillStats
 
 
+def _new_tokens(model, pos: int, tokens: list[int]):
+    """Embeddings ``[1, n, E]``, RoPE tables and positions ``[n]`` of tokens appended at
+    ``pos``… (what decode and teacher-forced scoring both start from)."""
+    positions = torch.arange(pos, pos + len(tokens), device=model_device(model))
+    h = model.model.embed_tokens(torch.tensor([tokens], device=positions.device))
+    cos, sin = rope(model, positions, h.dtype)
+    return h, cos, sin, positions
+
+
+def _appending(lc, pos: int):
+    """The ``with_new_token`` callback of :func:`structkv.layers.decode_layer` for the torch
+    cache: write the new K/V in place at ``pos``… and attend over everything kept."""
+
+    def with_new_tokens(k, v):
+        lc.append(k, v, pos)
+        return lc.keys(), lc.values()
+
+    return with_new_tokens
+
+
 @torch.inference_mode()
 def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
     """Append ``token`` at the next position to every layer and return next-token logits ``[V]``.
@@ -34,17 +54,9 @@ def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
     The layer step is :func:`structkv.layers.decode_layer`, as in the exported decode graph; the
     new token's K/V are written in place into the cache's preallocated buffers."""
     pos = cache.next_position
-    device = model_device(model)
-    position = torch.tensor([pos], device=device)
-    h = model.model.embed_tokens(torch.tensor([[token]], device=device))
-    cos, sin = rope(model, position, h.dtype)
+    h, cos, sin, position = _new_tokens(model, pos, [token])
     n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer, lc in zip(decoder_layers(model), cache.layers):
-
-        def with_new_token(k, v, lc=lc):
-            lc.append(k, v, pos)
-            return lc.keys(), lc.values()
-
         mask = None
         window = sliding_window(layer)
         # Only a sliding-window layer whose kept tokens reach back past its window needs a mask
@@ -52,7 +64,7 @@ def decode_step(model, cache: CompressedKVCache, token: int) -> torch.Tensor:
         if window is not None and pos - int(lc.kept_positions().min()) >= window:
             key_pos = torch.cat([lc.kept_positions(), position.expand(lc.k.shape[1], 1)], 1)
             mask = decode_mask(position, key_pos[None], window, n_rep)
-        h, _, _ = decode_layer(layer, h, cos, sin, with_new_token, mask)
+        h, _, _ = decode_layer(layer, h, cos, sin, _appending(lc, pos), mask)
     cache.next_position = pos + 1
     return final_logits(model, h[:, -1])[0]
 
@@ -69,17 +81,9 @@ def forced_logits(model, cache: CompressedKVCache, tokens: list[int]) -> torch.T
     the price of one step. The new tokens see every cached token (all precede them) and each
     other causally; a sliding-window layer masks what lies past its window."""
     n, pos = len(tokens), cache.next_position
-    device = model_device(model)
-    positions = torch.arange(pos, pos + n, device=device)
-    h = model.model.embed_tokens(torch.tensor([tokens], device=device))
-    cos, sin = rope(model, positions, h.dtype)
+    h, cos, sin, positions = _new_tokens(model, pos, tokens)
     n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
     for layer, lc in zip(decoder_layers(model), cache.layers):
-
-        def with_new_tokens(k, v, lc=lc):
-            lc.append(k, v, pos)
-            return lc.keys(), lc.values()
-
         key_pos = torch.cat([lc.kept_positions(), positions.expand(lc.k.shape[1], n)], 1)
         diff = positions[None, :, None] - key_pos[:, None, :]  # [G, n, keys]
         visible = diff >= 0
@@ -87,7 +91,7 @@ def forced_logits(model, cache: CompressedKVCache, tokens: list[int]) -> torch.T
         if window is not None:
             visible &= diff < window
         mask = visible.repeat_interleave(n_rep, dim=0)[None]
-        h, _, _ = decode_layer(layer, h, cos, sin, with_new_tokens, mask)
+        h, _, _ = decode_layer(layer, h, cos, sin, _appending(lc, pos), mask)
     cache.next_position = pos + n
     return final_logits(model, h[0])
 
