@@ -15,7 +15,9 @@ from structkv.calibration import (
     calibrate,
     calibration_prompts,
     choose_budget,
+    choose_window,
     compute_fraction,
+    draw_probes,
     drawn_prompts,
     echo_length,
     keep_prompts,
@@ -95,6 +97,29 @@ def test_mixed_probes_are_half_copy_half_question_and_score_as_direct_runs(tiny_
     direct = [_direct(tiny_lm, t, row["layer"], 0.2, 4) for t in (copy, question)]
     assert row["top1"] == pytest.approx(sum(d[1] for d in direct) / 2)
     assert row["answer"] == pytest.approx(sum(d[2] for d in direct) / 2)
+
+
+def test_a_held_out_draw_is_other_documents_kept_as_calibration_keeps_them(tiny_lm):
+    """draw_probes at the calibration seed keeps exactly the prompts calibrate scored; another
+    seed draws other calibration documents (a held-out set), kept by the same rule."""
+    profile = calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                        prompt_set="mixed")  # fmt: skip
+    s = profile["settings"]
+    own = draw_probes(tiny_lm, 2, 160, "mixed", s["r_kv"], s["window"], s["pooling"], 4)
+    assert (own.selected, own.drawn, own.copied) == (s["selected"], s["drawn"], s["copied"])
+    assert own.texts == _used_prompts(tiny_lm, profile)
+    held = draw_probes(tiny_lm, 2, 160, "mixed", s["r_kv"], s["window"], s["pooling"], 4,
+                       seed=4321)  # fmt: skip
+    assert held.drawn == s["drawn"] and len(held.texts) == 2
+    documents = {t.text.split("\n")[0] for t in own.texts}
+    assert not documents & {t.text.split("\n")[0] for t in held.texts}
+    # kept as calibration keeps them: the full model's answers decide, probes it continues first
+    said = []
+    for run, text in zip(held.runs, held.texts):
+        ids = text.encode(tiny_lm.tokenizer, chat=False)
+        assert run.full_tokens == generate_ids(tiny_lm.model, ids, Full(), 4).tokens
+        said.append(text.copied(tiny_lm.tokenizer.decode(run.full_tokens)))
+    assert held.copied == sum(said)
 
 
 def test_question_probes_score_the_answer_after_its_echo(tiny_lm, monkeypatch):
@@ -217,7 +242,8 @@ def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
     assert {(r["window"], r["pooling"], r["chunk"]) for r in search["window_table"]} == {
         (w, pl, c) for w in GRID["windows"] for pl in GRID["poolings"]
         for c in GRID["chunks"]}  # fmt: skip
-    best = max(search["window_table"], key=lambda r: r["score"])
+    # stage 2 keeps the most faithful row (ties: less KL), not agreement minus KL
+    best = max(search["window_table"], key=lambda r: (r["answer"], -r["kl"]))
     chosen = budget_profile["budgets"]
     assert (chosen["window"], chosen["pooling"], chosen["chunk"]) == (
         best["window"], best["pooling"], best["chunk"])  # fmt: skip
@@ -307,7 +333,8 @@ def test_window_and_chunk_are_searched_at_the_first_pass_choice(tiny_lm, which, 
                      pooling=row["pooling"], chunk=row["chunk"], pivot=at["pivot"],
                      lam=lam)  # fmt: skip
         _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
-    best = max(search["window_table"], key=lambda r: r["score"])
+    # stage 2 keeps the most faithful row (ties: less KL), not agreement minus KL
+    best = max(search["window_table"], key=lambda r: (r["answer"], -r["kl"]))
     if (best["window"], best["pooling"], best["chunk"]) == start:
         assert search["budget_table"] == first["rows"]
     row = search["chosen_row"]
@@ -316,6 +343,18 @@ def test_window_and_chunk_are_searched_at_the_first_pass_choice(tiny_lm, which, 
                  pooling=best["pooling"], chunk=best["chunk"], pivot=row["pivot"],
                  lam=lam)  # fmt: skip
     _assert_row_is(row, _direct_scores(tiny_lm, profile, knobs))
+
+
+def test_choose_window_takes_the_most_faithful_row_not_agreement_minus_kl():
+    """Stage 2 ranks by the agreement the target is stated in; KL only breaks ties. Rows from
+    the mixed --r-kvs 0.2 calibration (docs/results/calibration/mixed-kv02/), where agreement
+    minus KL would pick window 8 (0.5735 - 0.0052) over window 64 (0.608 - 0.0882)."""
+    w8 = {"window": 8, "pooling": 31, "chunk": 16, "answer": 0.5735, "kl": 0.00517}
+    w64 = {"window": 64, "pooling": 31, "chunk": 8, "answer": 0.608, "kl": 0.0882}
+    assert choose_window([w8, w64]) is w64
+    tie = dict(w8, answer=w64["answer"])
+    assert choose_window([w64, tie]) is tie  # same agreement: less KL
+    assert choose_window([dict(w8, top1=0.9), dict(w64, top1=0.8)], "top1")["window"] == 8
 
 
 def test_choose_budget_takes_the_cheapest_that_meets_the_target_else_the_most_faithful():
