@@ -82,6 +82,11 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
      "caches of the layers before the pivot; 0 = each layer's own (default 0; torch only)"),
     ("--pivot", "pivot", parse_pivot,
      "auto (calibration profile) | online (detect per prompt) | a layer index (default auto)"),
+    # the baselines' own pivots, so that a comparison can put every method at the same compute
+    ("--tsp-layer", "tsp_layer", int,
+     "fastkv: the last full-length layer (default floor(L/2))"),
+    ("--filter-layer", "filter_layer", int,
+     "gemfilter: the layer whose attention selects the tokens to re-run (default floor(0.4 L))"),
 )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from structkv.errors import StructKVError
 from structkv.methods.base import SaliencyKVMethod
 from structkv.prefill import LayerView
 from structkv.selection import budget
@@ -24,7 +25,11 @@ class FastKV(SaliencyKVMethod):
     def begin(self, num_layers: int, n_prompt: int) -> object:
         layer = num_layers // 2 if self.tsp_layer is None else self.tsp_layer
         if not 0 <= layer < num_layers - 1:
-            raise ValueError(f"tsp_layer must be in [0, {num_layers - 2}], got {layer}")
+            raise StructKVError(
+                f"tsp_layer must be a layer in [0, {num_layers - 2}] (a full-length layer with "
+                f"one after it) for this {num_layers}-layer model, got {layer}; pass --tsp-layer "
+                "in that range"
+            )
         return layer
 
     def propagate(self, view: LayerView, state: object) -> torch.Tensor | None:

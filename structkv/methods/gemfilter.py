@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from structkv.errors import StructKVError
 from structkv.methods.base import Method
 from structkv.methods.full import Full
 from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
@@ -35,7 +36,10 @@ class GemFilter(Method):
     def begin(self, num_layers: int, n_prompt: int) -> object:
         layer = int(0.4 * num_layers) if self.filter_layer is None else self.filter_layer
         if not 0 <= layer < num_layers:
-            raise ValueError(f"filter_layer must be in [0, {num_layers - 1}], got {layer}")
+            raise StructKVError(
+                f"filter_layer must be a layer in [0, {num_layers - 1}] for this "
+                f"{num_layers}-layer model, got {layer}; pass --filter-layer in that range"
+            )
         return _FilterState(layer)
 
     def track(self, view: LayerView, state: _FilterState) -> None:
