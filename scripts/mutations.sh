@@ -77,3 +77,7 @@ check structkv/calibration.py "        out.selected += [out.drawn + i for i, _, 
 check structkv/cli.py "        budget_grid=grid," "        budget_grid=None," "tests/test_cli.py -k r_kvs"
 check structkv/calibration.py "    return max(rows, key=lambda r: (r[objective], -r[\"kl\"]))" "    return max(rows, key=lambda r: r[objective] - r[\"kl\"])" "tests/test_calibration.py -k choose_window"
 check structkv/calibration.py "    for part, prompts, kept in drawn_prompts(lm.tokenizer, n, length, prompt_set, seed):" "    for part, prompts, kept in drawn_prompts(lm.tokenizer, n, length, prompt_set):" "tests/test_calibration.py -k held_out"
+check structkv/methods/fastkv.py "        if not 0 <= layer < num_layers - 1:" "        if not 0 <= layer < num_layers:" "tests/test_reliability_inputs.py -k tsp"
+check structkv/methods/gemfilter.py "        if not 0 <= layer < num_layers:" "        if not layer < num_layers:" "tests/test_reliability_inputs.py -k filter"
+check structkv/paths.py "        os.chmod(tmp, 0o666 & ~umask)" "        pass" "tests/test_atomic_json.py"
+check structkv/paths.py "        Path(tmp).unlink(missing_ok=True)" "        pass" "tests/test_atomic_json.py"

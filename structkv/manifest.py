@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from structkv.errors import StructKVError
+from structkv.paths import write_json_atomic
 
 #: 2: "method" is the method's own configuration (``Method.to_dict``), "pivot_source" beside it.
 FORMAT_VERSION = 2
@@ -108,10 +107,7 @@ def write_manifest(
     }
     manifest = json.loads(json.dumps(manifest, default=str))  # as it will be read back
     manifest[SELF_HASH] = content_hash(manifest)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, manifest)
     return manifest
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from structkv.paths import cache_dir
+from structkv.paths import cache_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "profiles"
@@ -43,11 +41,7 @@ def find_profile(model_id: str) -> dict | None:
 def save_profile(profile: dict, path: Path) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a profile."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(profile, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, profile)
 
 
 def resolve_method(method, model_id: str, log=None):

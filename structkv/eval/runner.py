@@ -8,9 +8,7 @@ length, with each method's average and its percentage of full context's average.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from structkv.generate import (
     generate_ids,
     generate_many,
 )
+from structkv.paths import write_json_atomic
 
 #: ``--profile quick`` (CI-sized, < 3 minutes on 2 cores) and ``--profile full`` (the report).
 PROFILES = {
@@ -59,10 +58,7 @@ def _key(method: str, task: str, length: int, seed: int) -> str:
 
 
 def _save_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def load_results(out_dir: Path) -> dict:
