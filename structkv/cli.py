@@ -230,6 +230,18 @@ def _ratios(text: str, flag: str) -> list[float]:
     return values
 
 
+def cmd_eval_compare(args) -> int:
+    from structkv.eval.compare import compare, format_report, load
+
+    tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
+    report = compare(load(Path(args.out)), args.a, args.b, tasks)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report), end="")
+    return 0
+
+
 def cmd_eval_frontier(args) -> int:
     from tqdm import tqdm
 
@@ -564,6 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_method_args(fr)
     fr.set_defaults(func=cmd_eval_frontier)
+
+    cp = kinds.add_parser(
+        "compare", help="paired comparison of two methods' answers in one run (no generation)"
+    )
+    cp.add_argument("out", help="an eval --out directory (or its results.json)")
+    cp.add_argument("a", help="a label as results.md writes it, or a method naming one label")
+    cp.add_argument("b", help="the label (or method) to compare with")
+    cp.add_argument("--tasks", help="only these tasks, comma-separated (default: all in common)")
+    cp.add_argument("--json", action="store_true", help="print one JSON object")
+    cp.set_defaults(func=cmd_eval_compare)
 
     pe = kinds.add_parser("peer", help="kvpress cross-check: kept sets and accuracy side by side")
     pe.add_argument("--peer", choices=("kvpress",), default="kvpress", help="the peer library")
