@@ -87,6 +87,10 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
      "fastkv: the last full-length layer (default floor(L/2))"),
     ("--filter-layer", "filter_layer", int,
      "gemfilter: the layer whose attention selects the tokens to re-run (default floor(0.4 L))"),
+    ("--filter-score", "filter_score", str,
+     "gemfilter: how that layer scores tokens: last (GemFilter's: the last query's attention) | "
+     "window (the pooled window saliency FastKV selects by; only the re-run differs) "
+     "(default last)"),
 )  # fmt: skip
 
 

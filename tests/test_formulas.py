@@ -147,6 +147,25 @@ def test_gemfilter_reruns_on_selected_tokens(tiny_llama):
     assert out.cache.layers[0].kept_positions()[0].tolist() == list(range(len(expected)))
 
 
+def test_gemfilter_window_score_is_fastkvs_selection_then_the_rerun(tiny_llama):
+    """``filter_score="window"``: the tokens re-run are exactly those FastKV propagates from the
+    same layer at the same budget (its window saliency, pooled and chunked alike), and the
+    re-run is still the unmodified model on them alone; the default scoring picks others."""
+    model = tiny_llama.model
+    ids = _ids(seed=9)
+    for chunk in (0, 4):
+        gem = GemFilter(r_kv=0.25, filter_layer=2, filter_score="window", chunk=chunk)
+        out = gem.prefill(model, ids)
+        fast = FastKV(tsp_layer=2, r_struct=0.25, chunk=chunk).prefill(model, ids)
+        assert out.stats.propagated_positions == fast.stats.propagated_positions
+        kept = out.stats.propagated_positions
+        torch.testing.assert_close(
+            out.logits, model(ids[kept][None]).logits[0, -1], atol=1e-4, rtol=1e-4
+        )
+    last = GemFilter(r_kv=0.25, filter_layer=2, chunk=chunk).prefill(model, ids)
+    assert last.stats.propagated_positions != out.stats.propagated_positions
+
+
 def test_pooling_by_hand_ignores_the_window():
     from structkv.saliency import pool_scores
 

@@ -141,6 +141,7 @@ NAMES = [
     ([*GEN, "--method", "fastkv", "--tsp-layer", "29"], "tsp_layer must be a layer in [0, 28]"),
     ([*GEN, "--method", "gemfilter", "--filter-layer", "-1"],
      "filter_layer must be a layer in [0, 29]"),
+    ([*GEN, "--method", "gemfilter", "--filter-score", "first"], "unknown filter_score 'first'"),
     ([*GEN, "--method", "snapkv", "--tsp-layer", "3"], "method snapkv has no parameter tsp_layer"),
     (["eval", "ruler", "--tasks", "niah_single_9", "--out", "/proc/structkv-x"],
      "unknown task"),

@@ -11,7 +11,11 @@ from structkv.errors import StructKVError
 from structkv.methods.base import Method
 from structkv.methods.full import Full
 from structkv.prefill import LayerView, PrefillResult, PrefillStats, run_prefill
-from structkv.selection import budget, topk_chunks_with_window, topk_with_window
+from structkv.selection import budget, select_tokens, topk_chunks_with_window, topk_with_window
+
+#: How the filter layer scores tokens: "last" is GemFilter's own; "window" is the pooled window
+#: saliency SnapKV, FastKV and StructKV select by, so that only the re-run differs from FastKV.
+FILTER_SCORES = ("last", "window")
 
 
 @dataclass
@@ -25,13 +29,27 @@ class GemFilter(Method):
     """Runs layers 0..``filter_layer`` (default floor(0.4 L)), keeps the ``r_kv`` · N tokens the
     LAST query attends to most there (summed over heads, average-pooled with ``avg_kernel``) plus
     the window, and re-runs the whole model on those tokens alone with positions restarting at 0.
-    The KV cache is all of that re-run."""
+    The KV cache is all of that re-run.
+
+    ``filter_score`` "window" selects instead by the window saliency the other methods use
+    (pooled with ``pooling`` / ``pool_mode``, spans of ``chunk``): FastKV's selection at the same
+    layer followed by GemFilter's re-run, which separates what the re-run itself is worth from
+    what the scoring is worth (docs/RESULTS.md)."""
 
     name = "gemfilter"
 
     r_kv: float = 0.1
     filter_layer: int | None = None
     avg_kernel: int = 5
+    filter_score: str = "last"
+
+    def check_knobs(self) -> None:
+        super().check_knobs()
+        if self.filter_score not in FILTER_SCORES:
+            raise StructKVError(
+                f"unknown filter_score {self.filter_score!r}; choose one of "
+                f"{', '.join(FILTER_SCORES)} (e.g. --filter-score window)"
+            )
 
     def begin(self, num_layers: int, n_prompt: int) -> object:
         layer = int(0.4 * num_layers) if self.filter_layer is None else self.filter_layer
@@ -43,7 +61,12 @@ class GemFilter(Method):
         return _FilterState(layer)
 
     def track(self, view: LayerView, state: _FilterState) -> None:
-        if view.layer == state.layer:
+        if view.layer == state.layer and self.filter_score == "window":
+            k = budget(self.r_kv, view.prompt_len)
+            state.selected = select_tokens(
+                view.saliency, k, self.window, self.pooling, self.pool_mode, self.chunk
+            )
+        elif view.layer == state.layer:
             scores = view.attn[:, -1, :].sum(0)
             pad = self.avg_kernel // 2
             scores = F.avg_pool1d(
