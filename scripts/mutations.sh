@@ -88,3 +88,4 @@ check structkv/eval/compare.py "    return 100 * sum(sum(getattr(c, side)) / len
 check structkv/eval/compare.py "    matches = [label for label in labels if label.split(\" \", 1)[0] == name]" "    matches = [label for label in labels if label.startswith(name)]" "tests/test_eval_compare.py"
 check structkv/models.py "TORCH_DTYPES = {\"fp32\": torch.float32, \"bf16\": torch.bfloat16, \"fp16\": torch.float16}" "TORCH_DTYPES = {\"fp32\": torch.float32, \"bf16\": torch.float16, \"fp16\": torch.float16}" "tests/test_cli.py -k bf16"
 check structkv/methods/gemfilter.py "        if view.layer == state.layer and self.filter_score == \"window\":" "        if view.layer == state.layer and False:" "tests/test_formulas.py -k window_score"
+check export/exporter.py "SKIPPED_REWRITES = frozenset({\"SlicesSplit\"})" "SKIPPED_REWRITES = frozenset({\"SlicesSplit\", \"SqueezeReshape1d\"})" "tests/test_export.py -k skipped_rewrites"

@@ -213,6 +213,52 @@ def test_causal_attention_fusion_matches_torch(attention):
         np.testing.assert_allclose(got, _CausalGQA()(q, k, v).numpy(), atol=2e-5)
 
 
+def _structure(model) -> bytes:
+    """A traced graph as bytes, without the per-node metadata (it names function addresses)."""
+    import onnx_ir
+
+    proto = onnx_ir.serde.serialize_model(model)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    return proto.SerializeToString()
+
+
+def test_skipped_rewrites_leave_the_optimized_graphs_unchanged():
+    """The optimizer rules the export leaves out for speed (:data:`SKIPPED_REWRITES`) never fire
+    on our graphs: each stage graph, translated once and optimized with and without them, is the
+    same graph (on SmolLM2's five graphs too, by hand: docs/TESTING.md)."""
+    import warnings
+
+    import onnx_ir
+
+    from structkv.export import exporter
+
+    assert exporter.SKIPPED_REWRITES  # a rule that is skipped, or this test tests nothing
+    method = StructKV(pivot=2, lam=0.5)
+    model = tiny_model("tiny-llama", num_layers=4, seed=1).model
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, module, args, dyn, ins, outs in exporter.build_graphs(
+            model, method, torch.float32
+        ):
+            exported = torch.export.export(
+                module, args, dynamic_shapes=dyn, strict=False,
+                prefer_deferred_runtime_asserts_over_guards=True,
+            )  # fmt: skip
+            program = torch.onnx.export(
+                exported, dynamo=True, opset_version=exporter.OPSET, input_names=ins,
+                output_names=outs, optimize=False,
+            )  # fmt: skip
+            raw = onnx_ir.serde.serialize_model(program.model)  # the same start for both
+            program.model = onnx_ir.serde.deserialize_model(raw)
+            program.optimize()
+            full = _structure(program.model)
+            program.model = onnx_ir.serde.deserialize_model(raw)
+            with exporter._without_slices_split():
+                program.optimize()
+            assert _structure(program.model) == full, name
+
+
 def test_polygraphy_onnxrt_matches_torch_per_graph(engine_dir, tmp_path):
     """`polygraphy run --onnxrt` on each graph against the torch stage module's outputs (through
     polygraphy's API for graphs with StructKV's attention operator)."""
