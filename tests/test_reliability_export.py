@@ -1,5 +1,6 @@
-"""Reliability, export under faults: `structkv-export` killed with SIGKILL at several points never
-leaves a directory that loads (and the next export cleans up after it); an engine at --out
+"""Reliability, export under faults: `structkv-export` stopped at several points (the disk state a
+SIGKILL there leaves) and SIGKILLed at the last never leaves a directory that loads (and the next
+export cleans up after it); an engine at --out
 survives a killed `--force` re-export (the replacement is one atomic swap); a file-size limit
 (RLIMIT_FSIZE, as a full disk behaves) is one clear error with no temporary files left; an
 unwritable --out parent is one clear error. Real subprocesses, real signals."""
@@ -34,19 +35,39 @@ def _export_cmd(out, *extra, jobs: int = 1) -> list[str]:
             "--out", str(out), *extra]  # fmt: skip
 
 
-def _kill_after(cmd: list[str], seconds: float, marker: str | None = None) -> int:
-    """Start ``cmd``, SIGKILL it ``seconds`` after start (or after ``marker`` appears on its
-    stderr, then ``seconds``); returns its exit status (negative: the signal)."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+def _stopped_at(cmd: list[str], points):
+    """Start ``cmd`` and freeze it (SIGSTOP, its whole process group) at each of ``points`` in
+    turn: ``seconds`` after start, or after ``marker`` appears on its stderr and then ``seconds``.
+    Yields each label while the process is frozen, resumes it after, and SIGKILLs it at the last.
+
+    A frozen process has written exactly what a process SIGKILLed at that instant leaves on disk
+    (neither runs another instruction: no cleanup, no flush), so one export checked at every
+    point tests what one killed export per point would, in a third of the time; the last point
+    is a real SIGKILL, and the next export must clean up after it."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)  # fmt: skip
     start = time.monotonic()
-    if marker is not None:
-        for line in proc.stderr:
-            if marker in line:
-                break
-    time.sleep(max(0.0, seconds - (0 if marker else time.monotonic() - start)))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    return proc.returncode
+    try:
+        for i, (label, seconds, marker) in enumerate(points):
+            if marker is not None:
+                for line in proc.stderr:
+                    if marker in line:
+                        break
+            time.sleep(max(0.0, seconds - (0 if marker else time.monotonic() - start)))
+            last = i == len(points) - 1
+            os.killpg(proc.pid, signal.SIGKILL if last else signal.SIGSTOP)
+            if last:
+                proc.wait(60)
+                assert proc.returncode == -signal.SIGKILL, f"export ended by itself first ({label})"
+            else:
+                assert proc.poll() is None, f"export ended by itself ({proc.returncode}) first"
+            yield label
+            if not last:
+                os.killpg(proc.pid, signal.SIGCONT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
 
 
 def _loads(path) -> bool:
@@ -69,15 +90,13 @@ KILL_POINTS = [
 
 def test_sigkill_at_any_point_never_leaves_an_engine_that_loads(tmp_path):
     out = tmp_path / "engine"
-    for label, seconds, marker in KILL_POINTS:
+    for label in _stopped_at(_export_cmd(out), KILL_POINTS):
         with case(CLS, f"SIGKILL {label}"):
-            status = _kill_after(_export_cmd(out), seconds, marker)
-            assert status == -signal.SIGKILL, f"export ended by itself ({status}) first"
             # --out is absent, or (killed after its final rename) the complete engine
             assert not out.exists() or _loads(out), "a half-written engine at --out"
             for left in tmp_path.iterdir():  # leftovers of the killed process never load
                 assert left == out or not _loads(left), f"{left.name} loads"
-            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     with case(CLS, "export after killed ones: succeeds and removes their leftovers"):
         assert subprocess.run(_export_cmd(out, jobs=2), capture_output=True).returncode == 0
         assert _loads(out)
@@ -90,10 +109,9 @@ def test_killed_force_reexport_keeps_the_old_engine(tmp_path, tmp_path_factory):
     shutil.copytree(exported_engine("tiny-llama", "contrib", tmp_path_factory), out)
     assert _loads(out)
     kept_old = 0
-    for label, seconds, marker in KILL_POINTS[1:]:
-        before = json.loads((out / MANIFEST).read_text())
+    before = json.loads((out / MANIFEST).read_text())
+    for label in _stopped_at(_export_cmd(out, "--force", "--lambda", "0.3"), KILL_POINTS[1:]):
         with case(CLS, f"--force re-export SIGKILLed {label}: old or new engine, whole"):
-            _kill_after(_export_cmd(out, "--force", "--lambda", "0.3"), seconds, marker)
             assert _loads(out), "the engine at --out no longer loads"
             after = json.loads((out / MANIFEST).read_text())
             # the old engine, or (killed after the swap) the complete new one — never a mix
@@ -122,7 +140,7 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, limit):
     ENOSPC takes the same path): at 64 KiB a graph file fails, at 400 KiB weights.bin."""
     out = tmp_path / "engine"
     with case(CLS, f"disk full (file size limit {limit // 1024} KiB)"):
-        proc = subprocess.run(_export_cmd(out), capture_output=True, text=True,
+        proc = subprocess.run(_export_cmd(out, jobs=2), capture_output=True, text=True,
                               preexec_fn=_limit_file_size(limit))  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-800:]
         assert_one_error(2, proc.stderr, "full or a file size limit was reached")
