@@ -36,8 +36,8 @@ WHAT = {
     "TypeError from deep inside",
     "Engine files": "each file missing / truncated / extended / bit-flipped / emptied, manifest "
     "fields edited, manifests that are not JSON, graphs swapped, a foreign tokenizer",
-    "Export under faults": "SIGKILL at five points, killed --force re-exports, a full disk "
-    "(RLIMIT_FSIZE), unwritable parents",
+    "Export under faults": "SIGKILL at five points (one export frozen at each, killed at the "
+    "last), killed --force re-exports, a full disk (RLIMIT_FSIZE), unwritable parents",
     "Server": "pool exhausted, request larger than the pool, disconnects at every stage, "
     "malformed / oversized / nested bodies, random bodies (hypothesis), 1 000 bad requests, "
     "SIGTERM in flight",
