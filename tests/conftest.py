@@ -66,6 +66,20 @@ def exported_engine(family: str, attention: str, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chunk_engine(tmp_path_factory):
+    """A tiny engine with span-preserving selection (4-layer Llama, pivot 2, λ 0.5, chunks of 16,
+    window 8), attention spelled out as TensorRT parses it: tests/test_export.py checks it
+    against the torch method, tests/test_export_tensorrt.py against its plugin-node twin."""
+    from structkv.export.exporter import ExportSettings, export_engine
+    from structkv.methods import StructKV
+
+    out = tmp_path_factory.mktemp("chunked") / "engine"
+    settings = ExportSettings(StructKV(pivot=2, lam=0.5, chunk=16), attention="explicit")
+    export_engine("tiny-llama-L4-s0", out, settings, log=lambda m: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_serving_engine(smollm2, tmp_path_factory):
     """The embedded model exported with a 10 % KV cache and single tokens (`--r-struct 0.2
     --r-kv 0.1 --chunk 0`; pivot and λ from the profile): the server tests size their pools in

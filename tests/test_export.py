@@ -68,15 +68,6 @@ def test_engine_matches_the_reference_method(engine_dir):
         assert torch_engine.generate(ids.numpy(), NEW)[0] == expected
 
 
-@pytest.fixture(scope="module")
-def chunk_engine(tmp_path_factory):
-    """A tiny engine with span-preserving selection (chunks of 16, window 8)."""
-    out = tmp_path_factory.mktemp("chunked") / "engine"
-    settings = ExportSettings(StructKV(pivot=PIVOT, lam=LAM, chunk=16), attention="contrib")
-    export_engine(SMALL, out, settings, log=lambda m: None, progress=False)
-    return out
-
-
 def test_chunked_engine_matches_the_reference_method(chunk_engine):
     """--chunk in the exported graphs: the engine keeps the same whole chunks as the torch
     method (propagated positions and every layer's kept positions), the same logits and

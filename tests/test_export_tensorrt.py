@@ -78,17 +78,17 @@ def test_onnx_runtime_with_the_reference_op_generates_the_plain_engines_tokens(
         assert np.array_equal(a.logits, b.logits)
 
 
-def test_chunk_mode_plugin_graphs_generate_the_plain_chunk_engines_tokens(tmp_path):
+def test_chunk_mode_plugin_graphs_generate_the_plain_chunk_engines_tokens(chunk_engine, tmp_path):
     """``--chunk 16 --target tensorrt``: the plugin nodes carry the chunk, and ONNX Runtime running
     them with the reference op keeps exactly the whole chunks the plain chunk engine's traced
-    graphs keep (every layer's positions), with the same logits and tokens."""
-    argv = ["--model", "tiny-llama", *PIVOT, "--chunk", "16"]
-    assert export_cli([*argv, "--attention", "explicit", "--out", str(tmp_path / "plain")]) == 0
+    graphs keep (every layer's positions), with the same logits and tokens. The plain engine is
+    the session's (conftest.chunk_engine: the same model and knobs, explicit attention)."""
+    argv = ["--model", "tiny-llama-L4-s0", *PIVOT, "--chunk", "16"]
     assert export_cli([*argv, "--target", "tensorrt", "--out", str(tmp_path / "trt")]) == 0
     for name in ("compact", "kv_select"):
         (node,) = onnx.load(str(tmp_path / "trt" / f"{name}.onnx")).graph.node
         assert _attrs(node)["chunk"] == 16
-    plain = Engine.load(tmp_path / "plain", kv_cache_mb=8)
+    plain = Engine.load(chunk_engine, kv_cache_mb=8)
     rewritten = Engine.load(tmp_path / "trt", kv_cache_mb=8)
     assert plain.method.chunk == rewritten.method.chunk == 16
     for seed, n in ((0, 24), (1, 300), (2, 1000)):
