@@ -95,3 +95,5 @@ check export/exporter.py "    if out.exists() and not out.is_dir():
         shutil.rmtree(out)
     if out.exists() and not out.is_dir():
         raise StructKVError(f\"--out {out} exists and is not a directory" "tests/test_reliability_export.py -k killed_force"
+check structkv/calibration.py "    if not search[\"met\"]:" "    if False:" "tests/test_calibration.py -k not_met"
+check structkv/calibration.py "            f\"{search['chosen_row'].get(objective, nan):.3f}); below its target the search's \"" "            f\"{search['target_fidelity']:.3f}); below its target the search's \"" "tests/test_calibration.py -k not_met"
