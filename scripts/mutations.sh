@@ -97,3 +97,11 @@ check export/exporter.py "    if out.exists() and not out.is_dir():
         raise StructKVError(f\"--out {out} exists and is not a directory" "tests/test_reliability_export.py -k killed_force"
 check structkv/calibration.py "    if not search[\"met\"]:" "    if False:" "tests/test_calibration.py -k not_met"
 check structkv/calibration.py "            f\"{search['chosen_row'].get(objective, nan):.3f}); below its target the search's \"" "            f\"{search['target_fidelity']:.3f}); below its target the search's \"" "tests/test_calibration.py -k not_met"
+check structkv/calibration.py "            return bool(got) and re.sub(r\"\\W\", \"\", got[0]) == self.continuation" "            return bool(got) and self.continuation in answer" "tests/test_calibration.py -k fact_probes"
+check structkv/calibration.py "    at = rng.randrange(1, len(context)) if len(context) > 1 else 1" "    at = 0" "tests/test_calibration.py -k fact_probes"
+check structkv/calibration.py "                *deepest_pivots(num_layers, grid_r_structs, compute_cap, l_min, l_max)," "" "tests/test_calibration.py -k budget_search_tables"
+check structkv/calibration.py "        if fits:
+            out.append(max(fits))" "        if fits:
+            out.append(min(fits))" "tests/test_calibration.py -k budget_search_tables"
+check structkv/eval/compare.py "        if b_results is not None and entry.get(\"answers\") != other.get(\"answers\"):" "        if False:" "tests/test_eval_compare.py -k another_run"
+check structkv/eval/compare.py "    other_run = results if b_results is None else b_results" "    other_run = results" "tests/test_eval_compare.py -k another_run"

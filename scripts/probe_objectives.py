@@ -3,11 +3,12 @@
 Scores StructKV settings whose 2K needle results are known, on calibration prompts (never the
 evaluation's), with each objective asked for: teacher-forced top-1 agreement on the
 question-form recall probes of v2 (``probes``), and the free-running answer agreement on the copy
-probes of v3 (``copy``) and the cued copy probes of v4 (``cued``), keeping only probes the full
-model continues. An objective that tracks retrieval ranks the settings as the needles do.
+probes of v3 (``copy``), the cued copy probes of v4 (``cued``), the question probes of v5
+(``question``) and the fact probes (``fact``), keeping only probes the full model continues.
+An objective that tracks retrieval ranks the settings as the needles do.
 
     python scripts/probe_objectives.py [--prompts 8] [--steps 12] [--sets probes,copy,cued]
-        [--match "v5"]
+        [--match "v5"]    e.g. --sets copy,fact --match cheap
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ SETTINGS = {
     # a 7th number is the pooling kernel (default 7): a wide kernel keeps a value's last digits
     "v5 at KV 0.2, pooling 31 (mk1 1/10, s1 10/10)": (15, 0.3, 8, 16, 0.5, 0.2, 31),
     "v5 at KV 0.2, window 64, pooling 31 (mk1 7/10, s1 10/10)": (15, 0.3, 64, 16, 0.5, 0.2, 31),
+    # the cheap end at 2K, KV 0.1: 4 needle tasks x 40 samples, average of full's 47.7
+    # (docs/RESULTS.md, "The capped calibration's own budgets", "Fact probes")
+    "cheap: pivot 7 / 0.3, chunk 8 (2.5)": (7, 0.1, 8, 8, 0.3, 0.1),
+    "cheap: pivot 10 / 0.2, chunk 8 (5.8)": (10, 0.1, 8, 8, 0.2, 0.1),
+    "cheap: pivot 12 / 0.2, chunk 16 (8.3)": (12, 0.3, 8, 16, 0.2, 0.1),
+    "cheap: pivot 14 / 0.1, chunk 16 (10.2)": (14, 0.3, 8, 16, 0.1, 0.1),
 }
 
 
@@ -95,6 +102,7 @@ COLUMNS = {
     "copy": ("v3: answer", 1),
     "cued": ("v4: answer", 1),
     "question": ("v5: answer", 1),
+    "fact": ("fact: answer", 1),
 }
 
 

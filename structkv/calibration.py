@@ -112,6 +112,8 @@ class CalibrationPrompt:
     #: it retrieves anything (answer agreement is scored after them: any setting that keeps
     #: the question repeats them)
     echo: str = ""
+    #: fact probes: the continuation is the inserted code, which the answer must open with
+    fact: bool = False
 
     def encode(self, tokenizer, chat: bool) -> torch.Tensor:
         """The prompt's ids: the chat template's user turn, then the pre-filled answer."""
@@ -126,8 +128,11 @@ class CalibrationPrompt:
     def copied(self, answer: str) -> bool:
         """Whether ``answer`` (the full model's) continues the quote as the document does: right
         away for a copy probe; for a cued probe, anywhere after its echo of the cue (a run of
-        :data:`COPIED_WORDS` words from the sentence's next :data:`CUE_SPAN`)."""
+        :data:`COPIED_WORDS` words from the sentence's next :data:`CUE_SPAN`); for a fact
+        probe, when its first word is the inserted code."""
         after, got = self.continuation.split(), answer.split()
+        if self.fact:
+            return bool(got) and re.sub(r"\W", "", got[0]) == self.continuation
         if len(self.prefill.split()) >= QUOTE_WORDS:
             return bool(after) and got[:COPIED_WORDS] == after[:COPIED_WORDS]
         runs = {tuple(after[i : i + COPIED_WORDS]) for i in range(CUE_SPAN - COPIED_WORDS + 1)}
@@ -198,6 +203,37 @@ def _question_probe(context: list[str], rng: random.Random) -> CalibrationPrompt
     )
 
 
+#: Fact probe (prompt set "fact", 2026-12-02): one invented fact inserted at a random paragraph
+#: boundary of the calibration prose — an invented name's record holds an invented code of 5–8
+#: digits — and a question about it, the answer pre-filled up to the code. What it adds to the
+#: copy probes: the query is a short key (the name), not an 8-word quote, and the answer is an
+#: unpredictable multi-token span, as in a retrieval workload; copy probes are solved by
+#: induction on the quote at shallow pivots that such retrieval punishes (docs/RESULTS.md, "Fact
+#: probes"). Label-free like the others: the reference is the full model's own answer, and the
+#: inserted code only sets aside probes the full model does not answer. Wording, names, codes
+#: and prose share nothing with the evaluation's needle templates or haystacks (tested).
+FACT = "Record {name} in the catalogue holds reference code {code}."
+FACT_QUESTION = "Which reference code does record {name} hold in the text above?"
+FACT_PREFILL = "Record {name} holds reference code"
+#: syllables of the invented record names (three per name, capitalised)
+SYLLABLES = ("ka", "lo", "mer", "ti", "van", "su", "dor", "pel", "ri", "zan", "bel", "nu", "ras",
+             "fi", "gon", "tal")  # fmt: skip
+
+
+def _fact_probe(context: list[str], rng: random.Random) -> CalibrationPrompt:
+    name = "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
+    digits = rng.randint(5, 8)
+    code = str(rng.randrange(10 ** (digits - 1), 10**digits))
+    at = rng.randrange(1, len(context)) if len(context) > 1 else 1
+    paras = [*context[:at], FACT.format(name=name, code=code), *context[at:]]
+    return CalibrationPrompt(
+        "\n".join(paras) + "\n\n" + FACT_QUESTION.format(name=name),
+        FACT_PREFILL.format(name=name),
+        code,
+        fact=True,
+    )
+
+
 def echo_length(tokenizer, prompt: CalibrationPrompt, tokens: list[int]) -> int:
     """How many leading tokens of an answer repeat ``prompt.echo``: the fewest whose text starts
     with the echo's words; 0 when the answer never does (then nothing is skipped)."""
@@ -210,14 +246,19 @@ def echo_length(tokenizer, prompt: CalibrationPrompt, tokens: list[int]) -> int:
 
 #: the prompt sets whose prompts pre-fill an answer the full model must continue (scored by
 #: the free-running answer; calibration sets aside the probes the full model does not continue)
-PROBE_SETS = {"copy": _copy_probe, "question": _question_probe, "cued": _cued_probe}
+PROBE_SETS = {
+    "copy": _copy_probe,
+    "question": _question_probe,
+    "cued": _cued_probe,
+    "fact": _fact_probe,
+}
 #: how many prompts calibration draws per prompt it keeps
-DRAWS = {"copy": 2, "question": 4, "cued": 2}
+DRAWS = {"copy": 2, "question": 4, "cued": 2, "fact": 2}
 #: prompt set "mixed": half copy probes (they see what keeps a value's span: pooling, chunks),
 #: half question probes (they see the window a chat question needs), each drawn and kept as
 #: its own set; the question half from another seed, so that it quotes other documents
 MIXED = (("copy", 0), ("question", 1))
-PROMPT_SETS = ("copy", "question", "mixed", "cued", "probes", "generic")
+PROMPT_SETS = ("copy", "question", "mixed", "cued", "fact", "probes", "generic")
 DEFAULT_PROMPT_SET = "copy"
 
 
@@ -438,6 +479,22 @@ def draw_probes(lm, n: int, length: int, prompt_set: str, r_kv: float, window: i
     return out
 
 
+def deepest_pivots(num_layers: int, r_structs, cap: float, l_min: int, l_max: int) -> list[int]:
+    """Per R_struct, the deepest pivot in [l_min, l_max] whose compute fraction fits ``cap``.
+
+    Why the budget search adds them to its every-third-layer grid: at a tight cap the best
+    use of the compute may be a deep pivot with few propagated tokens (pivot 14 / R_struct 0.1
+    at cap 0.55 on SmolLM2), and the grid alone reaches only the pivots that fit at stage 1's
+    R_struct (docs/RESULTS.md, "Fact probes")."""
+    out = []
+    for rs in r_structs:
+        fits = [p for p in range(l_min, l_max + 1)
+                if compute_fraction(p, num_layers, rs) <= cap + 1e-9]  # fmt: skip
+        if fits:
+            out.append(max(fits))
+    return sorted(set(out))
+
+
 def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
     online = OnlinePivot(l_min, l_max, rule=rule, scales=scales)
     for m in metrics:
@@ -545,6 +602,7 @@ def calibrate(
     profile = _profile(lm.model_id, num_layers, table, l_min, cap_layer, scales, settings)
     if target_fidelity is not None:
         best = profile["best"]
+        grid_r_structs = (budget_grid or {}).get("r_structs", R_STRUCTS)
         # the budget search records its own, per observation window and chunk
         del runs
         search = search_budgets(
@@ -556,7 +614,11 @@ def calibrate(
             steps,
             target_fidelity,
             compute_cap,
-            pivots=[best["layer"], *range(l_min, cap_layer + 1, 3)],
+            pivots=[
+                best["layer"],
+                *range(l_min, cap_layer + 1, 3),
+                *deepest_pivots(num_layers, grid_r_structs, compute_cap, l_min, l_max),
+            ],
             progress=progress,
             objective=objective,
             **(budget_grid or {}),

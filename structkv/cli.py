@@ -234,7 +234,10 @@ def cmd_eval_compare(args) -> int:
     from structkv.eval.compare import compare, format_report, load
 
     tasks = [t for t in (args.tasks or "").split(",") if t.strip()] or None
-    report = compare(load(Path(args.out)), args.a, args.b, tasks)
+    b_results = load(Path(args.b_out)) if args.b_out else None
+    report = compare(load(Path(args.out)), args.a, args.b, tasks, b_results)
+    if args.b_out:
+        report["b"] += f" (from {args.b_out})"
     if args.json:
         print(json.dumps(report))
     else:
@@ -548,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROMPT_SET,
         help="calibration prompts: copy (v3: the answer pre-filled with a sentence's opening "
         "from the document), question (v5: that opening quoted in the question, the answer "
-        "scored after repeating it), mixed (half copy, half question), cued (v4), "
-        "probes/generic (older profiles) "
+        "scored after repeating it), mixed (half copy, half question), cued (v4), fact (an "
+        "invented record's code inserted in the prose and asked for: a short key and a "
+        "multi-token value, as retrieval needs), probes/generic (older profiles) "
         f"(default {DEFAULT_PROMPT_SET})",
     )
     c.set_defaults(func=cmd_calibrate)
@@ -578,12 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     fr.set_defaults(func=cmd_eval_frontier)
 
     cp = kinds.add_parser(
-        "compare", help="paired comparison of two methods' answers in one run (no generation)"
+        "compare", help="paired comparison of two methods' answers, same prompts (no generation)"
     )
     cp.add_argument("out", help="an eval --out directory (or its results.json)")
     cp.add_argument("a", help="a label as results.md writes it, or a method naming one label")
     cp.add_argument("b", help="the label (or method) to compare with")
     cp.add_argument("--tasks", help="only these tasks, comma-separated (default: all in common)")
+    cp.add_argument(
+        "--b-out",
+        help="take B's answers from this other eval --out directory (same tasks, lengths and "
+        "seeds; e.g. one label run twice with other knobs)",
+    )
     cp.add_argument("--json", action="store_true", help="print one JSON object")
     cp.set_defaults(func=cmd_eval_compare)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -249,8 +250,13 @@ def test_budget_search_tables_cover_the_grid_under_the_cap(budget_profile):
     chosen = budget_profile["budgets"]
     assert (chosen["window"], chosen["pooling"], chosen["chunk"]) == (
         best["window"], best["pooling"], best["chunk"])  # fmt: skip
-    # the pivot is searched with the budgets: stage 1's, plus every third layer under the cap
+    # the pivot is searched with the budgets: stage 1's, every third layer under the cap, and
+    # per R_struct the deepest layer (up to l_max = 7) that fits the cap with it
+    deepest = {max(p for p in range(2, 8) if compute_fraction(p, 10, rs) <= 0.9 + 1e-9)
+               for rs in GRID["r_structs"]}  # fmt: skip
     pivots = {budget_profile["best"]["layer"], *range(2, budget_profile["l_max"] + 1, 3)}
+    assert deepest - pivots, "the grid must add a pivot that every third layer misses"
+    pivots |= deepest
     want = {(p, rs, rk) for p in pivots for rs in GRID["r_structs"] for rk in GRID["r_kvs"]
             if rk <= rs and compute_fraction(p, 10, rs) <= 0.9 + 1e-9}  # fmt: skip
     assert {(r["pivot"], r["r_struct"], r["r_kv"]) for r in search["budget_table"]} == want
@@ -488,3 +494,34 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
     assert sum("are followed by more words" in p.text for p in older) == 6  # three in four
     for p in [*probes, *cued, *older]:
         assert "magic" not in p.text.lower() and "needle" not in p.text.lower()
+
+
+def test_fact_probes_ask_for_one_inserted_code_in_words_no_evaluation_uses():
+    """A fact probe inserts one invented record into the calibration prose, between paragraphs,
+    and asks for its code with the answer pre-filled up to it; its words are not the needle
+    templates', and the code is the one place the answer can come from."""
+    from structkv.prompts import needle
+
+    facts = calibration_prompts(ByteTokenizer(), 8, 2000, prompt_set="fact")
+    assert len(facts) == 8 and len({p.continuation for p in facts}) == 8
+    template_words = set(re.findall(r"[a-z]+", (needle.NEEDLE + needle.QUESTION).lower()))
+    for probe in facts:
+        context, request = probe.text.rsplit("\n\n", 1)
+        code = probe.continuation
+        assert code.isdigit() and 5 <= len(code) <= 8 and context.count(code) == 1
+        paras = context.split("\n")
+        (line,) = [para for para in paras if code in para]
+        assert line.startswith("Record ") and line.endswith(f" holds reference code {code}.")
+        name = line.split()[1]
+        assert 0 < paras.index(line) < len(paras)  # never the first paragraph
+        assert request == f"Which reference code does record {name} hold in the text above?"
+        assert probe.prefill == f"Record {name} holds reference code" and code not in request
+        own = set(re.findall(r"[a-z]+", (line + request + probe.prefill).lower())) - {name.lower()}
+        assert not own & template_words - {"the", "is", "for", "in", "text", "what", "mentioned"}
+        # the full model answered it only when its answer opens with the code itself
+        assert "magic" not in probe.text.lower() and "needle" not in probe.text.lower()
+        assert probe.copied(f" {code}.\nThe") and probe.copied(code)
+        assert not probe.copied(f" {code[:-1]}.") and not probe.copied(f"code {code}")
+    # another seed: other names and codes
+    other = calibration_prompts(ByteTokenizer(), 8, 2000, seed=7, prompt_set="fact")
+    assert not {p.continuation for p in facts} & {p.continuation for p in other}

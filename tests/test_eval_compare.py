@@ -138,3 +138,33 @@ def test_cli_report_json_and_errors(tmp_path, capsys):
         assert main(["eval", "compare", str(path), A, B]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_b_from_another_run_pairs_the_same_prompts_and_refuses_other_ones(tmp_path, capsys):
+    """The same label run twice with other knobs lives in two --out directories: --b-out pairs
+    them by seed, and a seed whose expected answers differ (another prompt) is an error."""
+
+    def run_dir(name: str, scores: list[float], answers: list[str]) -> str:
+        out = tmp_path / name
+        out.mkdir()
+        entries = {
+            f"{A}|niah_single_2|2048|{seed}": {"score": s, "answers": f"['{answer}']"}
+            for seed, (s, answer) in enumerate(zip(scores, answers))
+        }
+        (out / "results.json").write_text(json.dumps(entries))
+        return str(out)
+
+    first = run_dir("first", [1, 1, 0, 1], ["11", "22", "33", "44"])
+    second = run_dir("second", [0, 1, 0, 0], ["11", "22", "33", "44"])
+    assert main(["eval", "compare", first, A, A, "--b-out", second, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["a_wins"], report["b_wins"], report["prompts"]) == (2, 0, 4)
+    assert report["difference"] == pytest.approx(50.0)
+    assert report["b"] == f"{A} (from {second})"
+    # without --b-out the same label twice is still refused
+    assert main(["eval", "compare", first, A, A]) == 2
+    assert "both names resolve" in capsys.readouterr().err
+    other = run_dir("other", [0, 1, 0, 0], ["11", "22", "99", "44"])
+    assert main(["eval", "compare", first, A, A, "--b-out", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed 2: the two runs asked different prompts" in err[0], err

@@ -1,4 +1,5 @@
-"""Paired comparison of two methods' answers in one results.json (``structkv eval compare``).
+"""Paired comparison of two methods' answers (``structkv eval compare``): one results.json, or
+B from another run of the same prompts (``--b-out``).
 
 Every RULER cell here has 20 prompts at most, so one prompt moves a cell by 5 points and a
 frontier claim like "StructKV ≥ GemFilter at compute 0.55" can rest on two or three prompts.
@@ -59,17 +60,29 @@ def resolve_label(results: dict, name: str) -> str:
     raise StructKVError(f"no answers labelled {name!r} in this results.json; labels: {listed}")
 
 
-def paired_cells(results: dict, a: str, b: str, tasks: list[str] | None = None) -> list[Cell]:
+def paired_cells(
+    results: dict, a: str, b: str, tasks: list[str] | None = None, b_results: dict | None = None
+) -> list[Cell]:
     """The cells both labels answered, paired by seed; answers with an error (no score) on
-    either side are left out of both, so the pairs stay pairs."""
+    either side are left out of both, so the pairs stay pairs. ``b_results``: B's answers from
+    another run (default: the same one). Two runs pair only where they asked the same prompt,
+    which the saved expected answers witness (a task's needles are drawn from its seed): a
+    differing one is an error, not a silent mismatch."""
+    other_run = results if b_results is None else b_results
     cells: dict[tuple[str, int], Cell] = {}
     for key, entry in results.items():
         label, task, length, seed = key.rsplit("|", 3)
         if label != a or (tasks and task not in tasks):
             continue
-        other = results.get(f"{b}|{task}|{length}|{seed}")
+        other = other_run.get(f"{b}|{task}|{length}|{seed}")
         if "score" not in entry or not other or "score" not in other:
             continue
+        if b_results is not None and entry.get("answers") != other.get("answers"):
+            raise StructKVError(
+                f"{task} at {length} tokens, seed {seed}: the two runs asked different prompts "
+                f"(expected answers {entry.get('answers')} vs {other.get('answers')}); compare "
+                "runs of the same eval version, tasks and seeds"
+            )
         cell = cells.setdefault((task, int(length)), Cell(task, int(length), [], []))
         cell.a.append(float(entry["score"]))
         cell.b.append(float(other["score"]))
@@ -118,12 +131,16 @@ def bootstrap_interval(
     return lo, hi
 
 
-def compare(results: dict, a: str, b: str, tasks: list[str] | None = None) -> dict:
-    """Everything the report prints, as one dict (``--json``)."""
-    a, b = resolve_label(results, a), resolve_label(results, b)
-    if a == b:
+def compare(
+    results: dict, a: str, b: str, tasks: list[str] | None = None, b_results: dict | None = None
+) -> dict:
+    """Everything the report prints, as one dict (``--json``). ``b_results``: take B from
+    another run's answers (``--b-out``), e.g. the same label run with other knobs."""
+    a = resolve_label(results, a)
+    b = resolve_label(results if b_results is None else b_results, b)
+    if a == b and b_results is None:
         raise StructKVError(f"both names resolve to {a!r}; compare two different labels")
-    cells = paired_cells(results, a, b, tasks)
+    cells = paired_cells(results, a, b, tasks, b_results)
     wins_a = sum(c.wins[0] for c in cells)
     wins_b = sum(c.wins[1] for c in cells)
     lo, hi = bootstrap_interval(cells)
