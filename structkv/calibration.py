@@ -204,17 +204,19 @@ def _question_probe(context: list[str], rng: random.Random) -> CalibrationPrompt
 
 
 #: Fact probe (prompt set "fact", 2026-12-02): one invented fact inserted at a random paragraph
-#: boundary of the calibration prose — an invented name's record holds an invented code of 5–8
-#: digits — and a question about it, the answer pre-filled up to the code. What it adds to the
+#: boundary of the calibration prose — an invented name's record sealed with an invented code of
+#: 5–8 digits — and a question about it, the answer pre-filled with the fact's own words up to
+#: the code (a pre-fill that left out "in the catalogue" was continued by the full model only 7
+#: times in 16; this one 16 in 16). What it adds to the
 #: copy probes: the query is a short key (the name), not an 8-word quote, and the answer is an
 #: unpredictable multi-token span, as in a retrieval workload; copy probes are solved by
 #: induction on the quote at shallow pivots that such retrieval punishes (docs/RESULTS.md, "Fact
 #: probes"). Label-free like the others: the reference is the full model's own answer, and the
 #: inserted code only sets aside probes the full model does not answer. Wording, names, codes
 #: and prose share nothing with the evaluation's needle templates or haystacks (tested).
-FACT = "Record {name} in the catalogue holds reference code {code}."
-FACT_QUESTION = "Which reference code does record {name} hold in the text above?"
-FACT_PREFILL = "Record {name} holds reference code"
+FACT = "Record {name} in the catalogue was sealed with the code {code}."
+FACT_QUESTION = "Which code sealed record {name} in the text above?"
+FACT_PREFILL = "Record {name} in the catalogue was sealed with the code"
 #: syllables of the invented record names (three per name, capitalised)
 SYLLABLES = ("ka", "lo", "mer", "ti", "van", "su", "dor", "pel", "ri", "zan", "bel", "nu", "ras",
              "fi", "gon", "tal")  # fmt: skip

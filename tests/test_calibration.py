@@ -498,7 +498,8 @@ def test_calibration_prose_and_probes_are_not_the_evaluations():
 
 def test_fact_probes_ask_for_one_inserted_code_in_words_no_evaluation_uses():
     """A fact probe inserts one invented record into the calibration prose, between paragraphs,
-    and asks for its code with the answer pre-filled up to it; its words are not the needle
+    and asks for its code with the answer pre-filled with the record's own words up to it (which
+    the full model then continues with the code: 16 of 16 drawn at 2K); its words are not the needle
     templates', and the code is the one place the answer can come from."""
     from structkv.prompts import needle
 
@@ -511,11 +512,11 @@ def test_fact_probes_ask_for_one_inserted_code_in_words_no_evaluation_uses():
         assert code.isdigit() and 5 <= len(code) <= 8 and context.count(code) == 1
         paras = context.split("\n")
         (line,) = [para for para in paras if code in para]
-        assert line.startswith("Record ") and line.endswith(f" holds reference code {code}.")
+        assert line.startswith("Record ") and line.endswith(f" was sealed with the code {code}.")
         name = line.split()[1]
         assert 0 < paras.index(line) < len(paras)  # never the first paragraph
-        assert request == f"Which reference code does record {name} hold in the text above?"
-        assert probe.prefill == f"Record {name} holds reference code" and code not in request
+        assert request == f"Which code sealed record {name} in the text above?"
+        assert probe.prefill == line.removesuffix(f" {code}.") and code not in request
         own = set(re.findall(r"[a-z]+", (line + request + probe.prefill).lower())) - {name.lower()}
         assert not own & template_words - {"the", "is", "for", "in", "text", "what", "mentioned"}
         # the full model answered it only when its answer opens with the code itself
