@@ -105,3 +105,4 @@ check structkv/calibration.py "        if fits:
             out.append(min(fits))" "tests/test_calibration.py -k budget_search_tables"
 check structkv/eval/compare.py "        if b_results is not None and entry.get(\"answers\") != other.get(\"answers\"):" "        if False:" "tests/test_eval_compare.py -k another_run"
 check structkv/eval/compare.py "    other_run = results if b_results is None else b_results" "    other_run = results" "tests/test_eval_compare.py -k another_run"
+check structkv/calibration.py "answer to {settings.get('prompt_set', 'copy')} probes" "answer to copy probes" "tests/test_calibration.py -k mixed_probes"

@@ -785,9 +785,10 @@ def _profile(model_id, num_layers, table, l_min, cap_layer, scales, settings) ->
         "l_min": l_min,
         "l_max": cap_layer,
         "metric_scales": list(scales),
+        # name the probe set: a profile read later must say which probes chose it
         "objective": (
             "maximise answer - KL (free-running answer agreement with full context's own "
-            "answer to copy probes); ties: less compute"
+            f"answer to {settings.get('prompt_set', 'copy')} probes); ties: less compute"
             if settings.get("objective") == "answer"
             else "maximise top1 - KL (teacher-forced, vs full context); ties: less compute"
         ),

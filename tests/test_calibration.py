@@ -91,6 +91,7 @@ def test_mixed_probes_are_half_copy_half_question_and_score_as_direct_runs(tiny_
                         prompt_set="mixed")  # fmt: skip
     s = profile["settings"]
     assert (s["prompt_set"], s["drawn"], s["objective"]) == ("mixed", 6, "answer")
+    assert "answer to mixed probes" in profile["objective"]  # not the default's "copy"
     assert s["selected"][0] < 2 <= s["selected"][1]  # one from each part
     copy, question = _used_prompts(tiny_lm, profile)
     assert len(copy.prefill.split()) == 8 and not copy.echo
@@ -164,6 +165,7 @@ def test_choice_is_the_best_row_under_the_cap(profile):
     l_min, l_max = 2, profile["l_max"]
     assert sorted({r["layer"] for r in fixed}) == list(range(l_min, l_max + 1))
     assert len(table) == len(fixed) + 2 * 2  # fixed layers, then the two rules, x 2 lambdas
+    assert "answer to copy probes" in profile["objective"]
     # l_max is the last layer under the compute cap (or the search range's end, 7)
     assert compute_fraction(l_max, 10, 0.2) <= DEFAULT_COMPUTE_CAP + 1e-9
     assert l_max == 7 or compute_fraction(l_max + 1, 10, 0.2) > DEFAULT_COMPUTE_CAP
