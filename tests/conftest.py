@@ -81,14 +81,17 @@ def chunk_engine(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_serving_engine(smollm2, tmp_path_factory):
-    """The embedded model exported with a 10 % KV cache and single tokens (`--r-struct 0.2
-    --r-kv 0.1 --chunk 0`; pivot and λ from the profile): the server tests size their pools in
-    blocks of what such requests keep (e.g. 22 blocks: two compressed 1K prompts fit, a third
-    waits), whatever budgets the shipped profile has."""
+    """The embedded model exported with a 10 % KV cache, single tokens and window 8
+    (`--r-struct 0.2 --r-kv 0.1 --chunk 0 --window 8 --pooling 7`; pivot and λ from the
+    profile): the server tests size their pools in blocks of what such requests keep (e.g. 22
+    blocks: two compressed 1K prompts fit, a third waits) and send prompts as short as 20
+    tokens, whatever budgets the shipped profile has (its window 32 alone adds 24 tokens to
+    every layer's cache and to the shortest prompt an engine takes)."""
     from structkv.export.exporter import main as export
 
     out = tmp_path_factory.mktemp("smollm2-serving") / "engine"
     knobs = ["--r-struct", "0.2", "--r-kv", "0.1", "--chunk", "0"]
+    knobs += ["--window", "8", "--pooling", "7"]
     assert export(["--model", "smollm2-135m", *knobs, "--out", str(out)]) == 0
     return out
 
