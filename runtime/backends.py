@@ -45,6 +45,8 @@ class EngineBackend:
         from structkv.selection import budget, selected_count
 
         m = self.engine.method
+        if not self.engine.compresses(n):  # a short prompt is kept whole
+            return n
         return selected_count(n, budget(m.r_kv, n), m.window, m.chunk)
 
     def prefill(self, seq: int, ids: list[int], max_tokens: int) -> Prefilled:
@@ -84,19 +86,28 @@ class TorchBackend:
         self._caches: dict[int, object] = {}
         self._blocks: dict[int, int] = {}
 
+    def method_for(self, n: int):
+        """The configured method, or full context for a prompt no longer than its observation
+        window (nothing to select from): as the engine does, a short chat is answered whole
+        rather than refused; the reply's ``structkv.method`` says which ran."""
+        from structkv.methods import Full
+
+        return self.method if n > self.method.window else Full()
+
     def check_prompt(self, n: int, max_tokens: int) -> None:
         from structkv.generate import check_context
 
-        self.method.validate(n)
+        self.method_for(n).validate(n)
         check_context(self.lm.model, n, max_tokens)
 
     def kv_tokens(self, n: int) -> int:
         """An upper bound of the tokens any layer keeps (methods without a budget keep all)."""
         layers = self.lm.model.config.num_hidden_layers
-        budgets = [self.method.kv_budget(layer, layers, n) for layer in range(layers)]
+        method = self.method_for(n)
+        budgets = [method.kv_budget(layer, layers, n) for layer in range(layers)]
         if any(b is None for b in budgets):
             return n
-        return min(n, max(budgets) + self.method.window)
+        return min(n, max(budgets) + method.window)
 
     def prefill(self, seq: int, ids: list[int], max_tokens: int) -> Prefilled:
         import torch
@@ -104,12 +115,14 @@ class TorchBackend:
         from structkv.generate import model_device
 
         input_ids = torch.tensor(ids, dtype=torch.long, device=model_device(self.lm.model))
-        result = self.method.prefill(self.lm.model, input_ids, extra_capacity=max_tokens)
+        method = self.method_for(len(ids))
+        result = method.prefill(self.lm.model, input_ids, extra_capacity=max_tokens)
         self._caches[seq] = result.cache
         kept = max(result.cache.tokens_per_layer())
         self._blocks[seq] = math.ceil((kept + max_tokens) / self.block_size)
         logits = result.logits.float().cpu().numpy()
-        return Prefilled(logits, {**result.stats.to_json(), "backend": "torch"})
+        stats = {**result.stats.to_json(), "backend": "torch", "compressed": method.name != "full"}
+        return Prefilled(logits, stats)
 
     def decode(self, seqs: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
         from structkv.generate import decode_step

@@ -25,6 +25,8 @@ from structkv.runtime.stages import BACKENDS, OrtStages, TorchStages, TrtStages
 from structkv.selection import min_engine_tokens
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+#: The paged-cache sequence an uncompressed prefill borrows (callers number theirs with ints).
+_SCRATCH = "uncompressed-prefill"
 
 
 @dataclass
@@ -119,25 +121,27 @@ class Engine:
 
     # -- prefill -----------------------------------------------------------------------------
     def check_prompt(self, n: int, max_new_tokens: int) -> None:
-        window, chunk = self.method.window, self.method.chunk
-        least = min_engine_tokens(window, chunk)
         limit = self.manifest.get("max_prompt_tokens")
-        if n < least:
-            raise StructKVError(
-                f"prompt of {n} tokens is too short for the observation window ({window})"
-                + (f" and chunk ({chunk})" if chunk > 1 else "")
-                + f": the engine needs at least {least} tokens; use a longer prompt"
-            )
+        if n < 1:
+            raise StructKVError("the prompt is empty; send at least one token")
         if limit is not None and n + max_new_tokens > limit:
             raise StructKVError(
                 f"prompt of {n} tokens plus {max_new_tokens} new tokens exceeds the engine's "
                 f"maximum of {limit}; shorten the prompt or lower --max-new-tokens"
             )
 
+    def compresses(self, n: int) -> bool:
+        """Whether an ``n``-token prompt takes the compressed prefill. A prompt shorter than
+        the observation window plus one chunk has nothing to select from (the prefill graphs
+        are traced for at least that many tokens), so it is prefilled uncompressed instead."""
+        return n >= min_engine_tokens(self.method.window, self.method.chunk)
+
     def prefill(self, input_ids) -> PrefillOutput:
         """Compressed prefill of one prompt (``[N]`` token ids); nothing enters the cache yet."""
         ids = np.asarray(input_ids, dtype=np.int64)
         n = int(ids.shape[0])
+        if not self.compresses(n):
+            return self._prefill_uncompressed(ids)
         run, timings = self.stages.run, {}
         t = time.perf_counter()
         hidden, keys_a, values_a, sal_a, centrality, metrics = run("pre_pivot", input_ids=ids[None])
@@ -160,6 +164,36 @@ class Engine:
             np.concatenate([pa, pb]),
             stats,
         )
+
+    def _prefill_uncompressed(self, ids: np.ndarray) -> PrefillOutput:
+        """A short prompt, whole: fed token by token through the decode graph into a scratch
+        sequence of the paged pool, whose K/V are then read back. Why decode: every engine
+        has it, on every backend, for any length from one token, and its attention over the
+        pool is exactly full attention; a prompt under window + chunk tokens costs at most
+        that many decode steps. The scratch blocks are freed before the caller admits."""
+        n, start = int(ids.shape[0]), time.perf_counter()
+        self.cache.admit(_SCRATCH, 0, reserve=n)  # CacheFull (nothing allocated) if no room
+        try:
+            for position, token in enumerate(ids.tolist()):
+                logits = self.decode([_SCRATCH], [token], [position])
+            keys, values, positions = self.cache.gather(_SCRATCH)
+        finally:
+            self.cache.release(_SCRATCH)
+        num_layers = int(keys.shape[0])
+        stats = PrefillStats(
+            self.method.name,
+            n,
+            num_layers,
+            pivot_rule="none: uncompressed, the prompt is shorter than window + chunk",
+            propagated_tokens=n,
+            prefill_s=time.perf_counter() - start,
+            timings={"decode": time.perf_counter() - start},
+        )
+        per_token = 2 * keys.shape[1] * keys.shape[3] * keys.itemsize
+        out = stats.complete([n] * num_layers, num_layers * n, per_token).to_json()
+        out["backend"] = self.stages.providers[0]
+        out["compressed"] = False
+        return PrefillOutput(np.asarray(logits[0]), keys, values, positions, out)
 
     def _stats(self, n: int, metrics, propagated: int, ka, kb, timings: dict) -> dict:
         """The same :class:`~structkv.prefill.PrefillStats` the torch path reports."""
@@ -185,6 +219,7 @@ class Engine:
         out = stats.complete(kv_tokens, tokens_run, per_token).to_json()
         out["backend"] = self.stages.providers[0]
         out["pivot_source"] = self.manifest.get("pivot_source")
+        out["compressed"] = True
         return out
 
     # -- the paged cache and decoding ----------------------------------------------------------

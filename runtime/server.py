@@ -48,6 +48,7 @@ STATS_KEYS = (
     "prefill_s",
     "method",
     "backend",
+    "compressed",
 )
 
 

@@ -109,17 +109,22 @@ def parse_inputs(values: dict[str, np.ndarray | None]) -> Parsed:
 def final_outputs(event: Event, text: str) -> dict[str, object]:
     """The final response's tensors: the text plus StructKV's per-request numbers."""
     stats, usage = event.stats or {}, event.usage or {}
+
+    def number(source: dict, key: str, default):  # a tensor has no None: an absent number
+        value = source.get(key)
+        return default if value is None else value
+
     return {
         "text_output": text,
         "finish_reason": event.finish_reason or "",
-        "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0),
-        "pivot_layer": stats.get("pivot_layer", -1),
-        "propagated_tokens": stats.get("propagated_tokens", 0),
-        "kv_bytes": stats.get("kv_bytes", 0),
-        "kv_bytes_full": stats.get("kv_bytes_full", 0),
-        "compute_fraction": stats.get("compute_fraction", 0.0),
-        "prefill_s": stats.get("prefill_s", 0.0),
+        "prompt_tokens": number(usage, "prompt_tokens", 0),
+        "completion_tokens": number(usage, "completion_tokens", 0),
+        "pivot_layer": number(stats, "pivot_layer", -1),  # -1: no pivot (a prompt kept whole)
+        "propagated_tokens": number(stats, "propagated_tokens", 0),
+        "kv_bytes": number(stats, "kv_bytes", 0),
+        "kv_bytes_full": number(stats, "kv_bytes_full", 0),
+        "compute_fraction": number(stats, "compute_fraction", 0.0),
+        "prefill_s": number(stats, "prefill_s", 0.0),
     }
 
 
@@ -243,10 +248,12 @@ class TritonPythonModel:
             text = "".join(flight.parts)
         else:
             text = flight.parsed.prompt + "".join(flight.parts)
-        flight.sender.send(
-            self._response(final_outputs(event, text)),
-            flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+        try:
+            response = self._response(final_outputs(event, text))
+        except Exception as e:  # the client gets an error, never silence (it would wait forever)
+            self._send_error(flight.sender, f"the response could not be built: {e}")
+            return
+        flight.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _response(self, outputs: dict[str, object]):
         pb = self.pb

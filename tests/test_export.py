@@ -92,8 +92,43 @@ def test_chunked_engine_matches_the_reference_method(chunk_engine):
     if n > 200:  # spans: some kept run of 16 consecutive positions outside the window
         head = got.positions[0][0].tolist()
         assert any(head[i : i + 16] == list(range(head[i], head[i] + 16)) for i in range(len(head)))
-    with pytest.raises(StructKVError, match=r"and chunk \(16\): the engine needs at least 24"):
-        engine.check_prompt(23, 4)
+    short = engine.prefill(_prompt(23, 5).numpy())  # one under window + chunk: kept whole
+    assert not short.stats["compressed"] and short.positions.shape[-1] == 23
+
+
+def test_short_prompts_are_prefilled_whole_and_match_full_context(engine_dir):
+    """A prompt under window + 2 tokens (what the prefill graphs take) is prefilled uncompressed
+    through the decode graph: its logits are the model's own full-context logits (plain HF
+    forward), every layer keeps every position, generation equals full-context generation, and
+    the scratch blocks it borrowed are back in the pool (also when the pool is too small)."""
+    from structkv.methods import Full
+    from structkv.runtime.backends import EngineBackend
+
+    family, out = engine_dir
+    engine = Engine.load(out, kv_cache_mb=4)
+    model = tiny_model(family).model
+    least = engine.method.window + 2
+    for n in (1, 2, engine.method.window, least - 1):
+        ids = _prompt(n, 40 + n)
+        got = engine.prefill(ids.numpy())
+        with torch.no_grad():
+            want = model(ids[None]).logits[0, -1]
+        np.testing.assert_allclose(got.logits, want.numpy(), atol=1e-4, rtol=0)
+        assert not got.stats["compressed"] and got.stats["compute_fraction"] == 1.0
+        assert got.positions.shape == (*got.positions.shape[:2], n)
+        assert (got.positions == np.arange(n)).all()
+        assert EngineBackend(engine, "t").kv_tokens(n) == n
+        assert engine.cache.blocks_free == engine.cache.num_blocks
+        assert engine.generate(ids.numpy(), NEW)[0] == generate_ids(model, ids, Full(), NEW).tokens
+    assert engine.prefill(_prompt(least, 1).numpy()).stats["compressed"]
+    cache = engine.cache
+    cache.admit(99, cache.num_blocks * cache.block_size)  # a full pool: no room to borrow
+    with pytest.raises(StructKVError, match="KV blocks"):
+        engine.prefill(_prompt(least - 1, 2).numpy())
+    assert cache.sequences() == [99] and cache.blocks_free == 0
+    cache.release(99)
+    with pytest.raises(StructKVError, match="the prompt is empty"):
+        engine.check_prompt(0, 4)
 
 
 def test_batched_decode_equals_decoding_alone_and_frees_the_pool(engine_dir):
@@ -366,8 +401,7 @@ def test_engine_refuses_tampered_missing_and_newer(engine_dir, tmp_path):
     with pytest.raises(StructKVError, match="not a StructKV engine"):
         Engine.load(tmp_path)
     engine = Engine.load(out)
-    with pytest.raises(StructKVError, match="too short"):
-        engine.generate(np.arange(5), 4)
+    assert len(engine.generate(np.arange(5), 4)[0]) == 4  # under the window: kept whole
     with pytest.raises(StructKVError, match="exceeds the engine's maximum"):
         engine.generate(np.zeros(4090, dtype=np.int64), 10)
 

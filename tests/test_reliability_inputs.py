@@ -220,9 +220,11 @@ def test_prompts_at_the_limit_and_one_over(tmp_path_factory):
             engine.generate(ids[: limit - 1], 2)
     with case("CLI prompts", f"engine: the shortest prompt the window allows ({window + 2})"):
         assert len(engine.generate(ids[: window + 2], 2)[0]) == 2
-    with case("CLI prompts", "engine: one token under it"):
-        with pytest.raises(StructKVError, match="too short for the observation window"):
-            engine.generate(ids[: window + 1], 2)
+    with case("CLI prompts", "engine: one token under it (prefilled whole)"):
+        tokens, stats = engine.generate(ids[: window + 1], 2)
+        assert len(tokens) == 2 and not stats["compressed"]
+    with case("CLI prompts", "engine: one token"):
+        assert len(engine.generate(ids[:1], 2)[0]) == 2
     model = tiny_model("tiny-llama").model
     top = model.config.max_position_embeddings
     big = torch.randint(0, 256, (top,), generator=torch.Generator().manual_seed(0))

@@ -80,6 +80,26 @@ def test_openai_client_chat_and_completions(server, engine):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_a_prompt_under_the_window_is_answered_whole(server, engine, smollm2):
+    """A prompt shorter than the engine's window + 2 tokens has nothing to compress: the server
+    answers it (not a 400) with full-context attention, the same greedy text as the torch
+    model with no compression, and says so (`compressed: false`, compute fraction 1)."""
+    from structkv.generate import generate_text
+    from structkv.methods import Full
+
+    prompt = "The capital of France is"
+    assert not engine.compresses(len(engine.tokenizer(prompt)["input_ids"]))
+    code, reply = server.post("/v1/completions", {"model": NAME, "prompt": prompt,
+                                                  "max_tokens": 8, "temperature": 0})  # fmt: skip
+    assert code == 200, reply
+    assert (
+        reply["choices"][0]["text"] == generate_text(smollm2, prompt, Full(), max_new_tokens=8).text
+    )
+    assert reply["structkv"]["compressed"] is False
+    assert reply["structkv"]["compute_fraction"] == 1.0
+    assert json.loads(server.get("/health"))["status"] == "ok"
+
+
 def test_torch_backend_serves_the_embedded_model_without_an_engine(smollm2):
     """`structkv serve --model smollm2-135m --method snapkv --r-kv 0.2`: the reference method
     behind the same server; greedy text equals `structkv generate`'s for the same request."""
@@ -108,6 +128,12 @@ def test_torch_backend_serves_the_embedded_model_without_an_engine(smollm2):
         ).text
         assert reply["choices"][0]["message"]["content"] == expected
         assert reply["structkv"]["method"] == "snapkv" and reply["structkv"]["backend"] == "torch"
+        code, reply = server.post(  # under SnapKV's window of 8: answered whole, not refused
+            "/v1/completions",
+            {"model": NAME, "prompt": "The capital of France is", "max_tokens": 4},
+        )
+        assert code == 200 and reply["structkv"]["method"] == "full", reply
+        assert reply["structkv"]["compressed"] is False
     finally:
         assert server.stop() == 0, "".join(server.log)
 
