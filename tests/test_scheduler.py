@@ -94,8 +94,24 @@ def test_a_request_larger_than_the_pool_is_refused_with_the_numbers(engine):
         scheduler.submit(_prompt(60, 1), SamplingParams(max_tokens=16 * total), lambda e: None)
     with pytest.raises(StructKVError, match="max_tokens must be an integer >= 1"):
         scheduler.submit(_prompt(60, 1), SamplingParams(max_tokens=0), lambda e: None)
-    with pytest.raises(StructKVError, match="too short for the observation window"):
-        scheduler.submit(_prompt(5, 1), SamplingParams(max_tokens=4), lambda e: None)
+    with pytest.raises(StructKVError, match="the prompt is empty"):
+        scheduler.submit([], SamplingParams(max_tokens=4), lambda e: None)
+    assert engine.cache.blocks_used == 0 and scheduler.promised == 0
+
+
+def test_a_prompt_under_the_window_is_served_whole(engine):
+    """A 5-token prompt is shorter than window + chunk: the scheduler serves it uncompressed
+    (test_export checks that path against the full model) and frees its blocks."""
+    prompt = _prompt(5, 1)
+    expected = Batch(engine).generate_one(prompt, 4)[0]
+    scheduler = Scheduler(EngineBackend(engine, "tiny")).start()
+    sink = Collector()
+    scheduler.submit(prompt, SamplingParams(max_tokens=4), sink.emitter(0))
+    sink.wait([0])
+    scheduler.stop()
+    done = sink.done(0)
+    assert done.kind == "done" and done.tokens == expected and len(expected) == 4
+    assert engine.cache.blocks_used == 0 and scheduler.promised == 0
 
 
 def test_cancel_while_queued_and_while_decoding_releases_blocks(engine):
