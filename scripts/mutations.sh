@@ -110,3 +110,6 @@ check runtime/engine.py "            for position, token in enumerate(ids.tolist
 check runtime/engine.py "            self.cache.release(_SCRATCH)" "            pass" "tests/test_export.py -k short_prompts"
 check runtime/backends.py "        return self.method if n > self.method.window else Full()" "        return self.method" "tests/test_serve.py -k torch_backend"
 check runtime/triton_model.py "        return default if value is None else value" "        return value" "tests/test_triton.py -k final_outputs"
+check structkv/calibration.py 'DEFAULT_PROMPT_SET = "fact"' 'DEFAULT_PROMPT_SET = "copy"' "tests/test_cli.py -k calibrate_r_kvs"
+check structkv/calibration.py "    return min(DEFAULT_LENGTH, int(context))" "    return 2048" "tests/test_cli.py -k calibration_length"
+check structkv/cli.py "    length = args.length or calibration_length(lm.model.config)" "    length = args.length or 2048" "tests/test_cli.py -k calibrate_r_kvs"

@@ -7,13 +7,20 @@ greedy answer with the full model's own answer (the matched prefix), KL of the n
 distribution at the last prompt position, and teacher-forced top-1 agreement over the next
 ``steps`` tokens. Only pivots under the compute cap are searched.
 
-Why copy probes and free-running agreement (prompt set "copy", the default): the earlier
-objectives (generic tasks, then question-form recall probes, scored by teacher-forced top-1)
-chose settings that fail needle retrieval — the 135M model does not answer a question-form
-recall probe from the document, so its "reference" answer was a summary any compressed model
-reproduces, and teacher forcing hides the one wrong retrieval step among easy copied ones.
-A copy probe pre-fills the answer with the opening words of a sentence from early in the
-document; the full model continues it from the document (induction), which only works if
+Why fact probes at 4096 tokens (prompt set "fact", the default since 2026-12-02): an invented
+record with a 5–8 digit code is inserted in the prose and asked for by its name — a short key
+and a multi-token value, as retrieval has. They are the only probes whose ranking carried over
+to the needles at the cheap end (docs/RESULTS.md "Calibrated at 4K, the fact probes choose
+depth"); at 2048 tokens they saturate (every shallow setting 1.000) and the search falls back to
+the cheapest row, so the default length is 4096 (capped at the model's context).
+
+Why copy probes and free-running agreement (prompt set "copy", the default until 2026-12-02):
+the earlier objectives (generic tasks, then question-form recall probes, scored by
+teacher-forced top-1) chose settings that fail needle retrieval — the 135M model does not answer
+a question-form recall probe from the document, so its "reference" answer was a summary any
+compressed model reproduces, and teacher forcing hides the one wrong retrieval step among easy
+copied ones. A copy probe pre-fills the answer with the opening words of a sentence from early
+in the document; the full model continues it from the document (induction), which only works if
 compression kept that sentence. Probes the full model does not continue are set aside.
 
 Question probes (prompt set "question"): a copy probe's last tokens are the quote itself, so
@@ -261,7 +268,9 @@ DRAWS = {"copy": 2, "question": 4, "cued": 2, "fact": 2}
 #: its own set; the question half from another seed, so that it quotes other documents
 MIXED = (("copy", 0), ("question", 1))
 PROMPT_SETS = ("copy", "question", "mixed", "cued", "fact", "probes", "generic")
-DEFAULT_PROMPT_SET = "copy"
+DEFAULT_PROMPT_SET = "fact"
+#: calibration prompt length: fact probes saturate at 2048 tokens on SmolLM2 (module docstring)
+DEFAULT_LENGTH = 4096
 
 
 def calibration_prompts(
@@ -540,10 +549,17 @@ def _search(model, runs, candidates, method, lambdas, steps, num_layers, progres
     return table
 
 
+def calibration_length(config) -> int:
+    """The default prompt length for a model: :data:`DEFAULT_LENGTH`, or its context window when
+    that is shorter (a prompt past it would measure position extrapolation, not compression)."""
+    context = getattr(config, "max_position_embeddings", None) or DEFAULT_LENGTH
+    return min(DEFAULT_LENGTH, int(context))
+
+
 def calibrate(
     lm,
     n_prompts: int = 8,
-    length: int = 2048,
+    length: int = DEFAULT_LENGTH,
     r_struct: float = 0.2,
     r_kv: float = 0.1,
     window: int = 8,
@@ -558,8 +574,9 @@ def calibrate(
 ) -> dict:
     """Search (pivot rule or layer) x λ under the compute cap; with ``target_fidelity``, then
     window x chunk and R_struct x R_KV (:func:`search_budgets`). Returns the profile dict.
-    The objective is the free-running answer agreement for copy probes, teacher-forced top-1
-    for the older prompt sets."""
+    The objective is the free-running answer agreement for the probe sets (fact, copy, question,
+    mixed, cued), teacher-forced top-1 for the older ones. ``length`` defaults to 4096 because
+    fact probes saturate at 2048 (module docstring)."""
     if lm.tokenizer is None:
         raise StructKVError("calibration needs a model with a tokenizer")
     model = lm.model

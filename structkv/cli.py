@@ -123,7 +123,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from structkv.calibration import calibrate, format_budgets, format_table, log
+    from structkv.calibration import (
+        calibrate,
+        calibration_length,
+        format_budgets,
+        format_table,
+        log,
+    )
     from structkv.models import load, torch_dtype
     from structkv.profile import save_profile, user_profile_path
 
@@ -132,16 +138,17 @@ def cmd_calibrate(args) -> int:
         raise StructKVError(f"--target-fidelity must be in (0, 1], got {target}; e.g. 0.9")
     if not 0.0 < args.compute_cap <= 1.0:
         raise StructKVError(f"--compute-cap must be in (0, 1], got {args.compute_cap}")
-    if args.prompts < 1 or args.steps < 1 or args.length < 128:
+    if args.prompts < 1 or args.steps < 1 or (args.length is not None and args.length < 128):
         raise StructKVError("--prompts and --steps must be >= 1 and --length >= 128")
     grid = {"r_kvs": tuple(_ratios(args.r_kvs, "--r-kvs"))} if args.r_kvs else None
     if grid and target is None:
         raise StructKVError("--r-kvs limits the budget search: give --target-fidelity too")
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
+    length = args.length or calibration_length(lm.model.config)
     profile = calibrate(
         lm,
         n_prompts=args.prompts,
-        length=args.length,
+        length=length,
         compute_cap=args.compute_cap,
         steps=args.steps,
         progress=log,
@@ -470,7 +477,13 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from structkv.calibration import DEFAULT_COMPUTE_CAP, DEFAULT_PROMPT_SET, LAMBDAS, PROMPT_SETS
+    from structkv.calibration import (
+        DEFAULT_COMPUTE_CAP,
+        DEFAULT_LENGTH,
+        DEFAULT_PROMPT_SET,
+        LAMBDAS,
+        PROMPT_SETS,
+    )
     from structkv.models import DTYPE_HELP
 
     parser = _Parser(prog="structkv", description=__doc__.splitlines()[0])
@@ -514,7 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     c.add_argument("--out", help="profile path (default: the user cache, used automatically)")
     c.add_argument("--prompts", type=count(1), default=8, help="calibration prompts (default 8)")
-    c.add_argument("--length", type=count(1), default=2048, help="tokens per prompt (default 2048)")
+    c.add_argument(
+        "--length",
+        type=count(1),
+        help=f"tokens per prompt; calibrate at the length you serve (default {DEFAULT_LENGTH}, "
+        "or the model's context if shorter)",
+    )
     c.add_argument(
         "--steps",
         type=count(1),
@@ -549,12 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--probes",
         choices=PROMPT_SETS,
         default=DEFAULT_PROMPT_SET,
-        help="calibration prompts: copy (v3: the answer pre-filled with a sentence's opening "
-        "from the document), question (v5: that opening quoted in the question, the answer "
-        "scored after repeating it), mixed (half copy, half question), cued (v4), fact (an "
-        "invented record's code inserted in the prose and asked for: a short key and a "
-        "multi-token value, as retrieval needs), probes/generic (older profiles) "
-        f"(default {DEFAULT_PROMPT_SET})",
+        help="calibration prompts: fact (an invented record's code inserted in the prose and "
+        "asked for: a short key and a multi-token value, as retrieval needs; the shipped "
+        "SmolLM2 profile's), copy (v3: the answer pre-filled with a sentence's opening from the "
+        "document), question (v5: that opening quoted in the question, the answer scored after "
+        "repeating it), mixed (half copy, half question), cued (v4), probes/generic (older "
+        f"profiles) (default {DEFAULT_PROMPT_SET})",
     )
     c.set_defaults(func=cmd_calibrate)
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from structkv.cli import main
+from structkv.models import tiny_model
 
 BAD_INPUTS = [
     (["generate", "--prompt", "hi", "--method", "nope"], "unknown method 'nope'"),
@@ -199,12 +200,30 @@ def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
     seen = []
 
     def fake(lm, **kwargs):
-        seen.append(kwargs["budget_grid"])
+        seen.append((kwargs["budget_grid"], kwargs["prompt_set"], kwargs["length"]))
         raise StructKVError("stop here")
 
     monkeypatch.setattr(calibration, "calibrate", fake)
     base = ["calibrate", "--model", "tiny-llama", "--target-fidelity", "0.9"]
     assert main([*base, "--r-kvs", "0.2"]) == 2
     assert main(base) == 2
-    assert seen == [{"r_kvs": (0.2,)}, None]
+    assert main([*base, "--probes", "copy", "--length", "300"]) == 2
+    # the defaults are the shipped profile's recipe: fact probes at 4096 tokens, or the model's
+    # whole context when it is shorter
+    context = min(4096, tiny_model("tiny-llama").model.config.max_position_embeddings)
+    assert seen == [
+        ({"r_kvs": (0.2,)}, "fact", context),
+        (None, "fact", context),
+        (None, "copy", 300),
+    ]
     assert "stop here" in capsys.readouterr().err
+
+
+def test_calibration_length_is_4096_or_the_models_context():
+    from types import SimpleNamespace
+
+    from structkv.calibration import calibration_length
+
+    assert calibration_length(SimpleNamespace(max_position_embeddings=32768)) == 4096
+    assert calibration_length(SimpleNamespace(max_position_embeddings=2048)) == 2048
+    assert calibration_length(SimpleNamespace()) == 4096
