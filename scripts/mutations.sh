@@ -113,3 +113,6 @@ check runtime/triton_model.py "        return default if value is None else valu
 check structkv/calibration.py 'DEFAULT_PROMPT_SET = "fact"' 'DEFAULT_PROMPT_SET = "copy"' "tests/test_cli.py -k calibrate_r_kvs"
 check structkv/calibration.py "    return min(DEFAULT_LENGTH, int(context))" "    return 2048" "tests/test_cli.py -k calibration_length"
 check structkv/cli.py "    length = args.length or calibration_length(lm.model.config)" "    length = args.length or 2048" "tests/test_cli.py -k calibrate_r_kvs"
+check structkv/methods/structkv.py "            value[view.positions] += view.saliency" "            value[view.positions] += 0 * view.saliency" "tests/test_refine.py -k continued"
+check structkv/prefill.py "    tokens_run = (compacted.layer + 1) * n_prompt + tokens_after" "    tokens_run = (compacted.layer + 1) * n_prompt + (len(ctx.layers) - compacted.layer - 1) * stats.propagated_tokens" "tests/test_refine.py -k compute"
+check structkv/prefill.py "            h, positions = compact(h, positions, chosen)" "            pass" "tests/test_refine.py -k continued"

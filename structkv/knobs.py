@@ -80,6 +80,11 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
     ("--kv-evidence", "kv_evidence", float,
      "structkv: weight of deeper evidence (centrality at the pivot, attention after it) in the "
      "caches of the layers before the pivot; 0 = each layer's own (default 0; torch only)"),
+    ("--refine-layer", "refine_layer", int,
+     "structkv: after this layer (past the pivot) cut the propagated tokens once more, to "
+     "--r-refine of the prompt, by the centrality (default: none; torch only)"),
+    ("--r-refine", "r_refine", float,
+     "structkv: fraction of the prompt kept from --refine-layer on (< --r-struct)"),
     ("--pivot", "pivot", parse_pivot,
      "auto (calibration profile) | online (detect per prompt) | a layer index (default auto)"),
     # the baselines' own pivots, so that a comparison can put every method at the same compute

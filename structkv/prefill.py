@@ -59,6 +59,9 @@ class PrefillStats:
     pivot_rule: str | None = None
     lam: float | None = None
     propagated_tokens: int = 0
+    # A second, deeper compaction (the method's ``refine`` hook), if it made one.
+    refine_layer: int | None = None
+    refined_tokens: int | None = None
     kv_tokens_per_layer: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     overhead_s: float = 0.0
@@ -242,19 +245,32 @@ def pre_pivot(ctx: _Pass, input_ids: torch.Tensor, riders: list[_Rider], stop_af
     return h, active
 
 
-def post_pivot(ctx: _Pass, rider: _Rider, compacted: Compacted) -> torch.Tensor:
+def post_pivot(ctx: _Pass, rider: _Rider, compacted: Compacted) -> tuple[torch.Tensor, int]:
     """The layers after the pivot on the compacted tokens (original positions); returns the
-    last hidden state. KV selection runs after each layer as in :func:`pre_pivot`."""
+    last hidden state and the token-layers run. KV selection runs after each layer as in
+    :func:`pre_pivot`; a method's ``refine`` hook may compact the running tokens once more
+    (a deeper, smaller selection: budgets that shrink with depth)."""
     t = time.perf_counter()
     h, positions = compacted.hidden, compacted.positions
     cos, sin = rope(ctx.model, positions, h.dtype)
     if compacted.stats is not None:  # continuing a shared pass: RoPE is part of compaction
         ctx.timer.add("compaction", t)
+    tokens_run = 0
     for index in range(compacted.layer + 1, len(ctx.layers)):
         h, k, v, view = _run_layer(ctx, index, h, positions, cos, sin, full_length=False)
+        tokens_run += int(positions.shape[0])
         kv_select(ctx, rider, view, k, v)
         rider.method.observe_compacted(view, rider.state)
-    return h
+        if index == len(ctx.layers) - 1:
+            continue
+        t = time.perf_counter()
+        chosen = rider.method.refine(view, rider.state)
+        if chosen is not None:
+            h, positions = compact(h, positions, chosen)
+            cos, sin = rope(ctx.model, positions, h.dtype)
+            rider.stats.refine_layer, rider.stats.refined_tokens = index, int(positions.shape[0])
+            ctx.timer.add("compaction", t)
+    return h, tokens_run
 
 
 def _new_pass(model, n_prompt, methods, extra_capacity, observer, timings=None) -> _Pass:
@@ -306,9 +322,8 @@ def continue_prefill(
     stats = prior or PrefillStats(method.name, n_prompt, len(ctx.layers))
     stats.pivot_layer, stats.propagated_tokens = compacted.layer, int(compacted.positions.shape[0])
     rider = _Rider(method, state, stats, list(compacted.caches))
-    h = post_pivot(ctx, rider, compacted)
-    layers_after = len(ctx.layers) - compacted.layer - 1
-    tokens_run = (compacted.layer + 1) * n_prompt + layers_after * stats.propagated_tokens
+    h, tokens_after = post_pivot(ctx, rider, compacted)
+    tokens_run = (compacted.layer + 1) * n_prompt + tokens_after
     return _result(ctx, rider, h, tokens_run, prior.prefill_s if prior else 0.0)
 
 

@@ -84,13 +84,19 @@ def _causal_mask(positions: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_by_layer(ref, input_ids: torch.Tensor, pivot: int | None = None, keep=None):
+def layer_by_layer(
+    ref, input_ids: torch.Tensor, pivot: int | None = None, keep=None, cuts: dict | None = None
+):
     """Run HF's own decoder layers (eager, float64) and return per-layer attention matrices.
 
-    If ``pivot`` is given, ``keep(layer_outputs)`` returns the indices to keep after that layer
-    and later layers run on those rows only, with their original positions.
+    If ``pivot`` is given, ``keep(attns, positions)`` returns the indices (into the rows
+    present) to keep after that layer and later layers run on those rows only, with their
+    original positions. ``cuts`` maps more layers to such functions (a second compaction).
     Returns (attentions per layer [H, n_l, n_l], positions per layer, last-token logits).
     """
+    cuts = dict(cuts or {})
+    if pivot is not None:
+        cuts[pivot] = keep
     positions = torch.arange(input_ids.shape[0])
     h = ref.model.embed_tokens(input_ids[None])
     attns, pos_per_layer = [], []
@@ -105,8 +111,8 @@ def layer_by_layer(ref, input_ids: torch.Tensor, pivot: int | None = None, keep=
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         attns.append(weights[0].numpy())
         pos_per_layer.append(positions.clone())
-        if pivot is not None and index == pivot:
-            idx = torch.tensor(keep(attns, pos_per_layer))
+        if index in cuts:
+            idx = torch.tensor(cuts[index](attns, pos_per_layer))
             h = h[:, idx]
             positions = positions[idx]
     logits = ref.lm_head(ref.model.norm(h[:, -1]))[0]

@@ -33,6 +33,12 @@ def test_settings_cover_each_methods_budgets_and_share_the_other_knobs():
         "chunk": 16, "window": 32, "lam": 0.1, "r_struct": 0.5, "r_kv": 0.1}  # fmt: skip
 
 
+def test_a_refinement_is_part_of_the_label_so_runs_with_and_without_do_not_mix():
+    specs = settings(["full", "structkv"], [0.5], [0.1], {"refine_layer": 14, "r_refine": 0.1})
+    assert set(specs) == {"full", "structkv rs=0.5 kv=0.1 ref=14:0.1"}
+    assert specs["full"] == ("full", {})  # a knob full context does not have stays off it
+
+
 def _results(table: dict[str, tuple[float, dict[str, list[float]]]], n=2048) -> dict:
     """results.json entries from {label: (compute fraction, {task: scores per seed})}."""
     out = {}

@@ -74,6 +74,8 @@ def settings(methods: list[str], r_structs, r_kvs, knobs: dict | None = None) ->
             for rs in r_structs:
                 for rk in r_kvs if "r_kv" in names else (None,):
                     label = f"{m} rs={rs}" + ("" if rk is None else f" kv={rk}")
+                    if own.get("refine_layer") is not None:  # a second budget, deeper
+                        label += f" ref={own['refine_layer']}:{own.get('r_refine')}"
                     budgets = {"r_struct": rs} if rk is None else {"r_struct": rs, "r_kv": rk}
                     out[label] = (m, {**own, **budgets})
         elif "r_kv" in names:

@@ -68,7 +68,7 @@ class Method:
                 f"pool_mode must be one of {', '.join(POOL_MODES)}, got {self.pool_mode!r}"
             )
         for f in fields(self):
-            if f.name.startswith("r_"):
+            if f.name.startswith("r_") and getattr(self, f.name) is not None:
                 check_ratio(f.name, getattr(self, f.name))
 
     def validate(self, n_prompt: int) -> None:
@@ -131,6 +131,11 @@ class Method:
     def resolve_deferred(self, state: object, extra_capacity: int) -> list[tuple[int, object]]:
         """(layer index, LayerCache) for every deferred layer."""
         return []
+
+    def refine(self, view: LayerView, state: object) -> torch.Tensor | None:
+        """After a layer past the pivot: indices (into the tokens present) to keep from the
+        next layer on, or None (a second, deeper compaction; StructKV's ``refine_layer``)."""
+        return None
 
     def track(self, view: LayerView, state: object) -> None:
         """Fold a full-length layer into the method's running state (StructKV: centrality and

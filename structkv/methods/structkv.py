@@ -36,6 +36,7 @@ class _State:
     deferred: list = field(default_factory=list)
     pivot_centrality: torch.Tensor | None = None  # C at the pivot, over all prompt tokens
     deep: torch.Tensor | None = None  # window attention the layers after the pivot pay [N]
+    refined: bool = False  # the refine_layer compaction has been made
 
 
 @dataclass
@@ -52,6 +53,12 @@ class StructKV(SaliencyKVMethod):
     saliency plus β times deeper evidence — the centrality at the pivot and the attention the
     layers after it pay each propagated token — because on shallow-salience models the needle
     becomes salient only deep in the network (docs/RESULTS.md). Torch path only.
+    ``refine_layer`` / ``r_refine``: budgets that shrink with depth. After layer
+    ``refine_layer`` (past the pivot) the propagated tokens are cut once more to the top
+    ``r_refine`` · N by the centrality, which keeps accumulating over the propagated tokens. A
+    shallow pivot with a loose R_struct and a deep refinement with a tight one costs less than
+    one deep pivot, and the final choice is made where the needle has become salient (on
+    SmolLM2 around layer 14, docs/RESULTS.md). None: no refinement. Torch path only.
     """
 
     name = "structkv"
@@ -70,6 +77,8 @@ class StructKV(SaliencyKVMethod):
     tau: float = 0.2
     scales: tuple[float, float, float] | None = None
     kv_evidence: float = 0.0
+    refine_layer: int | None = None
+    r_refine: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.scales, list):  # from JSON (manifest, profile)
@@ -103,6 +112,25 @@ class StructKV(SaliencyKVMethod):
             raise StructKVError(
                 f"kv_evidence must be a finite number >= 0, got {self.kv_evidence!r}; e.g. 1.0"
             )
+        if (self.refine_layer is None) != (self.r_refine is None):
+            raise StructKVError(
+                "--refine-layer and --r-refine go together: pass both (e.g. --refine-layer 14 "
+                "--r-refine 0.1) or neither"
+            )
+        if self.refine_layer is not None:
+            if not _is_layer(self.refine_layer):
+                raise StructKVError(
+                    f"refine_layer must be a layer index >= 0, got {self.refine_layer!r}"
+                )
+            if self.r_refine >= self.r_struct:
+                raise StructKVError(
+                    f"--r-refine ({self.r_refine}) must be smaller than --r-struct "
+                    f"({self.r_struct}): the refinement keeps a subset of the propagated tokens"
+                )
+            if _is_layer(self.pivot) and self.refine_layer <= self.pivot:
+                raise StructKVError(
+                    f"--refine-layer ({self.refine_layer}) must come after the pivot ({self.pivot})"
+                )
         if not (self.pivot in ("auto", "online") or _is_layer(self.pivot)):
             raise StructKVError(
                 f"pivot must be auto, online or a layer index >= 0, got {self.pivot!r}"
@@ -117,6 +145,11 @@ class StructKV(SaliencyKVMethod):
             raise StructKVError(
                 f"--kv-evidence {self.kv_evidence}: engines choose each layer's cache as the "
                 "layer runs; drop --kv-evidence for export (it is a torch-path option)"
+            )
+        if self.refine_layer is not None:
+            raise StructKVError(
+                f"--refine-layer {self.refine_layer}: engines have one compaction (the compact "
+                "graph); drop --refine-layer/--r-refine for export (a torch-path option)"
             )
         if self.r_kv > self.r_struct:
             raise StructKVError(
@@ -207,6 +240,11 @@ class StructKV(SaliencyKVMethod):
         state.deferred.append((index, k, v, view.saliency_heads, view.positions))
 
     def observe_compacted(self, view: LayerView, state: _State) -> None:
+        if self.refine_layer is not None and view.saliency is not None and not state.refined:
+            # C keeps folding over the propagated tokens; absent tokens only decay
+            value = state.centrality.lam * state.centrality.value
+            value[view.positions] += view.saliency
+            state.centrality.value = value
         if self.kv_evidence > 0 and view.saliency is not None:
             if state.deep is None:
                 state.deep = torch.zeros(view.prompt_len, device=view.saliency.device)
@@ -239,6 +277,13 @@ class StructKV(SaliencyKVMethod):
             out.append((index, cache))
         state.deferred = []
         return out
+
+    def refine(self, view: LayerView, state: _State) -> torch.Tensor | None:
+        if self.refine_layer is None or view.layer != self.refine_layer or state.refined:
+            return None
+        state.refined = True
+        k = budget(self.r_refine, view.prompt_len)
+        return self.select(state.centrality.value[view.positions], k)
 
     def finish(self, state: _State, stats: PrefillStats) -> None:
         stats.lam = state.centrality.lam
