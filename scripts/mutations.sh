@@ -116,3 +116,6 @@ check structkv/cli.py "    length = args.length or calibration_length(lm.model.c
 check structkv/methods/structkv.py "            value[view.positions] += view.saliency" "            value[view.positions] += 0 * view.saliency" "tests/test_refine.py -k continued"
 check structkv/prefill.py "    tokens_run = (compacted.layer + 1) * n_prompt + tokens_after" "    tokens_run = (compacted.layer + 1) * n_prompt + (len(ctx.layers) - compacted.layer - 1) * stats.propagated_tokens" "tests/test_refine.py -k compute"
 check structkv/prefill.py "            h, positions = compact(h, positions, chosen)" "            pass" "tests/test_refine.py -k continued"
+check structkv/calibration.py "            folding.observe_compacted(view, tracked)" "            pass" "tests/test_calibration.py -k two_stage_rows"
+check structkv/calibration.py "    return (pivot + 1 + (refine_layer - pivot) * r_struct + after * r_refine) / num_layers" "    return (pivot + 1 + (refine_layer - pivot - 1) * r_struct + after * r_refine) / num_layers" "tests/test_calibration.py -k refine_search"
+check structkv/methods/structkv.py "            chosen.update(refine_layer=budgets[\"refine_layer\"], r_refine=budgets[\"r_refine\"])" "            pass" "tests/test_calibration.py -k two_stage_profile"

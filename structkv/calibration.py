@@ -45,7 +45,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -336,9 +336,19 @@ def keep_prompts(recorded: list[tuple], n: int, prefer_copied: bool) -> list[tup
     return sorted(ranked[:n], key=lambda r: r[0])
 
 
-def compute_fraction(pivot: int, num_layers: int, r_struct: float) -> float:
-    """§4: (L*+1 + (L-L*-1)·R_struct) / L of the full model's linear work."""
-    return (pivot + 1 + (num_layers - pivot - 1) * r_struct) / num_layers
+def compute_fraction(
+    pivot: int,
+    num_layers: int,
+    r_struct: float,
+    refine_layer: int | None = None,
+    r_refine: float | None = None,
+) -> float:
+    """§4: (L*+1 + (L-L*-1)·R_struct) / L of the full model's linear work; with a refinement
+    after layer R (StructKV's ``refine_layer``), the layers past R run on ``r_refine`` · N."""
+    if refine_layer is None:
+        return (pivot + 1 + (num_layers - pivot - 1) * r_struct) / num_layers
+    after = num_layers - refine_layer - 1
+    return (pivot + 1 + (refine_layer - pivot) * r_struct + after * r_refine) / num_layers
 
 
 def max_pivot_under_cap(num_layers: int, r_struct: float, cap: float) -> int:
@@ -416,19 +426,11 @@ def matched_prefix(tokens: list[int], reference: list[int], skip: int = 0) -> fl
     return max(0, same - skip) / max(1, len(reference) - skip)
 
 
-@torch.inference_mode()
-def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, steps: int):
+def _scores(model, run: _PromptRun, out, steps: int) -> tuple[float, float, float, float]:
     """(KL(full || candidate) at the last prompt position, teacher-forced top-1 agreement,
     mean KL over the teacher-forced answer steps: what the decode reads from the caches, and
-    the free-running answer's agreement: :func:`matched_prefix` of its own greedy tokens)."""
-    n = int(run.ids.shape[0])
-    c = None
-    for saliency in run.record.saliency[: pivot + 1]:
-        c = accumulate(c, saliency, lam)
-    keep = method.select(c, budget(method.r_struct, n))
-    hidden, positions = compact(run.record.hidden[pivot], torch.arange(n, device=keep.device), keep)
-    caches = [_fresh(c_, steps) for c_ in run.caches[(method.chunk, method.r_kv)][: pivot + 1]]
-    out = continue_prefill(model, n, method, Compacted(pivot, hidden, positions, caches), steps)
+    the free-running answer's agreement: :func:`matched_prefix` of its own greedy tokens) of a
+    candidate's prefill result ``out`` (its cache is decoded into)."""
     logprobs = torch.log_softmax(out.logits, -1)
     kl = float((run.full_logprobs.exp() * (run.full_logprobs - logprobs)).sum())
     # the candidate's prediction at each answer step, fed the full model's answer; until its
@@ -444,6 +446,64 @@ def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, 
     agree = [a == b for a, b in zip(predicted, run.full_tokens)]
     answer = matched_prefix(predicted, run.full_tokens, run.skip)
     return kl, sum(agree) / len(agree), sum(answer_kl) / max(1, len(answer_kl)), answer
+
+
+@torch.inference_mode()
+def _fidelity(model, run: _PromptRun, method: StructKV, pivot: int, lam: float, steps: int,
+              refines=()) -> dict:  # fmt: skip
+    """:func:`_scores` of StructKV with ``method``'s budgets, pivot and λ on one recorded
+    prompt, keyed None; and of each two-stage schedule ``(refine_layer, r_refine)`` in
+    ``refines`` (a second cut after that layer, by the centrality that keeps accumulating over
+    the propagated tokens), keyed by that pair.
+
+    Why one run serves all: until the refinement every schedule with this pivot and R_struct
+    runs the same layers on the same tokens, so the single-stage run's layers are tapped
+    (hidden state, positions, centrality, caches) and each schedule branches off at its layer,
+    paying only for the layers after it (tests/test_calibration.py compares with direct runs)."""
+    n = int(run.ids.shape[0])
+    num_layers = len(run.record.hidden)
+    c = None
+    for saliency in run.record.saliency[: pivot + 1]:
+        c = accumulate(c, saliency, lam)
+    keep = method.select(c, budget(method.r_struct, n))
+    hidden, positions = compact(run.record.hidden[pivot], torch.arange(n, device=keep.device), keep)
+    caches = [_fresh(c_, steps) for c_ in run.caches[(method.chunk, method.r_kv)][: pivot + 1]]
+    base = replace(method, lam=lam, refine_layer=None, r_refine=None)
+    at = {layer for layer, _ in refines}
+    # the refinement's centrality, folded as StructKV's own observe_compacted does it
+    folding = replace(base, refine_layer=max(at, default=num_layers), r_refine=0.0)
+    tracked = folding.begin(num_layers, n)
+    tracked.centrality.value = c
+    taps = {}
+
+    def tap(view: LayerView) -> None:
+        if at and view.layer > pivot:
+            folding.observe_compacted(view, tracked)
+            if view.layer in at:
+                taps[view.layer] = (view, tracked.centrality.value.clone())
+
+    out = continue_prefill(
+        model, n, base, Compacted(pivot, hidden, positions, caches), steps, observer=tap
+    )
+    branches = {layer: [_fresh(c_, steps) for c_ in out.cache.layers[: layer + 1]] for layer in at}
+    scores = {None: _scores(model, run, out, steps)}
+    del out
+    for layer, r_refine in refines:
+        view, value = taps[layer]
+        schedule = replace(base, refine_layer=layer, r_refine=r_refine)
+        state = schedule.begin(num_layers, n)
+        state.centrality.value = value
+        cut = schedule.refine(view, state)  # marks the state refined: no second cut
+        compacted = Compacted(
+            layer,
+            view.hidden[:, cut],
+            view.positions[cut],
+            [_fresh(c_, steps) for c_ in branches[layer]],
+            state,
+        )
+        branch = continue_prefill(model, n, schedule, compacted, steps)
+        scores[(layer, r_refine)] = _scores(model, run, branch, steps)
+    return scores
 
 
 @dataclass
@@ -506,6 +566,15 @@ def deepest_pivots(num_layers: int, r_structs, cap: float, l_min: int, l_max: in
     return sorted(set(out))
 
 
+def refine_grid(l_min: int, l_max: int) -> list[int]:
+    """The layers after which the budget search tries a second cut: every second layer from
+    ``l_min + 2`` to ``l_max``, the range where a single pivot is searched too. Why this dense:
+    a schedule's branch re-runs only the layers after its refinement, on few tokens, so each
+    layer costs little, and the layer where a needle becomes salient differs by model (about
+    14 of 30 on SmolLM2, docs/RESULTS.md)."""
+    return list(range(l_min + 2, l_max + 1, 2))
+
+
 def _rule_pivot(metrics, l_min, l_max, rule, scales) -> int:
     online = OnlinePivot(l_min, l_max, rule=rule, scales=scales)
     for m in metrics:
@@ -527,7 +596,7 @@ def _search(model, runs, candidates, method, lambdas, steps, num_layers, progres
             for i, (run, pivot) in enumerate(zip(runs, pivots)):
                 key = (i, pivot, lam)
                 if key not in cache:
-                    cache[key] = _fidelity(model, run, method, pivot, lam, steps)
+                    cache[key] = _fidelity(model, run, method, pivot, lam, steps)[None]
                 scores.append(cache[key])
             kl = sum(s[0] for s in scores) / len(scores)
             agree = sum(s[1] for s in scores) / len(scores)
@@ -571,14 +640,19 @@ def calibrate(
     target_fidelity: float | None = None,
     budget_grid: dict | None = None,
     prompt_set: str = DEFAULT_PROMPT_SET,
+    refine: bool = False,
 ) -> dict:
     """Search (pivot rule or layer) x λ under the compute cap; with ``target_fidelity``, then
     window x chunk and R_struct x R_KV (:func:`search_budgets`). Returns the profile dict.
+    ``refine``: the budget search also tries two-stage schedules, refining after every second
+    layer from ``l_min + 2`` to ``l_max`` (:func:`refine_grid`).
     The objective is the free-running answer agreement for the probe sets (fact, copy, question,
     mixed, cued), teacher-forced top-1 for the older ones. ``length`` defaults to 4096 because
     fact probes saturate at 2048 (module docstring)."""
     if lm.tokenizer is None:
         raise StructKVError("calibration needs a model with a tokenizer")
+    if refine and target_fidelity is None:
+        raise StructKVError("--refine searches the budgets: give --target-fidelity too")
     model = lm.model
     num_layers = len(model.model.layers)
     l_min, l_max = search_range(num_layers)
@@ -613,6 +687,9 @@ def calibrate(
         drawn=drawn, selected=selected, copied=copied, objective=objective,
         echo_tokens=[run.skip for run in runs],
     )  # fmt: skip
+    refine_layers = refine_grid(l_min, l_max) if refine else []
+    if refine:
+        settings["refine_layers"] = refine_layers
     if target_fidelity is not None:
         # the budget search (and every engine) needs one fixed pivot layer: choose among those
         table = [r for r in table if r["rule"] == "fixed"] + [
@@ -640,6 +717,7 @@ def calibrate(
             ],
             progress=progress,
             objective=objective,
+            refine_layers=refine_layers,
             **(budget_grid or {}),
         )
         profile["budgets"] = search.pop("chosen")
@@ -660,19 +738,27 @@ R_STRUCTS = (0.1, 0.2, 0.3, 0.5, 0.7)
 R_KVS = (0.05, 0.1, 0.2, 0.5)
 
 
-def _score_setting(model, runs, method, pivot, lam, steps) -> tuple[float, ...]:
-    """Means over the prompts of :func:`_fidelity`'s four numbers."""
-    scores = [_fidelity(model, run, method, pivot, lam, steps) for run in runs]
-    return tuple(sum(s[i] for s in scores) / len(scores) for i in range(4))
+def _score_setting(model, runs, method, pivot, lam, steps, refines=()) -> dict:
+    """Means over the prompts of :func:`_fidelity`'s four numbers, per schedule (None: the
+    single-stage one; ``(refine_layer, r_refine)``: each two-stage one)."""
+    scores = [_fidelity(model, run, method, pivot, lam, steps, refines) for run in runs]
+    return {
+        key: tuple(sum(s[key][i] for s in scores) / len(scores) for i in range(4))
+        for key in scores[0]
+    }
 
 
 def choose_budget(rows: list[dict], target: float, objective: str = "answer") -> tuple[dict, bool]:
-    """The cheapest row (least compute, then least KV) whose ``objective`` agreement reaches
-    ``target``; when none does, the most faithful row (ties: less compute). And whether the
-    target was met."""
+    """The cheapest row (least compute, then least KV, then single-stage) whose ``objective``
+    agreement reaches ``target``; when none does, the most faithful row (ties: less compute).
+    And whether the target was met."""
     meets = [r for r in rows if r[objective] >= target]
     if meets:
-        return min(meets, key=lambda r: (r["compute_fraction"], r["r_kv"])), True
+        # at equal cost, one compaction: engines export it, a two-stage schedule they refuse
+        return min(
+            meets,
+            key=lambda r: (r["compute_fraction"], r["r_kv"], r.get("refine_layer") is not None),
+        ), True
     return max(rows, key=lambda r: (r[objective], -r["compute_fraction"])), False
 
 
@@ -688,10 +774,22 @@ def choose_window(rows: list[dict], objective: str = "answer") -> dict:
     return max(rows, key=lambda r: (r[objective], -r["kl"]))
 
 
+def _schedule(row: dict) -> list[tuple[int, float]]:
+    """A row's refinement as :func:`_fidelity`'s ``refines`` (empty: single-stage)."""
+    return [] if row.get("refine_layer") is None else [(row["refine_layer"], row["r_refine"])]
+
+
+def _key(row: dict):
+    return None if row.get("refine_layer") is None else (row["refine_layer"], row["r_refine"])
+
+
+SCHEDULE_KEYS = ("pivot", "r_struct", "r_kv", "refine_layer", "r_refine")
+
+
 def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap,
                    windows=WINDOWS, poolings=POOLINGS, chunks=CHUNKS, r_structs=R_STRUCTS,
-                   r_kvs=R_KVS, pivots=None, progress=None,
-                   objective="answer") -> dict:  # fmt: skip
+                   r_kvs=R_KVS, pivots=None, progress=None, objective="answer",
+                   refine_layers=(), r_refines=None) -> dict:  # fmt: skip
     """Stages 2 and 3 of the calibration, at the chosen λ, by coordinate descent.
 
     Stage 3 searches pivot x R_struct x R_KV (``pivots``: default the stage-1 pivot alone;
@@ -703,18 +801,37 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
     best (:func:`choose_window`), and stage 3 runs again there when it differs. Why this order:
     at the base budgets (R_struct 0.2 / R_KV 0.1) every window and chunk loses the probes alike,
     so a window chosen there is noise; at the budgets the target needs, they differ
-    (docs/RESULTS.md, "The calibrated default"). Every row is returned."""
+    (docs/RESULTS.md, "The calibrated default"). Every row is returned.
+
+    ``refine_layers``: stage 3 also searches two-stage schedules (budgets that shrink with
+    depth): a first cut at a pivot to R_struct, a second after a refine layer R (> pivot) to
+    ``r_refine`` (< R_struct, >= R_KV; default grid: ``r_structs``), whose compute fraction
+    fits the cap even where the first cut alone would not. Why: at a tight cap a shallow pivot
+    with a loose R_struct and a deep, tight refinement kept 90 % of full context's needles
+    where every single-cut setting of the same cost kept about half (docs/RESULTS.md, "Budgets
+    that shrink with depth"). Torch path only: engines have one compaction."""
     model = lm.model
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     ids = [t.encode(lm.tokenizer, chat) for t in texts]
     cap = compute_cap + 1e-9
-    stage3 = [
-        (p, rs, rk)
-        for p in sorted(set(pivots or [pivot]))
-        for rs in r_structs
-        for rk in r_kvs
-        if rk <= rs and compute_fraction(p, num_layers, rs) <= cap
-    ]
+    r_refines = r_structs if r_refines is None else r_refines
+    # (pivot, R_struct, R_KV) -> (is the single cut a candidate, its two-stage schedules)
+    stage3: dict[tuple[int, float, float], tuple[bool, list[tuple[int, float]]]] = {}
+    for p in sorted(set(pivots or [pivot])):
+        for rs in r_structs:
+            for rk in r_kvs:
+                if rk > rs:
+                    continue
+                refines = [
+                    (layer, rr)
+                    for layer in sorted(set(refine_layers))
+                    if p < layer < num_layers - 1
+                    for rr in r_refines
+                    if rk <= rr < rs and compute_fraction(p, num_layers, rs, layer, rr) <= cap
+                ]
+                single = compute_fraction(p, num_layers, rs) <= cap
+                if single or refines:
+                    stage3[(p, rs, rk)] = (single, refines)
     if not stage3:
         raise StructKVError(
             f"no R_struct of {list(r_structs)} fits compute cap {compute_cap} at the pivots "
@@ -729,22 +846,32 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
             run.skip = echo_length(lm.tokenizer, text, run.full_tokens)
         return runs
 
-    def row_for(runs, p, rs, rk, w, pl, c) -> dict:
+    def rows_for(runs, p, rs, rk, w, pl, c, refines) -> dict:
         method = StructKV(r_struct=rs, r_kv=rk, window=w, pooling=pl, chunk=c, pivot=0)
-        kl, top1, answer_kl, answer = _score_setting(model, runs, method, p, lam, steps)
-        return {"kl": round(kl, 5), "top1": round(top1, 4), "answer_kl": round(answer_kl, 5),
-                "answer": round(answer, 4)}  # fmt: skip
+        scores = _score_setting(model, runs, method, p, lam, steps, refines)
+        return {key: {"kl": round(kl, 5), "top1": round(top1, 4),
+                      "answer_kl": round(answer_kl, 5), "answer": round(answer, 4)}
+                for key, (kl, top1, answer_kl, answer) in scores.items()}  # fmt: skip
 
     def budget_pass(w: int, pl: int, c: int) -> list[dict]:
         runs = record(w, pl, [(c, rk) for rk in kvs])
         rows = []
-        for p, rs, rk in stage3:
-            row = {"pivot": p, "r_struct": rs, "r_kv": rk, **row_for(runs, p, rs, rk, w, pl, c)}
-            rows.append({**row, "compute_fraction": round(compute_fraction(p, num_layers, rs), 4)})
+        for (p, rs, rk), (single, refines) in stage3.items():
+            scored = rows_for(runs, p, rs, rk, w, pl, c, refines)
+            for key, scores in scored.items():
+                if key is None and not single:
+                    continue  # the shared first cut of schedules; alone it exceeds the cap
+                row = {"pivot": p, "r_struct": rs, "r_kv": rk}
+                if key is not None:
+                    row.update(refine_layer=key[0], r_refine=key[1])
+                frac = compute_fraction(p, num_layers, rs, *(key or ()))
+                rows.append({**row, **scores, "compute_fraction": round(frac, 4)})
             if progress:
+                best = max(v["answer"] for v in scored.values())
                 progress(
                     f"budgets (window {w}, pooling {pl}, chunk {c}): pivot {p}, R_struct {rs}, "
-                    f"R_KV {rk}: answer {row['answer']:.3f}, top-1 {row['top1']:.3f}"
+                    f"R_KV {rk}: answer {scored.get(None, {}).get('answer', float('nan')):.3f}"
+                    + (f", best of {len(refines)} refinements {best:.3f}" if refines else "")
                 )
         return rows
 
@@ -756,8 +883,10 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
         for pl in poolings:
             runs = record(w, pl, [(c, at["r_kv"]) for c in chunks])
             for c in chunks:
-                scores = row_for(runs, at["pivot"], at["r_struct"], at["r_kv"], w, pl, c)
-                window_rows.append({"window": w, "pooling": pl, "chunk": c, **scores})
+                scored = rows_for(
+                    runs, at["pivot"], at["r_struct"], at["r_kv"], w, pl, c, _schedule(at)
+                )
+                window_rows.append({"window": w, "pooling": pl, "chunk": c, **scored[_key(at)]})
             del runs
         if progress:
             progress(f"budgets: window {w} searched")
@@ -765,19 +894,17 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
     w, pl, c = best["window"], best["pooling"], best["chunk"]
     budget_rows = first if (w, pl, c) == (w0, pl0, c0) else budget_pass(w, pl, c)
     chosen, met = choose_budget(budget_rows, target, objective)
+    picked = {"r_struct": chosen["r_struct"], "r_kv": chosen["r_kv"], "window": w,
+              "pooling": pl, "chunk": c}  # fmt: skip
+    if chosen.get("refine_layer") is not None:
+        picked.update(refine_layer=chosen["refine_layer"], r_refine=chosen["r_refine"])
     return {
         "target_fidelity": target,
         "objective": objective,
         "met": met,
-        "chosen": {
-            "r_struct": chosen["r_struct"],
-            "r_kv": chosen["r_kv"],
-            "window": w,
-            "pooling": pl,
-            "chunk": c,
-        },
+        "chosen": picked,
         "chosen_row": chosen,
-        "window_budget": {k: at[k] for k in ("pivot", "r_struct", "r_kv")},
+        "window_budget": {k: at[k] for k in SCHEDULE_KEYS if k in at},
         "window_rule": f"{objective}, ties: less KL",
         "window_table": window_rows,
         "first_budget_table": {"window": w0, "pooling": pl0, "chunk": c0, "rows": first},
@@ -843,7 +970,7 @@ def format_budgets(profile: dict) -> str:
         if at is None
         else [
             f"window x pooling x chunk at pivot {at['pivot']}, R_struct {at['r_struct']}, R_KV "
-            f"{at['r_kv']} (stage 3's choice at the first window, pooling and chunk)"
+            f"{at['r_kv']}{_refined(at)} (stage 3's choice at the first window, pooling and chunk)"
         ]
     )
     picked = (chosen["window"], chosen.get("pooling", 7), chosen["chunk"])
@@ -853,11 +980,12 @@ def format_budgets(profile: dict) -> str:
         + ("  <- chosen" if (r["window"], r.get("pooling", 7), r["chunk"]) == picked else "")
         for r in search["window_table"]
     )]  # fmt: skip
-    rows.append("pivot  R_struct  R_KV   KL        top1    answer  compute")
+    rows.append("pivot  R_struct  R_KV   refine    KL        top1    answer  compute")
     for r in search["budget_table"]:
         mark = "  <- chosen" if r == search["chosen_row"] else ""
+        refine = "-" if r.get("refine_layer") is None else f"{r['refine_layer']}:{r['r_refine']}"
         rows.append(
-            f"{r['pivot']:<6} {r['r_struct']:<9} {r['r_kv']:<6} {r['kl']:<9.4f} "
+            f"{r['pivot']:<6} {r['r_struct']:<9} {r['r_kv']:<6} {refine:<9} {r['kl']:<9.4f} "
             f"{r['top1']:<7.3f} {r.get('answer', nan):<7.3f} {r['compute_fraction']:.3f}{mark}"
         )
     objective = search.get("objective", "top1")
@@ -865,8 +993,15 @@ def format_budgets(profile: dict) -> str:
     rows.append(
         f"budgets: pivot {profile['pivot']}, window {chosen['window']}, pooling "
         f"{chosen.get('pooling', 7)}, chunk {chosen['chunk']}, R_struct {chosen['r_struct']}, "
-        f"R_KV {chosen['r_kv']}; target {objective} {search['target_fidelity']} {met}"
+        f"R_KV {chosen['r_kv']}{_refined(chosen)}; target {objective} "
+        f"{search['target_fidelity']} {met}"
     )
+    if chosen.get("refine_layer") is not None:
+        rows.append(
+            "note: a two-stage schedule runs on the torch path (structkv generate, structkv "
+            "eval); structkv-export refuses it: pass --pivot and --r-struct to export a "
+            "single-cut setting, or calibrate without --refine"
+        )
     if not search["met"]:
         # Why say more than "not met": below its target the probes' ranking of the settings is
         # not to be trusted on retrieval (on SmolLM2 at cap 0.55 the chosen row kept 5 % of full
@@ -881,6 +1016,13 @@ def format_budgets(profile: dict) -> str:
             "budget (--r-kvs), or lower --target-fidelity"
         )
     return "\n".join(rows)
+
+
+def _refined(row: dict) -> str:
+    """``row``'s refinement as text ("" when single-stage)."""
+    if row.get("refine_layer") is None:
+        return ""
+    return f", refine after layer {row['refine_layer']} to {row['r_refine']}"
 
 
 def log(msg: str) -> None:

@@ -143,6 +143,8 @@ def cmd_calibrate(args) -> int:
     grid = {"r_kvs": tuple(_ratios(args.r_kvs, "--r-kvs"))} if args.r_kvs else None
     if grid and target is None:
         raise StructKVError("--r-kvs limits the budget search: give --target-fidelity too")
+    if args.refine and target is None:
+        raise StructKVError("--refine searches the budgets: give --target-fidelity too")
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     length = args.length or calibration_length(lm.model.config)
     profile = calibrate(
@@ -156,6 +158,7 @@ def cmd_calibrate(args) -> int:
         prompt_set=args.probes,
         lambdas=args.lambdas,
         budget_grid=grid,
+        refine=args.refine,
     )
     out = Path(args.out) if args.out else user_profile_path(lm.model_id)
     save_profile(profile, out)
@@ -555,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="also choose window, chunk, R_struct and R_KV: the cheapest setting whose "
         "agreement with full context's own answers reaches this (e.g. 0.9)",
+    )
+    c.add_argument(
+        "--refine",
+        action="store_true",
+        help="the budget search also tries two-stage schedules (a shallow cut, then a deeper, "
+        "tighter one: --refine-layer/--r-refine); torch path only, engines refuse them",
     )
     c.add_argument(
         "--lambdas",

@@ -531,3 +531,106 @@ def test_fact_probes_ask_for_one_inserted_code_in_words_no_evaluation_uses():
     # another seed: other names and codes
     other = calibration_prompts(ByteTokenizer(), 8, 2000, seed=7, prompt_set="fact")
     assert not {p.continuation for p in facts} & {p.continuation for p in other}
+
+
+# -- two-stage schedules: calibrate --refine (issue 15 §2-3) -------------------------------------
+
+#: R_struct 0.5 alone exceeds cap 0.6 at every pivot searched (>= 2 of 10 layers), so every
+#: stage-3 row is a first cut at 0.5 refined to 0.2 after layer 4 or 6.
+REFINE_GRID = dict(windows=(4, 8), poolings=(3,), chunks=(0, 4), r_structs=(0.5,),
+                   r_kvs=(0.1,), r_refines=(0.2,))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def refine_profile(tiny_lm):
+    return calibrate(tiny_lm, n_prompts=2, length=160, lambdas=(0.2,), steps=4,
+                     compute_cap=0.6, target_fidelity=1.0, budget_grid=REFINE_GRID,
+                     prompt_set="copy", refine=True)  # fmt: skip
+
+
+def _two_stage_cost(pivot, refine, num_layers=10, r_struct=0.5, r_refine=0.2) -> float:
+    # layers 0..pivot on all N tokens, pivot+1..refine on R_struct·N, the rest on r_refine·N
+    return (pivot + 1 + (refine - pivot) * r_struct + (num_layers - 1 - refine) * r_refine) / 10
+
+
+def test_refine_search_covers_the_two_stage_schedules_under_the_cap(refine_profile):
+    search = refine_profile["budget_search"]
+    assert refine_profile["settings"]["refine_layers"] == [4, 6]  # every second layer from 4
+    pivots = {refine_profile["best"]["layer"], 2}  # stage 1's and every third layer to 4
+    want = {(p, 0.5, 0.1, r, 0.2) for p in pivots for r in (4, 6)
+            if p < r and _two_stage_cost(p, r) <= 0.6 + 1e-9}  # fmt: skip
+    assert (
+        want
+        and {
+            (r["pivot"], r["r_struct"], r["r_kv"], r["refine_layer"], r["r_refine"])
+            for r in search["budget_table"]
+        }
+        == want
+    )
+    for r in search["budget_table"]:
+        assert r["compute_fraction"] == pytest.approx(
+            _two_stage_cost(r["pivot"], r["refine_layer"]), abs=1e-4
+        )
+        assert r["compute_fraction"] == pytest.approx(
+            compute_fraction(r["pivot"], 10, 0.5, r["refine_layer"], 0.2), abs=1e-4
+        )
+    chosen = refine_profile["budgets"]
+    row = search["chosen_row"]
+    assert (chosen["refine_layer"], chosen["r_refine"]) == (row["refine_layer"], 0.2)
+    lines = format_budgets(refine_profile).splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("budgets: "))
+    assert f"refine after layer {row['refine_layer']} to 0.2" in lines[summary]
+    assert "structkv-export refuses it" in lines[summary + 1]
+
+
+def test_two_stage_rows_equal_direct_runs(tiny_lm, refine_profile):
+    """The shortcut (one run per first cut, each refinement branching off at its layer with the
+    centrality folded so far) equals plain prefill + decode with --refine-layer/--r-refine, in
+    the budget table and in the window table (searched at the first pass's two-stage choice)."""
+    search, lam = refine_profile["budget_search"], refine_profile["lambda"]
+    chosen = refine_profile["budgets"]
+    for row in search["budget_table"]:
+        knobs = dict(r_struct=0.5, r_kv=0.1, window=chosen["window"], pooling=3,
+                     chunk=chosen["chunk"], pivot=row["pivot"], lam=lam,
+                     refine_layer=row["refine_layer"], r_refine=0.2)  # fmt: skip
+        _assert_row_is(row, _direct_scores(tiny_lm, refine_profile, knobs))
+    at = search["window_budget"]
+    assert at["refine_layer"] in (4, 6) and at["r_refine"] == 0.2
+    for row in search["window_table"]:
+        knobs = dict(r_struct=0.5, r_kv=0.1, window=row["window"], pooling=3,
+                     chunk=row["chunk"], pivot=at["pivot"], lam=lam,
+                     refine_layer=at["refine_layer"], r_refine=0.2)  # fmt: skip
+        _assert_row_is(row, _direct_scores(tiny_lm, refine_profile, knobs))
+
+
+def test_a_two_stage_profile_drives_structkv_and_export_refuses_it(tiny_lm, refine_profile):
+    from structkv.errors import StructKVError
+
+    chosen = refine_profile["budgets"]
+    m, note = StructKV().with_profile(refine_profile)
+    assert note is None
+    assert (m.pivot, m.r_struct, m.refine_layer, m.r_refine) == (
+        refine_profile["pivot"], 0.5, chosen["refine_layer"], 0.2)  # fmt: skip
+    ids = torch.arange(40, 200) % 250
+    direct = StructKV(r_struct=0.5, r_kv=0.1, window=chosen["window"], pooling=3,
+                      chunk=chosen["chunk"], pivot=refine_profile["pivot"],
+                      lam=refine_profile["lambda"], refine_layer=chosen["refine_layer"],
+                      r_refine=0.2).prefill(tiny_lm.model, ids)  # fmt: skip
+    out = m.prefill(tiny_lm.model, ids)
+    assert out.stats.refine_layer == chosen["refine_layer"]
+    assert torch.equal(out.logits, direct.logits)
+    with pytest.raises(StructKVError, match="pass --pivot and --r-struct"):
+        m.check_engine(10)
+    # the user's own R_struct, pivot or refinement: the profile's schedule does not apply whole
+    assert StructKV(r_struct=0.3).with_profile(refine_profile)[0].refine_layer is None
+    assert StructKV(pivot=3).with_profile(refine_profile)[0].refine_layer is None
+    own = StructKV(refine_layer=7, r_refine=0.1).with_profile(refine_profile)[0]
+    assert (own.refine_layer, own.r_refine) == (7, 0.1)
+
+
+def test_choose_budget_prefers_one_compaction_at_equal_cost():
+    single = {"r_kv": 0.1, "answer": 0.9, "compute_fraction": 0.5}
+    two = {**single, "refine_layer": 6, "r_refine": 0.2, "answer": 1.0}
+    assert choose_budget([two, single], 0.9) == (single, True)
+    cheaper = {**two, "compute_fraction": 0.45}
+    assert choose_budget([single, cheaper], 0.9) == (cheaper, True)

@@ -37,6 +37,7 @@ BAD_INPUTS = [
     (["calibrate", "--target-fidelity", "nan"], "--target-fidelity must be in (0, 1]"),
     (["calibrate", "--compute-cap", "0"], "--compute-cap must be in (0, 1]"),
     (["calibrate", "--r-kvs", "0.2"], "--r-kvs limits the budget search: give --target-fidelity"),
+    (["calibrate", "--refine"], "--refine searches the budgets: give --target-fidelity"),
     (["calibrate", "--r-kvs", "2", "--target-fidelity", "0.9"], "--r-kvs must list fractions"),
     (["calibrate", "--prompts", "0"], "argument --prompts: expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--kv-evidence", "-1"], "kv_evidence must be"),
@@ -193,14 +194,16 @@ def test_generate_in_bf16_follows_transformers_bf16_logits(smollm2, capsys):
 
 def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
     """`--r-kvs 0.2` reaches the budget search as its only R_KV (a fixed KV memory budget);
-    without it the search keeps its default grid."""
+    without it the search keeps its default grid. `--refine` reaches it as refine=True."""
     import structkv.calibration as calibration
     from structkv.errors import StructKVError
 
     seen = []
 
     def fake(lm, **kwargs):
-        seen.append((kwargs["budget_grid"], kwargs["prompt_set"], kwargs["length"]))
+        seen.append(
+            (kwargs["budget_grid"], kwargs["prompt_set"], kwargs["length"], kwargs["refine"])
+        )
         raise StructKVError("stop here")
 
     monkeypatch.setattr(calibration, "calibrate", fake)
@@ -208,13 +211,15 @@ def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
     assert main([*base, "--r-kvs", "0.2"]) == 2
     assert main(base) == 2
     assert main([*base, "--probes", "copy", "--length", "300"]) == 2
+    assert main([*base, "--refine"]) == 2
     # the defaults are the shipped profile's recipe: fact probes at 4096 tokens, or the model's
     # whole context when it is shorter
     context = min(4096, tiny_model("tiny-llama").model.config.max_position_embeddings)
     assert seen == [
-        ({"r_kvs": (0.2,)}, "fact", context),
-        (None, "fact", context),
-        (None, "copy", 300),
+        ({"r_kvs": (0.2,)}, "fact", context, False),
+        (None, "fact", context, False),
+        (None, "copy", 300, False),
+        (None, "fact", context, True),  # two-stage schedules searched too
     ]
     assert "stop here" in capsys.readouterr().err
 

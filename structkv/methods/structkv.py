@@ -149,7 +149,9 @@ class StructKV(SaliencyKVMethod):
         if self.refine_layer is not None:
             raise StructKVError(
                 f"--refine-layer {self.refine_layer}: engines have one compaction (the compact "
-                "graph); drop --refine-layer/--r-refine for export (a torch-path option)"
+                "graph); drop --refine-layer/--r-refine for export (a torch-path option), or, "
+                "when a profile from `structkv calibrate --refine` set them, pass --pivot and "
+                "--r-struct to export a single-cut setting"
             )
         if self.r_kv > self.r_struct:
             raise StructKVError(
@@ -184,6 +186,14 @@ class StructKV(SaliencyKVMethod):
             lam = self.lam if self.lam is not None else PAPER_LAMBDA
             return replace(self, pivot="online", lam=lam), note
         scales = profile.get("metric_scales")
+        if (
+            budgets.get("refine_layer") is not None
+            and "r_struct" in chosen
+            and self.refine_layer is None
+        ):
+            # a two-stage schedule (calibrate --refine) comes whole: its R_struct is the first
+            # cut's, which only fits the compute cap with the refinement
+            chosen.update(refine_layer=budgets["refine_layer"], r_refine=budgets["r_refine"])
         return replace(
             self,
             **chosen,
