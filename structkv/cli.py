@@ -140,9 +140,22 @@ def cmd_calibrate(args) -> int:
         raise StructKVError(f"--compute-cap must be in (0, 1], got {args.compute_cap}")
     if args.prompts < 1 or args.steps < 1 or (args.length is not None and args.length < 128):
         raise StructKVError("--prompts and --steps must be >= 1 and --length >= 128")
-    grid = {"r_kvs": tuple(_ratios(args.r_kvs, "--r-kvs"))} if args.r_kvs else None
+    grid: dict[str, tuple] = {}
+    if args.r_kvs is not None:
+        grid["r_kvs"] = tuple(_ratios(args.r_kvs, "--r-kvs"))
+    for key in ("windows", "poolings", "chunks"):
+        if getattr(args, key) is not None:
+            grid[key] = tuple(_ints(getattr(args, key), f"--{key}"))
     if grid and target is None:
-        raise StructKVError("--r-kvs limits the budget search: give --target-fidelity too")
+        flag = "--" + next(iter(grid)).replace("_", "-")
+        raise StructKVError(f"{flag} limits the budget search: give --target-fidelity too")
+    from structkv.methods import StructKV
+
+    for w in grid.get("windows", (8,)):  # one clear error before the model loads
+        for pl in grid.get("poolings", (7,)):
+            for c in grid.get("chunks", (0,)):
+                StructKV(window=w, pooling=pl, chunk=c).check_knobs()
+    grid = grid or None
     if args.refine and target is None:
         raise StructKVError("--refine searches the budgets: give --target-fidelity too")
     lm = load(args.model, dtype=torch_dtype(args.dtype), device=args.device)
@@ -237,6 +250,16 @@ def _ratios(text: str, flag: str) -> list[float]:
         raise StructKVError(f"{flag} must be comma-separated fractions, got {text!r}") from None
     if not values or not all(0.0 < v <= 1.0 for v in values):
         raise StructKVError(f"{flag} must list fractions in (0, 1], got {text!r}")
+    return values
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise StructKVError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise StructKVError(f"{flag} must list at least one integer, got {text!r}")
     return values
 
 
@@ -481,11 +504,14 @@ def _prompt_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from structkv.calibration import (
+        CHUNKS,
         DEFAULT_COMPUTE_CAP,
         DEFAULT_LENGTH,
         DEFAULT_PROMPT_SET,
         LAMBDAS,
+        POOLINGS,
         PROMPT_SETS,
+        WINDOWS,
     )
     from structkv.models import DTYPE_HELP
 
@@ -559,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also choose window, chunk, R_struct and R_KV: the cheapest setting whose "
         "agreement with full context's own answers reaches this (e.g. 0.9)",
     )
+    for flag, what, grid in (("--windows", "observation windows", WINDOWS),
+                             ("--poolings", "pooling kernels", POOLINGS),
+                             ("--chunks", "chunk sizes (0: single tokens)", CHUNKS)):  # fmt: skip
+        c.add_argument(
+            flag,
+            help=f"the {what} stage 2 may choose (default {','.join(map(str, grid))}); one "
+            "value fixes it, e.g. to keep a profile's window while a cheaper schedule is searched",
+        )
     c.add_argument(
         "--refine",
         action="store_true",

@@ -38,6 +38,9 @@ BAD_INPUTS = [
     (["calibrate", "--compute-cap", "0"], "--compute-cap must be in (0, 1]"),
     (["calibrate", "--r-kvs", "0.2"], "--r-kvs limits the budget search: give --target-fidelity"),
     (["calibrate", "--refine"], "--refine searches the budgets: give --target-fidelity"),
+    (["calibrate", "--windows", "32"], "--windows limits the budget search: give --target"),
+    (["calibrate", "--chunks", "16,a", "--target-fidelity", "0.9"], "--chunks must be comma-sep"),
+    (["calibrate", "--poolings", "8", "--target-fidelity", "0.9"], "pooling must be an odd"),
     (["calibrate", "--r-kvs", "2", "--target-fidelity", "0.9"], "--r-kvs must list fractions"),
     (["calibrate", "--prompts", "0"], "argument --prompts: expected an integer >= 1"),
     (["generate", "--prompt", "hi", "--kv-evidence", "-1"], "kv_evidence must be"),
@@ -212,6 +215,7 @@ def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
     assert main(base) == 2
     assert main([*base, "--probes", "copy", "--length", "300"]) == 2
     assert main([*base, "--refine"]) == 2
+    assert main([*base, "--windows", "32", "--poolings", "31", "--chunks", "16,0"]) == 2
     # the defaults are the shipped profile's recipe: fact probes at 4096 tokens, or the model's
     # whole context when it is shorter
     context = min(4096, tiny_model("tiny-llama").model.config.max_position_embeddings)
@@ -220,6 +224,7 @@ def test_calibrate_r_kvs_limits_the_budget_search(monkeypatch, capsys):
         (None, "fact", context, False),
         (None, "copy", 300, False),
         (None, "fact", context, True),  # two-stage schedules searched too
+        ({"windows": (32,), "poolings": (31,), "chunks": (16, 0)}, "fact", context, False),
     ]
     assert "stop here" in capsys.readouterr().err
 
