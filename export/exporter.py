@@ -7,7 +7,8 @@ maps SDPA / RMSNorm / RoPE to the opset-23 ``Attention``, ``RMSNormalization`` a
 lengths and unrolls attention into MatMul/Softmax.
 
 Layout of an engine (see :mod:`structkv.manifest` for the manifest):
-``pre_pivot.onnx``, ``compact.onnx``, ``post_pivot.onnx``, ``kv_select.onnx``, ``decode.onnx``,
+``pre_pivot.onnx``, ``compact.onnx``, ``post_pivot.onnx``, ``kv_select.onnx``, ``decode.onnx``
+(a two-stage engine, ``--refine-layer``, also ``refine.onnx`` and ``post_refine.onnx``),
 ``weights.bin`` (every weight once, graphs reference it by offset), ``tokenizer/``,
 ``manifest.json``. It is built in a temporary sibling directory and renamed into place, so an
 interrupted export never leaves a half-written engine.
@@ -51,7 +52,7 @@ from structkv.export.checkpoint import (
 from structkv.export.fusion import fuse_causal_attention
 from structkv.export.quant import quantize_graph, stream_if_quantized
 from structkv.export.weights import WeightStore
-from structkv.graphs import DTYPES, GRAPH_NAMES, stage_modules
+from structkv.graphs import DTYPES, graph_names, stage_modules
 from structkv.kernels import ort_ops
 from structkv.knobs import add_method_args, method_knobs
 from structkv.layers import head_dims
@@ -335,13 +336,18 @@ def build_graphs(model, method, dtype: torch.dtype):
             ["hidden", "centrality"],
             ["hidden_compact", "positions"],
         ),
-        (
-            "post_pivot",
-            modules["post_pivot"],
-            (hidden[:, :kept], torch.arange(kept) * 2),
-            {"hidden": {1: k_dim}, "positions": {0: k_dim}},
-            ["hidden", "positions"],
-            ["keys", "values", "saliency", "logits"],
+        *(
+            _refine_graphs(modules, hidden[:, :kept], n, big_n, k_dim, least)
+            or [
+                (
+                    "post_pivot",
+                    modules["post_pivot"],
+                    (hidden[:, :kept], torch.arange(kept) * 2),
+                    {"hidden": {1: k_dim}, "positions": {0: k_dim}},
+                    ["hidden", "positions"],
+                    ["keys", "values", "saliency", "logits"],
+                )
+            ]
         ),
         (
             "kv_select",
@@ -394,6 +400,53 @@ def build_graphs(model, method, dtype: torch.dtype):
                 "pos_pool",
             ],
             ["logits", "new_keys", "new_values"],
+        ),
+    ]
+
+
+def _refine_graphs(modules: dict, hidden: torch.Tensor, n: int, big_n, k_dim, least: int) -> list:
+    """A two-stage engine's graphs (:data:`structkv.graphs.REFINE_GRAPH_NAMES`): its
+    ``post_pivot`` also takes the centrality and hands the folded one on, ``refine`` cuts
+    again, ``post_refine`` runs the last layers. [] for a single-cut engine.
+
+    ``refine`` selects, so it takes what ``compact`` takes: at least ``least`` tokens (axis
+    "propagated"). Fewer are propagated only at token level with one non-window token, which
+    any refinement keeps whole; the runtime then skips the graph (Engine.prefill)."""
+    if "refine" not in modules:
+        return []
+    kept = hidden.shape[1]
+    positions = torch.arange(kept) + (n - kept)  # ascending original positions, inside [0, n)
+    p_dim = torch.export.Dim("propagated", min=least)
+    layer_out = ["keys", "values", "saliency"]
+    return [
+        (
+            "post_pivot",
+            modules["post_pivot"],
+            (hidden, positions, torch.rand(n)),
+            {"hidden": {1: k_dim}, "positions": {0: k_dim}, "centrality": {0: big_n}},
+            ["hidden", "positions", "centrality"],
+            [*layer_out, "hidden_out", "centrality_out"],
+        ),
+        (
+            "refine",
+            modules["refine"],
+            (hidden, positions, torch.rand(kept), torch.zeros(n, dtype=torch.int64)),
+            {
+                "hidden": {1: p_dim},
+                "positions": {0: p_dim},
+                "centrality": {0: p_dim},
+                "prompt_len": {0: big_n},
+            },
+            ["hidden", "positions", "centrality", "prompt_len"],
+            ["hidden_refined", "positions_refined"],
+        ),
+        (
+            "post_refine",
+            modules["post_refine"],
+            (hidden, positions),
+            {"hidden": {1: k_dim}, "positions": {0: k_dim}},
+            ["hidden", "positions"],
+            [*layer_out, "logits"],
         ),
     ]
 
@@ -458,7 +511,7 @@ def export_engine(
             (src.config, small, names), model, method, settings.dtype, attention, store, tmp, log,
             progress, jobs, settings.quant,
         )  # fmt: skip
-        _stream_weights(tmp, checkpoint, store, dtype, log, progress)
+        _stream_weights(tmp, graph_names(method), checkpoint, store, dtype, log, progress)
         for name in io:
             onnx_check(tmp / f"{name}.onnx")
         if settings.target == "tensorrt":
@@ -505,12 +558,12 @@ def onnx_check(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _stream_weights(tmp: Path, checkpoint, store, dtype, log, progress) -> None:
+def _stream_weights(tmp: Path, names, checkpoint, store, dtype, log, progress) -> None:
     """Every graph's pending weights from the checkpoint into ``weights.bin``, each tensor
     read once; refused up front when the disk cannot hold them."""
     from tqdm import tqdm
 
-    graphs = [tmp / f"{name}.onnx" for name in GRAPH_NAMES]
+    graphs = [tmp / f"{name}.onnx" for name in names]
     pending = pending_tensors(graphs)
     total = sum(pending.values())
     check_disk_space(tmp, total + 2**20)
@@ -533,13 +586,14 @@ def _plugin_graphs(tmp: Path, method, io: dict, log) -> None:
     (their entries in ``io`` updated; the dynamic axes are the traced graphs')."""
     import onnx
 
-    from structkv.export.tensorrt import PLUGIN_GRAPHS, rewrite_engine_graphs
+    from structkv.export.tensorrt import rewrite_engine_graphs
 
-    rewrite_engine_graphs(tmp, method)
-    for name in PLUGIN_GRAPHS:
+    rewritten = rewrite_engine_graphs(tmp, method)
+    for name in rewritten:
         onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
         io[name].update(describe_io(onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)))
-    log("compact.onnx and kv_select.onnx: StructKVCompact plugin nodes (TensorRT target)")
+    files = " and ".join(f"{name}.onnx" for name in rewritten)
+    log(f"{files}: StructKVCompact plugin nodes (TensorRT target)")
 
 
 def _finish_engine(tmp, src, method, source, profile, settings, attention, io, store, start, jobs):
@@ -656,10 +710,9 @@ def _trace_graphs(
     from tqdm import tqdm
 
     remote = REMOTE if jobs > 1 else ()
-    local = [n for n in GRAPH_NAMES if n not in remote]
-    bar = tqdm(
-        total=len(GRAPH_NAMES), desc="export", unit="graph", file=sys.stderr, disable=not progress
-    )
+    wanted = graph_names(method)
+    local = [n for n in wanted if n not in remote]
+    bar = tqdm(total=len(wanted), desc="export", unit="graph", file=sys.stderr, disable=not progress)
     part = tmp / ".part"
     # A Pool, not a ProcessPoolExecutor: on an error or Ctrl-C here the worker is terminated
     # instead of waited for; on success it is closed and joined (no leaked semaphores).
@@ -696,7 +749,7 @@ def _trace_graphs(
         os.replace(part / f"{name}.onnx", tmp / f"{name}.onnx")
         store.absorb(tmp / f"{name}.onnx", part / PART_WEIGHTS)
     shutil.rmtree(part, ignore_errors=True)
-    return {name: io[name] for name in GRAPH_NAMES}
+    return {name: io[name] for name in wanted}
 
 
 def remove_stale(out: Path) -> None:

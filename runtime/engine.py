@@ -1,5 +1,6 @@
-"""Run an exported engine: two-phase prefill (pre_pivot -> compact -> post_pivot -> kv_select),
-then decoding on the paged KV cache with ``decode.onnx``.
+"""Run an exported engine: two-phase prefill (pre_pivot -> compact -> post_pivot -> kv_select;
+a two-stage engine cuts once more: post_pivot -> refine -> post_refine), then decoding on the
+paged KV cache with ``decode.onnx``.
 
 :class:`Engine` loads an engine directory and offers primitives that hold no request state:
 :meth:`Engine.prefill` (one prompt, nothing enters the cache), :meth:`Engine.admit` (a prefilled
@@ -83,7 +84,8 @@ class Engine:
         cfg = manifest["config"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         if backend == "onnxruntime":
-            stages = OrtStages(directory, threads, manifest.get("attention", "onnx"), providers)
+            attention = manifest.get("attention", "onnx")
+            stages = OrtStages(directory, threads, attention, providers, tuple(manifest["graphs"]))
         elif backend == "tensorrt":
             stages = None  # built below, once the pool's size is known
         else:
@@ -148,20 +150,42 @@ class Engine:
         t = _tick(timings, "pre_pivot", t)
         hidden_c, positions_c = run("compact", hidden=hidden, centrality=centrality)
         t = _tick(timings, "compact", t)
-        keys_b, values_b, sal_b, logits = run("post_pivot", hidden=hidden_c, positions=positions_c)
-        t = _tick(timings, "post_pivot", t)
-        dummy = np.zeros(n, dtype=np.int64)  # its length carries N into the budget
-        ka, va, pa = run("kv_select", keys=keys_a, values=values_a, saliency=sal_a,
-                         positions=np.arange(n, dtype=np.int64), prompt_len=dummy)  # fmt: skip
-        kb, vb, pb = run("kv_select", keys=keys_b, values=values_b, saliency=sal_b,
-                         positions=positions_c, prompt_len=dummy)  # fmt: skip
+        dummy = np.zeros(n, dtype=np.int64)  # its length carries N into the budgets
+        # (keys, values, saliency, positions) of each run of layers: full length, after the
+        # pivot and, in a two-stage engine, after the refine layer
+        runs = [(keys_a, values_a, sal_a, np.arange(n, dtype=np.int64))]
+        if "refine" in self.stages.names:
+            keys_b, values_b, sal_b, hidden_m, centrality_m = run(
+                "post_pivot", hidden=hidden_c, positions=positions_c, centrality=centrality
+            )
+            t = _tick(timings, "post_pivot", t)
+            hidden_r, positions_r = hidden_m, positions_c
+            if self.compresses(int(positions_c.shape[0])):  # else one token besides the window,
+                # which the refinement keeps too (the graph is traced for >= window + 2 tokens)
+                hidden_r, positions_r = run("refine", hidden=hidden_m, positions=positions_c,
+                                            centrality=centrality_m, prompt_len=dummy)  # fmt: skip
+            t = _tick(timings, "refine", t)
+            keys_r, values_r, sal_r, logits = run("post_refine", hidden=hidden_r,
+                                                  positions=positions_r)  # fmt: skip
+            t = _tick(timings, "post_refine", t)
+            runs += [(keys_b, values_b, sal_b, positions_c), (keys_r, values_r, sal_r, positions_r)]
+        else:
+            keys_b, values_b, sal_b, logits = run(
+                "post_pivot", hidden=hidden_c, positions=positions_c
+            )
+            t = _tick(timings, "post_pivot", t)
+            runs.append((keys_b, values_b, sal_b, positions_c))
+        kept = [
+            run("kv_select", keys=k, values=v, saliency=s, positions=p, prompt_len=dummy)
+            for k, v, s, p in runs
+        ]
         _tick(timings, "kv_select", t)
-        stats = self._stats(n, metrics, int(positions_c.shape[0]), ka, kb, timings)
+        stats = self._stats(n, metrics, [r[3].shape[0] for r in runs], kept, timings)
         return PrefillOutput(
             logits[0],
-            np.concatenate([ka, kb]),
-            np.concatenate([va, vb]),
-            np.concatenate([pa, pb]),
+            np.concatenate([k[0] for k in kept]),
+            np.concatenate([k[1] for k in kept]),
+            np.concatenate([k[2] for k in kept]),
             stats,
         )
 
@@ -195,26 +219,31 @@ class Engine:
         out["compressed"] = False
         return PrefillOutput(np.asarray(logits[0]), keys, values, positions, out)
 
-    def _stats(self, n: int, metrics, propagated: int, ka, kb, timings: dict) -> dict:
-        """The same :class:`~structkv.prefill.PrefillStats` the torch path reports."""
-        pivot, layers_after = self.method.pivot, int(kb.shape[0])
-        num_layers = pivot + 1 + layers_after
+    def _stats(self, n: int, metrics, tokens: list[int], kept: list, timings: dict) -> dict:
+        """The same :class:`~structkv.prefill.PrefillStats` the torch path reports. ``tokens``:
+        the tokens each run of layers saw (N, the propagated ones, the refined ones); ``kept``:
+        each run's kv_select outputs."""
+        layers = [int(k[0].shape[0]) for k in kept]
+        pivot = self.method.pivot
         stats = PrefillStats(
             self.method.name,
             n,
-            num_layers,
+            sum(layers),
             pivot_layer=pivot,
             pivot_rule="fixed",
             lam=self.method.lam,
-            propagated_tokens=propagated,
+            propagated_tokens=int(tokens[1]),
             prefill_s=sum(timings.values()),
             timings=timings,
             entropy=metrics[:, 0].tolist(),
             sparsity=metrics[:, 1].tolist(),
             variance=metrics[:, 2].tolist(),
         )
-        kv_tokens = [int(ka.shape[2])] * (pivot + 1) + [int(kb.shape[2])] * layers_after
-        tokens_run = (pivot + 1) * n + layers_after * propagated
+        if len(tokens) > 2:
+            stats.refine_layer, stats.refined_tokens = self.method.refine_layer, int(tokens[2])
+        kv_tokens = [int(k[0].shape[2]) for k in kept for _ in range(k[0].shape[0])]
+        tokens_run = sum(int(t) * count for t, count in zip(tokens, layers))
+        ka = kept[0][0]
         per_token = 2 * ka.shape[1] * ka.shape[3] * ka.itemsize  # K and V, all heads of a layer
         out = stats.complete(kv_tokens, tokens_run, per_token).to_json()
         out["backend"] = self.stages.providers[0]

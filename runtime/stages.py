@@ -19,7 +19,13 @@ from structkv.graphs import GRAPH_NAMES
 from structkv.selection import min_engine_tokens
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+#: A single-cut engine's graphs; a two-stage one has ``refine`` and ``post_refine`` too (its
+#: manifest's ``graphs`` lists them).
 GRAPHS = GRAPH_NAMES
+#: The graphs that run prefill attention (StructKV's CPU attention kernel where registered).
+PREFILL_GRAPHS = ("pre_pivot", "post_pivot", "post_refine")
+#: The graphs a --target tensorrt engine holds as StructKVCompact plugin nodes.
+SELECTION_GRAPHS = ("compact", "kv_select", "refine")
 
 
 class OrtStages:
@@ -31,6 +37,7 @@ class OrtStages:
         threads: int | None = None,
         attention: str = "contrib",
         providers: list | None = None,
+        names: tuple[str, ...] = GRAPHS,
     ) -> None:
         import onnxruntime as ort
 
@@ -49,11 +56,11 @@ class OrtStages:
         self.providers = [p if isinstance(p, str) else p[0] for p in providers]
         from structkv.kernels import plugin_reference
 
-        self.sessions = {}
-        for name in GRAPHS:
+        self.names, self.sessions = tuple(names), {}
+        for name in names:
             path = directory / f"{name}.onnx"
             options = self._options(name, threads, attention)
-            if name in ("compact", "kv_select") and plugin_reference.is_plugin_graph(path):
+            if name in SELECTION_GRAPHS and plugin_reference.is_plugin_graph(path):
                 # a --target tensorrt engine: the StructKVCompact node by its reference op
                 self.sessions[name] = plugin_reference.session(path, options, providers)
             else:
@@ -70,7 +77,7 @@ class OrtStages:
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         from structkv.kernels import ort_ops
 
-        if attention in ort_ops.KERNELS and name in ("pre_pivot", "post_pivot"):
+        if attention in ort_ops.KERNELS and name in PREFILL_GRAPHS:
             ort_ops.register(opts)  # the prefill graphs' attention is StructKV's CPU kernel
             # Its own worker threads share the cores with ONNX Runtime's pool, whose threads
             # otherwise spin after each operator and steal them: 25 % of the attention time
@@ -246,7 +253,7 @@ class TorchStages:
 
             fake_quantize(model, QuantSpec.from_dict(manifest["quant"]))
         self.modules = stage_modules(model, method_from_manifest(manifest))
-        self.providers = ["torch"]
+        self.names, self.providers = tuple(self.modules), ["torch"]
 
     def run(self, name: str, **inputs) -> list[np.ndarray]:
         torch = self.torch
@@ -269,6 +276,7 @@ def _axis_ranges(manifest: dict, num_blocks: int, block: int, max_batch: int) ->
         "n": (least, 512, tokens),
         "prompt": (least, 512, tokens),
         "kept": (window + 1, 256, tokens),
+        "propagated": (least, 256, tokens),  # a two-stage engine's refine input
         "layers": (1, layers, layers),
         "batch": (1, min(8, max_batch), max_batch),
         "max_blocks": (1, min(8, per_seq), per_seq),
@@ -278,8 +286,9 @@ def _axis_ranges(manifest: dict, num_blocks: int, block: int, max_batch: int) ->
 
 
 class TrtStages:
-    """TensorRT engines of the five graphs, built at load (one optimisation profile each, ranges
-    from the engine's limits) and run on the current CUDA device through torch tensors.
+    """TensorRT engines of the engine's graphs (five; seven when it refines), built at load
+    (one optimisation profile each, ranges from the engine's limits) and run on the current
+    CUDA device through torch tensors.
 
     Needs a ``--target tensorrt`` engine (plugin nodes, attention TensorRT builds), the
     ``tensorrt`` package, a GPU and the plugin library (``STRUCTKV_TRT_PLUGIN``, default
@@ -316,8 +325,8 @@ class TrtStages:
         trt.get_plugin_registry().load_library(str(plugin))
         ranges = _axis_ranges(manifest, num_blocks, block, max_batch=16)
         fp16 = manifest["dtype"] == "fp16"
-        self.engines, self.contexts = {}, {}
-        for name in GRAPHS:
+        self.names, self.engines, self.contexts = tuple(manifest["graphs"]), {}, {}
+        for name in manifest["graphs"]:
             engine = self._build(directory / f"{name}.onnx", manifest["graphs"][name], ranges, fp16)
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()

@@ -119,3 +119,7 @@ check structkv/prefill.py "            h, positions = compact(h, positions, chos
 check structkv/calibration.py "            folding.observe_compacted(view, tracked)" "            pass" "tests/test_calibration.py -k two_stage_rows"
 check structkv/calibration.py "    return (pivot + 1 + (refine_layer - pivot) * r_struct + after * r_refine) / num_layers" "    return (pivot + 1 + (refine_layer - pivot - 1) * r_struct + after * r_refine) / num_layers" "tests/test_calibration.py -k refine_search"
 check structkv/methods/structkv.py "            chosen.update(refine_layer=budgets[\"refine_layer\"], r_refine=budgets[\"r_refine\"])" "            pass" "tests/test_calibration.py -k two_stage_profile"
+check structkv/graphs.py "            centrality = accumulate(centrality, heads.sum(0), lam)" "            pass" "tests/test_export_refine.py -k matches_the_torch_method"
+check structkv/graphs.py "        k = budget(self.r_refine, prompt_len.shape[0])" "        k = budget(self.r_refine, hidden.shape[1])" "tests/test_export_refine.py -k matches_the_torch_method"
+check export/tensorrt.py "    \"refine\": (\"kv_select\", \"r_refine\")," "    \"refine\": (\"kv_select\", \"r_kv\")," "tests/test_export_refine.py -k tensorrt_target"
+check runtime/engine.py "            if self.compresses(int(positions_c.shape[0])):" "            if False:" "tests/test_export_refine.py -k two_stage_engine_matches"

@@ -6,7 +6,7 @@
 
 For each graph: TensorRT-RTX's ONNX parser, then an engine build ahead of time for the given
 compute capability (TensorRT-RTX builds for SM80 without a GPU; it has no plugin support, so the
-compact / kv_select graphs are not tried). Dynamic dimensions get one optimisation profile
+compact / kv_select / refine graphs are not tried). Dynamic dimensions get one optimisation profile
 (min 32, opt 128, max 512). Prints one line per graph (parsed / built / refused, with
 TensorRT's first error) and writes the same as JSON. Exit status 0 whatever TensorRT refuses:
 the report is the result; 2 when tensorrt_rtx is missing or the engine is not one.
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-PLUGIN_FREE = ("pre_pivot", "post_pivot", "decode")
+PLUGIN_FREE = ("pre_pivot", "post_pivot", "post_refine", "decode")  # post_refine: two-stage
 
 
 class _Collect:
@@ -80,7 +80,8 @@ def smoke(engine: Path, graph: str, arch: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", required=True, help="engine directory (structkv-export)")
-    parser.add_argument("--graphs", nargs="+", default=list(PLUGIN_FREE), choices=PLUGIN_FREE)
+    parser.add_argument("--graphs", nargs="+", choices=PLUGIN_FREE,
+                        help="default: every plugin-free graph the engine has")  # fmt: skip
     parser.add_argument("--arch", type=int, default=80, help="compute capability (default 80)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args()
@@ -94,12 +95,13 @@ def main() -> int:
         print(f"error: {engine} is not a StructKV engine (no manifest.json)", file=sys.stderr)
         return 2
     manifest = json.loads((engine / "manifest.json").read_text())
+    graphs = args.graphs or [g for g in PLUGIN_FREE if g in manifest.get("graphs", {})]
     report = {
         "engine": str(engine.resolve()),
         "dtype": manifest.get("dtype"),
         "attention": manifest.get("attention"),
         "tensorrt_rtx": __import__("tensorrt_rtx").__version__,
-        "graphs": [smoke(engine, g, args.arch) for g in args.graphs],
+        "graphs": [smoke(engine, g, args.arch) for g in graphs],
     }
     for r in report["graphs"]:
         state = "built" if r["built"] else "parse refused"

@@ -998,9 +998,8 @@ def format_budgets(profile: dict) -> str:
     )
     if chosen.get("refine_layer") is not None:
         rows.append(
-            "note: a two-stage schedule runs on the torch path (structkv generate, structkv "
-            "eval); structkv-export refuses it: pass --pivot and --r-struct to export a "
-            "single-cut setting, or calibrate without --refine"
+            "note: a two-stage schedule: structkv-export builds it with two more graphs "
+            "(refine, post_refine); pass --pivot and --r-struct for a single cut instead"
         )
     if not search["met"]:
         # Why say more than "not met": below its target the probes' ranking of the settings is

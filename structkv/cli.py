@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine",
         action="store_true",
         help="the budget search also tries two-stage schedules (a shallow cut, then a deeper, "
-        "tighter one: --refine-layer/--r-refine); torch path only, engines refuse them",
+        "tighter one: --refine-layer/--r-refine), which structkv-export builds as two more graphs",
     )
     c.add_argument(
         "--lambdas",

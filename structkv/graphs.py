@@ -13,6 +13,10 @@ parity tests hold them to it. Stages (named as the phases of :mod:`structkv.pref
   original positions. Kept as its own graph so that a TensorRT plugin can replace it (planned;
   no such plugin exists yet).
 - :class:`PostPivot`  layers L*+1..L-1 on the compacted tokens with their original positions.
+- A two-stage engine (``--refine-layer R --r-refine r``, budgets that shrink with depth) splits
+  that run at R: :class:`PostPivotFolding` (layers L*+1..R, folding the centrality on),
+  :class:`Refine` (the second cut, to ceil(r · N) + w of the propagated tokens) and
+  ``post_refine``, a :class:`PostPivot` from layer R+1.
 - :class:`KVSelect`   §5 per layer and KV head: top-k of pooled S^(l)_g plus the window, gathered.
 - :class:`DecodeStep` one token for a batch, reading the paged KV pool through block tables
   inside the graph (gather by table, mask by context length).
@@ -40,6 +44,16 @@ from structkv.selection import budget, gather_tokens, select_tokens
 
 #: The engine's graphs, in the order a prefill runs them (decode last).
 GRAPH_NAMES = ("pre_pivot", "compact", "post_pivot", "kv_select", "decode")
+#: A two-stage engine's graphs: the run after the pivot is split at the refine layer.
+REFINE_GRAPH_NAMES = (
+    "pre_pivot", "compact", "post_pivot", "refine", "post_refine", "kv_select", "decode",
+)  # fmt: skip
+
+
+def graph_names(method) -> tuple[str, ...]:
+    """The graphs an engine of ``method`` has: two more when it refines (a second cut)."""
+    return REFINE_GRAPH_NAMES if getattr(method, "refine_layer", None) is not None else GRAPH_NAMES
+
 
 #: Engine dtypes (``structkv-export --dtype``) and their torch types.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,26 +118,84 @@ class Compact(torch.nn.Module):
 
 
 class PostPivot(torch.nn.Module):
-    """hidden ``[1, n, E]``, positions ``[n]`` -> keys/values ``[L-L*-1, G, n, D]``, saliency
-    ``[L-L*-1, G, n]`` and the last token's logits ``[1, V]``."""
+    """hidden ``[1, n, E]``, positions ``[n]`` -> keys/values ``[L-f, G, n, D]``, saliency
+    ``[L-f, G, n]`` and the last token's logits ``[1, V]``, for layers f..L-1 (f = L*+1; in a
+    two-stage engine's ``post_refine``, f = R+1)."""
 
-    def __init__(self, model, pivot: int, window: int) -> None:
+    def __init__(self, model, first: int, window: int) -> None:
         super().__init__()
-        self.model, self.pivot, self.window = model, pivot, window
+        self.model, self.first, self.window = model, first, window
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor):
-        h = hidden
-        cos, sin = rope(self.model, positions, h.dtype)
-        _, num_kv, _ = head_dims(self.model)
-        keys, values, saliency = [], [], []
-        for layer in decoder_layers(self.model)[self.pivot + 1 :]:
-            h, q, k, v = prefill_layer(layer, h, positions, cos, sin, traced=True)
-            _, heads = layer_saliency(layer, q, k, positions, self.window, num_kv)
-            keys.append(k[0])
-            values.append(v[0])
-            saliency.append(heads)
+        keys, values, saliency, h, _ = _run_compacted(
+            self.model, decoder_layers(self.model)[self.first :], hidden, positions, self.window
+        )
         logits = final_logits(self.model, h[:, -1])
-        return torch.stack(keys), torch.stack(values), torch.stack(saliency), logits
+        return keys, values, saliency, logits
+
+
+class PostPivotFolding(torch.nn.Module):
+    """A two-stage engine's ``post_pivot``: layers L*+1..R on the compacted tokens, folding the
+    centrality on over them as the torch path does (C <- λ·C + S per layer; a token cut at the
+    pivot is never chosen again, so only the present tokens' values are carried).
+
+    hidden ``[1, n, E]``, positions ``[n]``, centrality ``[N]`` (``pre_pivot``'s, over the whole
+    prompt) -> keys/values ``[R-L*, G, n, D]``, saliency ``[R-L*, G, n]``, hidden ``[1, n, E]``
+    (input to layer R+1) and the present tokens' centrality ``[n]`` after layer R."""
+
+    def __init__(self, model, pivot: int, refine_layer: int, window: int, lam: float) -> None:
+        super().__init__()
+        self.model, self.pivot, self.refine_layer = model, pivot, refine_layer
+        self.window, self.lam = window, lam
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, centrality: torch.Tensor):
+        layers = decoder_layers(self.model)[self.pivot + 1 : self.refine_layer + 1]
+        keys, values, saliency, h, folded = _run_compacted(
+            self.model, layers, hidden, positions, self.window, centrality[positions], self.lam
+        )
+        return keys, values, saliency, h, folded
+
+
+def _run_compacted(model, layers, hidden, positions, window, centrality=None, lam=0.0):
+    """``layers`` on compacted tokens at their original positions: stacked K/V and per-head
+    saliency, the last hidden state and (given a start) the centrality folded over them."""
+    h = hidden
+    cos, sin = rope(model, positions, h.dtype)
+    _, num_kv, _ = head_dims(model)
+    keys, values, saliency = [], [], []
+    for layer in layers:
+        h, q, k, v = prefill_layer(layer, h, positions, cos, sin, traced=True)
+        _, heads = layer_saliency(layer, q, k, positions, window, num_kv)
+        if centrality is not None:
+            centrality = accumulate(centrality, heads.sum(0), lam)
+        keys.append(k[0])
+        values.append(v[0])
+        saliency.append(heads)
+    return torch.stack(keys), torch.stack(values), torch.stack(saliency), h, centrality
+
+
+class Refine(torch.nn.Module):
+    """The second cut of a two-stage engine, after layer R: hidden ``[1, n, E]``, positions
+    ``[n]``, the present tokens' centrality ``[n]`` and ``prompt_len`` (a ``[N]`` dummy: the
+    budget is a fraction of the prompt) -> hidden ``[1, n'', E]``, positions ``[n'']`` with
+    n'' = ceil(r_refine · N) + w: the same selection as :class:`Compact`, over fewer tokens."""
+
+    def __init__(
+        self, r_refine: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
+    ) -> None:
+        super().__init__()
+        self.r_refine, self.window, self.pooling, self.pool_mode = (
+            r_refine,
+            window,
+            pooling,
+            pool_mode,
+        )
+        self.chunk = chunk
+
+    def forward(self, hidden, positions, centrality, prompt_len):
+        k = budget(self.r_refine, prompt_len.shape[0])
+        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode, self.chunk)
+        return compact(hidden, positions, keep)
 
 
 class KVSelect(torch.nn.Module):
@@ -209,12 +281,19 @@ class DecodeStep(torch.nn.Module):
 
 def stage_modules(model, method) -> dict[str, torch.nn.Module]:
     """Every stage of an engine for ``method`` (a :class:`~structkv.methods.StructKV` with a
-    fixed pivot), by graph name: what the exporter traces and the torch backend runs."""
+    fixed pivot), by graph name (:func:`graph_names`): what the exporter traces and the torch
+    backend runs."""
     w, pooling, mode = method.window, method.pooling, method.pool_mode
-    return {
+    modules = {
         "pre_pivot": PrePivot(model, method.pivot, w, method.lam),
         "compact": Compact(method.r_struct, w, pooling, mode, method.chunk),
-        "post_pivot": PostPivot(model, method.pivot, w),
+        "post_pivot": PostPivot(model, method.pivot + 1, w),
         "kv_select": KVSelect(method.r_kv, w, pooling, mode, method.chunk),
         "decode": DecodeStep(model),
     }
+    if method.refine_layer is not None:
+        r = method.refine_layer
+        modules["post_pivot"] = PostPivotFolding(model, method.pivot, r, w, method.lam)
+        modules["refine"] = Refine(method.r_refine, w, pooling, mode, method.chunk)
+        modules["post_refine"] = PostPivot(model, r + 1, w)
+    return {name: modules[name] for name in graph_names(method)}

@@ -82,7 +82,7 @@ KNOBS: tuple[tuple[str, str, object, str], ...] = (
      "caches of the layers before the pivot; 0 = each layer's own (default 0; torch only)"),
     ("--refine-layer", "refine_layer", int,
      "structkv: after this layer (past the pivot) cut the propagated tokens once more, to "
-     "--r-refine of the prompt, by the centrality (default: none; torch only)"),
+     "--r-refine of the prompt, by the centrality (default: none)"),
     ("--r-refine", "r_refine", float,
      "structkv: fraction of the prompt kept from --refine-layer on (< --r-struct)"),
     ("--pivot", "pivot", parse_pivot,

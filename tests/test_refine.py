@@ -113,9 +113,17 @@ def test_bad_refinements_are_refused_with_the_knob_named(over, match):
         _method(**over).check_knobs()
 
 
-def test_engines_refuse_a_refinement():
-    with pytest.raises(StructKVError, match="--refine-layer"):
-        _method().check_engine()
+@pytest.mark.parametrize(
+    "over,layers,match",
+    [
+        ({"r_kv": 0.3}, None, "must not exceed --r-refine"),  # the paged cache's equal counts
+        ({"refine_layer": 9}, 10, r"--refine-layer must be in \[2, 8\]"),  # no layer after it
+    ],
+)
+def test_engines_refuse_what_the_paged_cache_cannot_hold(over, layers, match):
+    _method().check_engine(10)  # the test's own schedule exports
+    with pytest.raises(StructKVError, match=match):
+        _method(**over).check_engine(layers)
 
 
 def test_the_flags_reach_the_method():

@@ -26,7 +26,7 @@ def fp16_engine(tmp_path_factory) -> Path:
     return out
 
 
-def _smoke(engine: Path, tmp_path: Path) -> dict:
+def _smoke(engine: Path, tmp_path: Path, want=("pre_pivot", "post_pivot", "decode")) -> dict:
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "trt_rtx_smoke.py"), "--engine", str(engine),
@@ -36,7 +36,7 @@ def _smoke(engine: Path, tmp_path: Path) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout)  # the per-graph report (what TensorRT-RTX refuses, if anything)
     graphs = {g["graph"]: g for g in json.loads(report.read_text())["graphs"]}
-    assert set(graphs) == {"pre_pivot", "post_pivot", "decode"}
+    assert set(graphs) == set(want)
     assert all(g["parsed"] for g in graphs.values()), graphs
     return graphs
 
@@ -73,3 +73,17 @@ def test_explicit_attention_engine_generates_what_the_standard_one_does(tmp_path
     assert standard.generate(ids, 16)[0] == explicit.generate(ids, 16)[0]
     a, b = standard.prefill(ids), explicit.prefill(ids)
     assert np.allclose(a.logits, b.logits, atol=1e-4)
+
+
+def test_a_two_stage_engines_plugin_free_graphs_build_for_sm80(tmp_path):
+    """--refine-layer: post_pivot (which also folds the centrality, a Gather by position) and
+    post_refine parse and build; refine, a selection, is the plugin's on TensorRT."""
+    from structkv.export.exporter import ExportSettings, export_engine
+    from structkv.methods import StructKV
+
+    method = StructKV(pivot=1, lam=0.5, r_struct=0.5, r_kv=0.125, refine_layer=3, r_refine=0.25)
+    out = tmp_path / "engine"
+    export_engine("tiny-llama", out, ExportSettings(method, attention="explicit"),
+                  log=lambda m: None, progress=False)  # fmt: skip
+    graphs = _smoke(out, tmp_path, ("pre_pivot", "post_pivot", "post_refine", "decode"))
+    assert all(g["built"] for g in graphs.values()), graphs

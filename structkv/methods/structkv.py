@@ -58,7 +58,8 @@ class StructKV(SaliencyKVMethod):
     ``r_refine`` · N by the centrality, which keeps accumulating over the propagated tokens. A
     shallow pivot with a loose R_struct and a deep refinement with a tight one costs less than
     one deep pivot, and the final choice is made where the needle has become salient (on
-    SmolLM2 around layer 14, docs/RESULTS.md). None: no refinement. Torch path only.
+    SmolLM2 around layer 14, docs/RESULTS.md). None: no refinement. Engines export it as two
+    more graphs (``refine``, ``post_refine``; :mod:`structkv.graphs`).
     """
 
     name = "structkv"
@@ -146,12 +147,11 @@ class StructKV(SaliencyKVMethod):
                 f"--kv-evidence {self.kv_evidence}: engines choose each layer's cache as the "
                 "layer runs; drop --kv-evidence for export (it is a torch-path option)"
             )
-        if self.refine_layer is not None:
+        if self.refine_layer is not None and self.r_kv > self.r_refine:
             raise StructKVError(
-                f"--refine-layer {self.refine_layer}: engines have one compaction (the compact "
-                "graph); drop --refine-layer/--r-refine for export (a torch-path option), or, "
-                "when a profile from `structkv calibrate --refine` set them, pass --pivot and "
-                "--r-struct to export a single-cut setting"
+                f"--r-kv ({self.r_kv}) must not exceed --r-refine ({self.r_refine}) in an "
+                "engine: layers after the refine layer only hold the refined tokens, and the "
+                "paged cache keeps the same count in every layer"
             )
         if self.r_kv > self.r_struct:
             raise StructKVError(
@@ -170,6 +170,12 @@ class StructKV(SaliencyKVMethod):
             raise StructKVError(
                 f"--pivot must be in [0, {num_layers - 2}] for this {num_layers}-layer model, "
                 f"got {self.pivot}"
+            )
+        if self.refine_layer is not None and not self.pivot < self.refine_layer < num_layers - 1:
+            raise StructKVError(
+                f"--refine-layer must be in [{self.pivot + 1}, {num_layers - 2}] (after the "
+                f"pivot, before the last layer) for this {num_layers}-layer model, got "
+                f"{self.refine_layer}"
             )
 
     def with_profile(self, profile: dict | None) -> tuple[StructKV, str | None]:
