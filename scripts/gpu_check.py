@@ -21,6 +21,10 @@ Checks, each independent (a missing piece skips only what needs it):
                    (Engine backend "tensorrt"): the same greedy tokens as ONNX Runtime (CPU,
                    fp32, the plugin's reference op), logits within 1e-2; prefill and decode
                    timings
+  trt-refine       the same for a two-stage engine (the calibrated `--refine` profile in
+                   docs/results/calibration/fact-4k-cap047-refine-w32: seven graphs, the
+                   refine graph the plugin's kv_select mode on one row): tokens and logits as
+                   trt-engine, prefill timings
   kv-resident      the paged KV pool on the GPU (CUDA provider, IOBinding; onnxruntime-gpu):
                    batched greedy tokens equal to the CPU engine, bytes per decode step
                    proportional to the batch, decode tok/s resident vs host pool
@@ -316,6 +320,21 @@ def trt_engine(build: Path, work: Path) -> str:
     """The whole engine on TensorRT (the five graphs built with the plugin, the paged KV cache)
     against ONNX Runtime (CPU, fp32, the plugin's reference op): same greedy tokens, logits
     within 1e-2 (relative to their range) in fp16; then prefill / decode timings."""
+    return _trt_whole_engine(build, work, "smollm2-trt")
+
+
+REFINE_PROFILE = (
+    ROOT / "docs/results/calibration/fact-4k-cap047-refine-w32/smollm2-135m-profile.json"
+)
+
+
+@check("trt-refine")
+def trt_refine(build: Path, work: Path) -> str:
+    """trt-engine for a two-stage engine (post_pivot -> refine -> post_refine)."""
+    return _trt_whole_engine(build, work, "smollm2-refine-trt", "--profile", str(REFINE_PROFILE))
+
+
+def _trt_whole_engine(build: Path, work: Path, name: str, *extra: str) -> str:
     _cuda()
     _trt()
     import numpy as np
@@ -323,8 +342,8 @@ def trt_engine(build: Path, work: Path) -> str:
     from structkv.runtime.engine import Engine
 
     os.environ.setdefault("STRUCTKV_TRT_PLUGIN", str(_plugin_library(build)))
-    fp16 = _export(work / "smollm2-trt-fp16", "--target", "tensorrt", "--dtype", "fp16")
-    ref = Engine.load(_export(work / "smollm2-trt", "--target", "tensorrt"), kv_cache_mb=256)
+    fp16 = _export(work / f"{name}-fp16", "--target", "tensorrt", "--dtype", "fp16", *extra)
+    ref = Engine.load(_export(work / name, "--target", "tensorrt", *extra), kv_cache_mb=256)
     start = time.perf_counter()
     engine = Engine.load(fp16, backend="tensorrt", kv_cache_mb=256)
     built = time.perf_counter() - start
@@ -472,6 +491,7 @@ def main() -> int:
     plugin_enqueue(build)
     plugin_engine(build, work)
     trt_engine(build, work)
+    trt_refine(build, work)
     kv_resident(work)
     torch_prefill()
     failed = [r for r in RESULTS if r[1] == "FAIL"]
