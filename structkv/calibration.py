@@ -754,7 +754,7 @@ def choose_budget(rows: list[dict], target: float, objective: str = "answer") ->
     And whether the target was met."""
     meets = [r for r in rows if r[objective] >= target]
     if meets:
-        # at equal cost, one compaction: engines export it, a two-stage schedule they refuse
+        # at equal cost, one compaction: fewer graphs and the simpler engine
         return min(
             meets,
             key=lambda r: (r["compute_fraction"], r["r_kv"], r.get("refine_layer") is not None),
@@ -809,7 +809,7 @@ def search_budgets(lm, texts, pivot, lam, num_layers, steps, target, compute_cap
     fits the cap even where the first cut alone would not. Why: at a tight cap a shallow pivot
     with a loose R_struct and a deep, tight refinement kept 90 % of full context's needles
     where every single-cut setting of the same cost kept about half (docs/RESULTS.md, "Budgets
-    that shrink with depth"). Torch path only: engines have one compaction."""
+    that shrink with depth"). structkv-export builds such a schedule as a two-stage engine."""
     model = lm.model
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     ids = [t.encode(lm.tokenizer, chat) for t in texts]
