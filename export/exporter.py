@@ -712,7 +712,9 @@ def _trace_graphs(
     remote = REMOTE if jobs > 1 else ()
     wanted = graph_names(method)
     local = [n for n in wanted if n not in remote]
-    bar = tqdm(total=len(wanted), desc="export", unit="graph", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=len(wanted), desc="export", unit="graph", file=sys.stderr, disable=not progress
+    )
     part = tmp / ".part"
     # A Pool, not a ProcessPoolExecutor: on an error or Ctrl-C here the worker is terminated
     # instead of waited for; on success it is closed and joined (no leaked semaphores).

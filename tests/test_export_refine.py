@@ -22,6 +22,7 @@ from structkv.generate import generate_ids
 from structkv.graphs import REFINE_GRAPH_NAMES
 from structkv.methods import StructKV
 from structkv.models import tiny_model
+from structkv.runtime.backends import EngineBackend
 from structkv.runtime.engine import Engine
 
 FAMILY = "tiny-llama"  # 6 layers: full length 0..1, propagated 2..3, refined 4..5
@@ -61,6 +62,8 @@ def _assert_matches_the_method(engine: Engine, method: StructKV, lengths) -> Non
         for key in ("propagated_tokens", "refine_layer", "refined_tokens", "kv_tokens_per_layer"):
             assert got.stats[key] == getattr(ref.stats, key), (n, key)
         assert got.stats["compute_fraction"] == pytest.approx(ref.stats.compute_fraction)
+        # what the scheduler reserves per layer before admitting the prompt
+        assert EngineBackend(engine, "t").kv_tokens(n) == got.positions.shape[-1], n
         want = generate_ids(model, ids, method, NEW).tokens
         assert engine.generate_batch([ids.numpy()], NEW)[0] == want, n  # no stop at EOS
 
