@@ -94,27 +94,30 @@ class PrePivot(torch.nn.Module):
         )
 
 
-class Compact(torch.nn.Module):
+class _Selection(torch.nn.Module):
+    """A graph that keeps the top ``ratio`` · N of pooled scores plus the window
+    (:func:`structkv.selection.select_tokens`): the pivot's compaction, a two-stage engine's
+    second cut and KV selection differ only in what they score and what they gather."""
+
+    def __init__(
+        self, ratio: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
+    ) -> None:
+        super().__init__()
+        self.ratio, self.window, self.pooling, self.pool_mode = ratio, window, pooling, pool_mode
+        self.chunk = chunk
+
+    def keep(self, scores: torch.Tensor, n_prompt) -> torch.Tensor:
+        k = budget(self.ratio, n_prompt)
+        return select_tokens(scores, k, self.window, self.pooling, self.pool_mode, self.chunk)
+
+
+class Compact(_Selection):
     """hidden ``[1, N, E]``, centrality ``[N]`` -> hidden ``[1, n', E]``, positions ``[n']``
     with n' = ceil(R_struct · N) + w: §4's top-k of pooled C plus the window, ascending."""
 
-    def __init__(
-        self, r_struct: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
-    ) -> None:
-        super().__init__()
-        self.r_struct, self.window, self.pooling, self.pool_mode = (
-            r_struct,
-            window,
-            pooling,
-            pool_mode,
-        )
-        self.chunk = chunk
-
     def forward(self, hidden: torch.Tensor, centrality: torch.Tensor):
         n = centrality.shape[0]
-        k = budget(self.r_struct, n)
-        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode, self.chunk)
-        return compact(hidden, torch.arange(n, device=hidden.device), keep)
+        return compact(hidden, torch.arange(n, device=hidden.device), self.keep(centrality, n))
 
 
 class PostPivot(torch.nn.Module):
@@ -174,47 +177,23 @@ def _run_compacted(model, layers, hidden, positions, window, centrality=None, la
     return torch.stack(keys), torch.stack(values), torch.stack(saliency), h, centrality
 
 
-class Refine(torch.nn.Module):
+class Refine(_Selection):
     """The second cut of a two-stage engine, after layer R: hidden ``[1, n, E]``, positions
     ``[n]``, the present tokens' centrality ``[n]`` and ``prompt_len`` (a ``[N]`` dummy: the
     budget is a fraction of the prompt) -> hidden ``[1, n'', E]``, positions ``[n'']`` with
     n'' = ceil(r_refine · N) + w: the same selection as :class:`Compact`, over fewer tokens."""
 
-    def __init__(
-        self, r_refine: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
-    ) -> None:
-        super().__init__()
-        self.r_refine, self.window, self.pooling, self.pool_mode = (
-            r_refine,
-            window,
-            pooling,
-            pool_mode,
-        )
-        self.chunk = chunk
-
     def forward(self, hidden, positions, centrality, prompt_len):
-        k = budget(self.r_refine, prompt_len.shape[0])
-        keep = select_tokens(centrality, k, self.window, self.pooling, self.pool_mode, self.chunk)
-        return compact(hidden, positions, keep)
+        return compact(hidden, positions, self.keep(centrality, prompt_len.shape[0]))
 
 
-class KVSelect(torch.nn.Module):
+class KVSelect(_Selection):
     """keys/values ``[l, G, n, D]``, saliency ``[l, G, n]``, positions ``[n]`` and the prompt
     length ``prompt_len`` (a ``[N]`` dummy whose length is N: budgets are fractions of N) ->
     kept keys/values ``[l, G, k + w, D]`` and their positions ``[l, G, k + w]``."""
 
-    def __init__(
-        self, r_kv: float, window: int, pooling: int, pool_mode: str, chunk: int = 0
-    ) -> None:
-        super().__init__()
-        self.r_kv, self.window, self.pooling, self.pool_mode = r_kv, window, pooling, pool_mode
-        self.chunk = chunk
-
     def forward(self, keys, values, saliency, positions, prompt_len):
-        k = budget(self.r_kv, prompt_len.shape[0])
-        keep = select_tokens(  # [l, G, K]
-            saliency, k, self.window, self.pooling, self.pool_mode, self.chunk
-        )
+        keep = self.keep(saliency, prompt_len.shape[0])  # [l, G, K]
         return gather_tokens(keys, keep), gather_tokens(values, keep), positions[keep]
 
 
